@@ -1,0 +1,1 @@
+"""Job types and the worker that runs them (`arq jobs.worker.WorkerSettings`)."""

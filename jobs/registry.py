@@ -1,0 +1,8 @@
+"""Every job type the service offers. Adding a job type: write its module, add it to this list."""
+
+from __future__ import annotations
+
+from jobs import noop
+from service.jobtypes import Registry
+
+REGISTRY = Registry([noop.JOB])

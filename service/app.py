@@ -1,0 +1,52 @@
+"""The ASGI application: routes, error handlers, middleware, and the lifespan that owns the connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from service.auth import KeyRing
+from service.db import create_engine, create_sessions
+from service.errors import EXCEPTION_HANDLERS
+from service.jobtypes import Registry, default_registry
+from service.logs import configure_logging
+from service.middleware import RequestContext
+from service.queue import create_redis
+from service.routes import health, jobs
+from service.settings import Settings, get_settings
+from service.state import AppState
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
+    settings = settings or get_settings()
+    registry = registry or default_registry()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
+        configure_logging(settings)
+        engine = create_engine(settings, "api")
+        redis = create_redis(settings)
+        try:
+            yield {
+                "app": AppState(
+                    settings=settings,
+                    engine=engine,
+                    sessions=create_sessions(engine),
+                    redis=redis,
+                    registry=registry,
+                    keyring=KeyRing.from_settings(settings),
+                )
+            }
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    return Starlette(
+        routes=[*jobs.routes, *health.routes],
+        middleware=[Middleware(RequestContext)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

@@ -1,0 +1,90 @@
+"""Who is calling: the API key (stored only as SHA-256, compared in constant time) and the client's address."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from service.errors import Forbidden, Unauthorized
+from service.settings import DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings
+
+logger = logging.getLogger(__name__)
+
+API_KEY_HEADER = "x-api-key"
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    scopes: frozenset[Scope]
+
+    def allows(self, scope: Scope) -> bool:
+        return scope in self.scopes or Scope.ADMIN in self.scopes
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    def __init__(self, entries: Iterable[ApiKeyEntry]) -> None:
+        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.scopes)) for e in entries]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRing:
+        entries = list(settings.api_keys)
+        if settings.dev_mode:
+            logger.warning(
+                "DEVELOPMENT MODE (APIOPS_ENV=dev): the well-known key %r has every scope; never expose this service",
+                DEV_API_KEY,
+            )
+            entries.append(ApiKeyEntry(name="dev", sha256=hash_key(DEV_API_KEY), scopes=frozenset(Scope)))
+        return cls(entries)
+
+    def authenticate(self, presented: str | None) -> Principal:
+        if not presented:
+            raise Unauthorized(f"missing API key; send it in the {API_KEY_HEADER!r} header")
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: Principal | None = None
+        # Compare with every entry, so the time taken says nothing about which (if any) matched.
+        for stored, principal in self._entries:
+            if hmac.compare_digest(stored, digest):
+                found = principal
+        if found is None:
+            raise Unauthorized("unknown API key")
+        return found
+
+
+def require(request: Request, scope: Scope) -> Principal:
+    """The caller, who must hold `scope` (or `jobs:admin`)."""
+    keyring: KeyRing = request.state.app.keyring
+    principal = keyring.authenticate(request.headers.get(API_KEY_HEADER))
+    if not principal.allows(scope):
+        raise Forbidden(f"API key {principal.name!r} lacks the scope {scope.value!r}", details={"scope": scope.value})
+    return principal
+
+
+def client_ip(request: Request, trusted: Sequence[IpNetwork]) -> str | None:
+    """The peer address, unless the peer is a trusted proxy: then the nearest untrusted `X-Forwarded-For` hop."""
+    peer = request.client.host if request.client else None
+    if peer is None or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)

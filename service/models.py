@@ -1,0 +1,138 @@
+"""The tables: `ops_job`, `ops_job_step` and the append-only `ops_job_event`.
+
+PostgreSQL is the source of truth for every job; Redis only carries job ids to the workers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, Text, func, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class EventKind(StrEnum):
+    CREATED = "created"
+    CLAIMED = "claimed"
+    STEP = "step"
+    PROGRESS = "progress"
+    LEASE_LOST = "lease_lost"
+    RELEASED = "released"
+    FINISHED = "finished"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+def _tz() -> DateTime:
+    return DateTime(timezone=True)
+
+
+_ACTIVE = text("status IN ('pending', 'running')")
+
+
+def _one_of(values: type[StrEnum]) -> str:
+    return "status IN (" + ", ".join(f"'{v.value}'" for v in values) + ")"
+
+
+class Job(Base):
+    __tablename__ = "ops_job"
+
+    job_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    target: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    source_ip: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    # Incremented by every claim; a worker's writes are fenced on (attempt, lease_owner).
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(_tz())
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(_tz())
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(_tz())
+    finished_at: Mapped[datetime | None] = mapped_column(_tz())
+
+    steps: Mapped[list[Step]] = relationship(lazy="raise", order_by="Step.step_order")
+
+    __table_args__ = (
+        CheckConstraint(_one_of(JobStatus), name="status"),
+        # Keyset pagination, newest first, optionally filtered by one column.
+        Index("ix_ops_job_created_at_job_id", "created_at", "job_id"),
+        Index("ix_ops_job_type_created_at", "type", "created_at", "job_id"),
+        Index("ix_ops_job_status_created_at", "status", "created_at", "job_id"),
+        Index("ix_ops_job_actor_created_at", "actor", "created_at", "job_id"),
+        Index("ix_ops_job_target_created_at", "target", "created_at", "job_id"),
+        # At most one pending or running job per target: PostgreSQL enforces it across API replicas.
+        Index("uq_ops_job_active_target", "target", unique=True, postgresql_where=_ACTIVE),
+        # The reaper's scan of unfinished jobs. Not on lease_expires_at, so lease renewals stay HOT updates.
+        Index("ix_ops_job_active_created_at", "created_at", postgresql_where=_ACTIVE),
+    )
+
+
+class Step(Base):
+    __tablename__ = "ops_job_step"
+
+    job_id: Mapped[str] = mapped_column(Text, ForeignKey("ops_job.job_id", ondelete="CASCADE"), primary_key=True)
+    step_order: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    started_at: Mapped[datetime | None] = mapped_column(_tz())
+    finished_at: Mapped[datetime | None] = mapped_column(_tz())
+
+    __table_args__ = (CheckConstraint(_one_of(StepStatus), name="status"),)
+
+
+class Event(Base):
+    __tablename__ = "ops_job_event"
+
+    event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(Text, ForeignKey("ops_job.job_id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(Text)
+    step: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str | None] = mapped_column(Text)
+    source_ip: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+
+    __table_args__ = (Index("ix_ops_job_event_job_id_event_id", "job_id", "event_id"),)

@@ -1,0 +1,49 @@
+"""The only module that knows arq: the Redis client, the queued function's name, and how a job id is enqueued.
+
+arq only delivers job ids; PostgreSQL decides who runs what (see `service.leases`). Keeping arq behind this
+module means it could be swapped without touching the API or the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import ConnectionPool
+from redis.exceptions import RedisError
+
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB = "run_job"
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    redis = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
+    redis.conn_timeout = max(1, round(settings.enqueue_timeout_s))
+    return redis
+
+
+def create_redis(settings: Settings) -> ArqRedis:
+    """A lazily connecting client: the API starts, and accepts jobs, even while Redis is down."""
+    timeout = settings.enqueue_timeout_s
+    pool = ConnectionPool.from_url(
+        settings.redis_url.get_secret_value(), socket_connect_timeout=timeout, socket_timeout=timeout
+    )
+    return ArqRedis(pool, default_queue_name=settings.queue_name)
+
+
+async def enqueue(redis: ArqRedis, job_id: str, *, queue_name: str, timeout_s: float) -> bool:
+    """Put a job id on the queue. False (logged) when Redis cannot take it: the job stays `pending` in
+    PostgreSQL and the workers' reaper enqueues it once Redis is back."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            # No `_job_id`: arq's dedupe would also drop a legitimate re-delivery while an old result is kept.
+            # Duplicate deliveries are harmless; the claim in PostgreSQL lets only one run.
+            await redis.enqueue_job(RUN_JOB, job_id, _queue_name=queue_name)
+    except (RedisError, OSError, TimeoutError) as exc:
+        logger.warning("could not enqueue job %s (it stays pending until the reaper enqueues it): %s", job_id, exc)
+        return False
+    return True

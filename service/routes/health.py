@@ -1,0 +1,51 @@
+"""Probes: `/livez` (the process answers) and `/readyz` (PostgreSQL and Redis answer, within a short timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.errors import DependencyUnavailable
+from service.state import AppState
+
+
+async def livez(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+
+    async def postgres() -> None:
+        async with state.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def redis() -> None:
+        await state.redis.ping()
+
+    names = ("postgres", "redis")
+    results = await asyncio.gather(*(_check(c, state.settings.readiness_timeout_s) for c in (postgres, redis)))
+    checks = dict(zip(names, results, strict=True))
+    down = [name for name, result in checks.items() if result != "ok"]
+    if down:
+        raise DependencyUnavailable(f"not ready: {', '.join(down)} unavailable", details={"checks": checks})
+    return JSONResponse({"status": "ready", "checks": checks})
+
+
+async def _check(probe: Callable[[], Awaitable[None]], timeout_s: float) -> str:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await probe()
+    except TimeoutError:
+        return f"error: no answer within {timeout_s:g}s"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+routes = [Route("/livez", livez, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]

@@ -1,0 +1,117 @@
+"""`/ops/jobs` and `/ops/job-types`: submit, read and list jobs; list the job types."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.auth import client_ip, require
+from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+from service.queue import enqueue
+from service.repository import Caller, ListFilter, create_job, get_job, list_jobs
+from service.schemas import JobPage, job_json, job_type_json
+from service.settings import Scope
+from service.state import AppState
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def submit_job(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+    principal = require(request, Scope.WRITE)
+    job_type = state.registry.get(request.path_params["type"])
+    params = _validate(job_type.params, await _read_json_object(request, state.settings.max_body_bytes))
+    caller = Caller(principal.name, client_ip(request, state.settings.trusted_proxies))
+    async with state.sessions.begin() as session:
+        job = await create_job(session, job_type, params, caller, idempotency_key=None)
+    # Only after the commit: a worker must never receive an id whose row it cannot see yet.
+    await enqueue(
+        state.redis, job.job_id, queue_name=state.settings.queue_name, timeout_s=state.settings.enqueue_timeout_s
+    )
+    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/ops/jobs/{job.job_id}"})
+
+
+async def read_job(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+    require(request, Scope.READ)
+    async with state.sessions() as session:
+        job = await get_job(session, request.path_params["job_id"])
+    return JSONResponse(job_json(job))
+
+
+class ListQuery(ListFilter):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    cursor: str | None = None
+
+
+async def list_job_page(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+    require(request, Scope.READ)
+    query = _validate(ListQuery, dict(request.query_params))
+    filters = ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields)))
+    async with state.sessions() as session:
+        jobs, next_cursor = await list_jobs(session, filters, query.limit, query.cursor)
+    page = JobPage.model_validate({"jobs": jobs, "next_cursor": next_cursor}, from_attributes=True)
+    return JSONResponse(page.model_dump(mode="json"))
+
+
+async def list_job_types(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+    require(request, Scope.READ)
+    return JSONResponse({"job_types": [job_type_json(job_type) for job_type in state.registry]})
+
+
+async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; an empty body means `{}` (every param at its default)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    if not body.strip():
+        return {}
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"expected Content-Type: application/json, got {media_type or 'none'!r}",
+            details={"expected": "application/json"},
+        )
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedJson(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidParams(
+            "params must be a JSON object", details=[{"field": None, "message": "expected a JSON object"}]
+        )
+    return data
+
+
+def _validate(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = [
+            {"field": ".".join(str(part) for part in error["loc"]) or None, "message": error["msg"]}
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{d['field'] or 'params'}: {d['message']}" for d in details)
+        raise InvalidParams(f"invalid params: {summary}", details=details) from None
+
+
+routes = [
+    Route("/ops/jobs", list_job_page, methods=["GET"]),
+    Route("/ops/jobs/{job_id}", read_job, methods=["GET"]),
+    Route("/ops/jobs/{type}", submit_job, methods=["POST"]),
+    Route("/ops/job-types", list_job_types, methods=["GET"]),
+]

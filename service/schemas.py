@@ -1,0 +1,66 @@
+"""The JSON the API returns, as pydantic models built from the ORM rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from service.jobtypes import JobType
+from service.models import Job
+
+
+class StepOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    step_order: int
+    status: str
+    detail: str | None
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    job_id: str
+    type: str
+    status: str
+    params: dict[str, Any]
+    target: str | None
+    actor: str
+    source_ip: str | None
+    attempt: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    steps: list[StepOut]
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
+
+
+class JobTypeOut(BaseModel):
+    name: str
+    description: str
+    params_schema: dict[str, Any]
+    steps: list[str]
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    return JobOut.model_validate(job).model_dump(mode="json")
+
+
+def job_type_json(job_type: JobType[Any]) -> dict[str, Any]:
+    return JobTypeOut(
+        name=job_type.name,
+        description=job_type.description,
+        params_schema=job_type.params.model_json_schema(),
+        steps=[step.name for step in job_type.steps],
+    ).model_dump(mode="json")

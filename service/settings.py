@@ -1,0 +1,132 @@
+"""Configuration: one `Settings` object, read from `APIOPS_*` environment variables, shared by API and worker.
+
+Nothing else in the project reads `os.environ`; everything that is configurable is a field here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Scope(StrEnum):
+    READ = "jobs:read"
+    WRITE = "jobs:write"
+    ADMIN = "jobs:admin"
+
+
+class ApiKeyEntry(BaseModel):
+    """One API key as configured: its name (the actor of the jobs it creates), its SHA-256 and its scopes."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    scopes: Annotated[frozenset[Scope], Field(min_length=1)]
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+DEV_API_KEY = "dev-api-key-12345"
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APIOPS_", extra="ignore", frozen=True)
+
+    env: Literal["dev", "prod"] = "dev"
+    database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/apiops")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    api_keys: Annotated[tuple[ApiKeyEntry, ...], NoDecode] = ()
+    api_keys_file: Path | None = None
+    trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = ()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+
+    queue_name: str = "apiops:queue"
+    db_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    db_command_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    db_pool_size: Annotated[int, Field(ge=1)] = 10
+    readiness_timeout_s: Annotated[float, Field(gt=0)] = 1.0
+    enqueue_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+
+    worker_max_jobs: Annotated[int, Field(ge=1)] = 20
+    worker_poll_delay_s: Annotated[float, Field(gt=0)] = 0.05
+    lease_ttl_s: Annotated[float, Field(ge=1)] = 10.0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: object) -> object:
+        return _json_list(value, "APIOPS_API_KEYS")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            # Accept a JSON list or the comma-separated form that proxy settings usually take.
+            stripped = value.strip()
+            if stripped.startswith("["):
+                return _json_list(stripped, "APIOPS_TRUSTED_PROXIES")
+            return tuple(part.strip() for part in stripped.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _load_keys_file(self) -> Settings:
+        if self.api_keys_file is None:
+            return self
+        try:
+            raw = self.api_keys_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"APIOPS_API_KEYS_FILE {self.api_keys_file}: {exc.strerror}") from exc
+        try:
+            entries = _json_list(raw, "APIOPS_API_KEYS_FILE")
+            from_file = tuple(ApiKeyEntry.model_validate(e) for e in entries) if isinstance(entries, list) else ()
+        except ValidationError as exc:
+            raise ValueError(f"APIOPS_API_KEYS_FILE {self.api_keys_file}: {exc}") from exc
+        object.__setattr__(self, "api_keys", self.api_keys + from_file)
+        return self
+
+    @model_validator(mode="after")
+    def _prod_needs_keys(self) -> Settings:
+        if self.env == "prod" and not self.api_keys:
+            raise ValueError(
+                "APIOPS_ENV=prod needs at least one API key in APIOPS_API_KEYS or APIOPS_API_KEYS_FILE "
+                "(create one with `apiops keys new NAME --scopes jobs:read,jobs:write`)"
+            )
+        return self
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.env == "dev"
+
+
+def _json_list(value: object, name: str) -> object:
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return ()
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    if not isinstance(parsed, list):
+        raise ValueError(f"{name} must be a JSON list")
+    return parsed
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,29 @@
+"""What the API process holds for its lifetime, created by the app's lifespan and read by every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+
+from service.auth import KeyRing
+from service.db import Sessions
+from service.jobtypes import Registry
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: Sessions
+    redis: ArqRedis
+    registry: Registry
+    keyring: KeyRing
+
+    @staticmethod
+    def of(request: Request) -> AppState:
+        state: AppState = request.state.app
+        return state

@@ -7,6 +7,7 @@ spelled out here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -16,6 +17,7 @@ from typing import Any
 from arq.worker import func
 
 from jobs.engine import Runtime, run_job
+from jobs.reaper import reap_forever
 from service.db import create_engine, create_sessions
 from service.jobtypes import Registry, default_registry
 from service.leases import Leases
@@ -42,12 +44,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     engine = create_engine(settings, "worker")
     owner = worker_id()
     ctx["engine"] = engine
-    leases = Leases(create_sessions(engine), owner, settings.lease_ttl_s)
-    ctx["runtime"] = Runtime(leases, registry, settings.lease_ttl_s)
+    sessions = create_sessions(engine)
+    ctx["runtime"] = Runtime(Leases(sessions, owner, settings.lease_ttl_s), registry, settings.lease_ttl_s)
+    ctx["reaper"] = asyncio.create_task(reap_forever(sessions, ctx["redis"], settings), name="apiops-reaper")
     logger.info("worker %s started on queue %s", owner, settings.queue_name)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "reaper" in ctx:
+        ctx["reaper"].cancel()
+        await asyncio.gather(ctx["reaper"], return_exceptions=True)
     if "engine" in ctx:
         await ctx["engine"].dispose()
 

@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 )
             }
         finally:
-            await redis.aclose()
+            await redis.aclose(close_connection_pool=True)
             await engine.dispose()
 
     return Starlette(

@@ -1,9 +1,9 @@
 """The `apiops` command: run the service, prepare its database, mint API keys.
 
-    apiops run                 API on APIOPS_HOST:APIOPS_PORT and one worker, in the foreground, until Ctrl-C
-    apiops serve               the API alone (uvicorn)
-    apiops db upgrade          create the database if it is missing, then migrate it to the latest revision
-    apiops keys new NAME --scopes jobs:read,jobs:write
+apiops run                 API on APIOPS_HOST:APIOPS_PORT and one worker, in the foreground, until Ctrl-C
+apiops serve               the API alone (uvicorn)
+apiops db upgrade          create the database if it is missing, then migrate it to the latest revision
+apiops keys new NAME --scopes jobs:read,jobs:write
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ async def _create_database(settings: Settings) -> None:
 
 
 def db_upgrade(settings: Settings) -> int:
-    from alembic import command
     from alembic.config import Config
+
+    from alembic import command
 
     try:
         asyncio.run(_create_database(settings))

@@ -164,6 +164,26 @@ class Leases:
             await _event(session, lease, EventKind.FINISHED, status=status, detail=error)
 
 
+async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: int) -> list[tuple[str, int]]:
+    """(job_id, attempt) of jobs that need a delivery: pending for a while (maybe never enqueued), or running
+    on an expired lease (its worker died). Oldest first."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(Job.job_id, Job.attempt)
+            .where(
+                Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]),
+                or_(
+                    (Job.status == JobStatus.PENDING)
+                    & (Job.created_at < func.now() - timedelta(seconds=pending_after_s)),
+                    (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < func.now()),
+                ),
+            )
+            .order_by(Job.created_at)
+            .limit(limit)
+        )
+        return [(row.job_id, row.attempt) for row in rows]
+
+
 def _step_update(lease: Lease, step: StepRow) -> Any:
     return update(Step).where(Step.job_id == lease.job_id, Step.step_order == step.order)
 

@@ -35,14 +35,23 @@ def create_redis(settings: Settings) -> ArqRedis:
     return ArqRedis(pool, default_queue_name=settings.queue_name)
 
 
-async def enqueue(redis: ArqRedis, job_id: str, *, queue_name: str, timeout_s: float) -> bool:
-    """Put a job id on the queue. False (logged) when Redis cannot take it: the job stays `pending` in
-    PostgreSQL and the workers' reaper enqueues it once Redis is back."""
+def delivery_id(job_id: str, attempt: int) -> str:
+    """arq's job id for delivering a job after `attempt` claims.
+
+    arq refuses a second enqueue of an id whose job key still exists, so the API's enqueue and a reaper's
+    re-enqueue of a job that never reached Redis collapse into one delivery, however many workers reap.
+    A job whose lease expired gets a new id, since the dead worker's job key lingers in Redis for a day.
+    """
+    return f"{job_id}:{attempt}"
+
+
+async def enqueue(redis: ArqRedis, job_id: str, attempt: int, *, queue_name: str, timeout_s: float) -> bool:
+    """Put a job id on the queue. False (logged) when Redis cannot take it: the job stays in PostgreSQL and
+    the workers' reaper enqueues it once Redis is back. Duplicate deliveries are harmless: the claim in
+    PostgreSQL lets only one run."""
     try:
         async with asyncio.timeout(timeout_s):
-            # No `_job_id`: arq's dedupe would also drop a legitimate re-delivery while an old result is kept.
-            # Duplicate deliveries are harmless; the claim in PostgreSQL lets only one run.
-            await redis.enqueue_job(RUN_JOB, job_id, _queue_name=queue_name)
+            await redis.enqueue_job(RUN_JOB, job_id, _job_id=delivery_id(job_id, attempt), _queue_name=queue_name)
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("could not enqueue job %s (it stays pending until the reaper enqueues it): %s", job_id, exc)
         return False

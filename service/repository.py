@@ -62,13 +62,13 @@ async def create_job(
         Step(job_id=job.job_id, step_order=order, name=step.name, status=StepStatus.PENDING, attempts=0)
         for order, step in enumerate(job_type.steps_for(params), start=1)
     ]
-    session.add(job)
     try:
-        await session.flush()
+        # A savepoint, so that after a conflict the transaction can still look up the blocking job.
+        async with session.begin_nested():
+            session.add(job)
     except IntegrityError as exc:
         if "uq_ops_job_active_target" not in str(exc.orig):
             raise
-        await session.rollback()
         raise await _target_busy(session, job.target) from None
     # Added after the job's flush: the unit of work orders inserts by relationships, and events have none.
     session.add(Event(job_id=job.job_id, kind=EventKind.CREATED, status=JobStatus.PENDING, **_caller_columns(caller)))
@@ -84,7 +84,7 @@ async def _target_busy(session: AsyncSession, target: str | None) -> Conflict:
         select(Job.job_id).where(Job.target == target, Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]))
     )
     return Conflict(
-        f"target {target!r} is busy with job {blocking}; wait for it to finish or cancel it",
+        f"target {target!r} is busy with job {blocking or '(just finished; try again)'}; wait for it or cancel it",
         details={"target": target, "blocking_job_id": blocking},
     )
 

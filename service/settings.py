@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     worker_max_jobs: Annotated[int, Field(ge=1)] = 20
     worker_poll_delay_s: Annotated[float, Field(gt=0)] = 0.05
     lease_ttl_s: Annotated[float, Field(ge=1)] = 10.0
+    reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    # A pending job older than this is (re-)enqueued: it may never have reached Redis.
+    requeue_pending_after_s: Annotated[float, Field(ge=0)] = 2.0
 
     @field_validator("api_keys", mode="before")
     @classmethod

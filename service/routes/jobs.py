@@ -31,7 +31,7 @@ async def submit_job(request: Request) -> JSONResponse:
         job = await create_job(session, job_type, params, caller, idempotency_key=None)
     # Only after the commit: a worker must never receive an id whose row it cannot see yet.
     await enqueue(
-        state.redis, job.job_id, queue_name=state.settings.queue_name, timeout_s=state.settings.enqueue_timeout_s
+        state.redis, job.job_id, 0, queue_name=state.settings.queue_name, timeout_s=state.settings.enqueue_timeout_s
     )
     return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/ops/jobs/{job.job_id}"})
 

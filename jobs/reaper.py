@@ -1,0 +1,45 @@
+"""The reaper: every worker runs one. It delivers jobs that PostgreSQL says should run but Redis may not hold:
+pending ones that never reached the queue (Redis was down at submit) and running ones whose lease expired
+(their worker died). Safe to run on every worker at once: deliveries are deduplicated by arq's job id
+(`service.queue.delivery_id`) and only one claim can win in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from arq.connections import ArqRedis
+
+from service.db import Sessions
+from service.leases import due_for_delivery
+from service.queue import enqueue
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+async def reap_once(sessions: Sessions, redis: ArqRedis, settings: Settings) -> int:
+    """Enqueue every job due for a delivery; returns how many enqueue calls were made."""
+    due = await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH)
+    for job_id, attempt in due:
+        await enqueue(redis, job_id, attempt, queue_name=settings.queue_name, timeout_s=settings.enqueue_timeout_s)
+    return len(due)
+
+
+async def reap_forever(sessions: Sessions, redis: ArqRedis, settings: Settings) -> None:
+    failures = 0
+    while True:
+        await asyncio.sleep(settings.reaper_interval_s * min(2**failures, 16))
+        try:
+            async with asyncio.timeout(settings.db_command_timeout_s):
+                count = await reap_once(sessions, redis, settings)
+        except Exception as exc:  # PostgreSQL down: back off, keep going
+            failures += 1
+            logger.warning("reaper could not run (retrying with backoff): %s", exc)
+            continue
+        failures = 0
+        if count:
+            logger.info("reaper delivered %d job(s) again", count)

@@ -1,0 +1,238 @@
+"""Shared fixtures: a fresh PostgreSQL database per test (cloned from a migrated template), a dedicated Redis db
+index flushed per test, the real ASGI app with its lifespan, and a real arq worker on a per-test queue.
+
+Environment: APIOPS_TEST_PG_ADMIN_URL (a database to connect to for CREATE/DROP DATABASE) and
+APIOPS_TEST_REDIS_URL (must name a db index that nothing else uses; it is flushed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from alembic.config import Config
+from arq.worker import Worker, create_worker
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from alembic import command
+from jobs import noop
+from jobs.worker import WorkerSettings
+from service.app import create_app
+from service.auth import hash_key
+from service.jobtypes import Registry
+from service.queue import redis_settings
+from service.settings import ApiKeyEntry, Settings
+from service.settings import Scope as KeyScope
+from tests import testjobs
+
+ADMIN_URL = os.environ.get("APIOPS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("APIOPS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+ALEMBIC_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alembic.ini")
+
+# name -> (key, scopes); every test app accepts these.
+KEYS: dict[str, tuple[str, frozenset[KeyScope]]] = {
+    "reader": ("reader-key", frozenset({KeyScope.READ})),
+    "writer": ("writer-key", frozenset({KeyScope.READ, KeyScope.WRITE})),
+    "admin": ("admin-key", frozenset({KeyScope.ADMIN})),
+}
+
+TEST_REGISTRY = Registry([noop.JOB, *testjobs.JOB_TYPES])
+
+
+def key_entries() -> tuple[ApiKeyEntry, ...]:
+    return tuple(ApiKeyEntry(name=name, sha256=hash_key(key), scopes=scopes) for name, (key, scopes) in KEYS.items())
+
+
+def headers(who: str = "writer") -> dict[str, str]:
+    return {"X-API-Key": KEYS[who][0]}
+
+
+def _asyncpg_url(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def _admin() -> asyncpg.Connection:
+    return await asyncpg.connect(_asyncpg_url(ADMIN_URL), timeout=5)
+
+
+def _db_url(name: str) -> str:
+    return make_url(ADMIN_URL).set(drivername="postgresql+asyncpg", database=name).render_as_string(False)
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head", downgrade: bool = False) -> None:
+    """Run alembic on a connection of `engine` (the env shares it instead of making its own)."""
+    config = Config(ALEMBIC_INI)
+    config.attributes["configure_logging"] = False
+
+    def run(connection: Any) -> None:
+        config.attributes["connection"] = connection
+        (command.downgrade if downgrade else command.upgrade)(config, revision)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(run)
+
+
+@pytest.fixture(scope="session")
+def template_db() -> str:
+    """A database migrated to head once per session; each test clones it (CREATE DATABASE ... TEMPLATE)."""
+    name = f"apiops_test_tpl_{os.getpid()}"
+
+    async def build() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        engine = create_async_engine(_db_url(name))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(build())
+    finally:
+        loop.close()
+    return name
+
+
+@pytest.fixture
+async def database_url(template_db: str) -> AsyncIterator[str]:
+    name = f"apiops_test_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = await _admin()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield _db_url(name)
+    admin = await _admin()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+def settings(database_url: str, redis: Redis) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        api_keys=key_entries(),
+        queue_name=f"apiops-test:{secrets.token_hex(4)}",
+        lease_ttl_s=2,
+        db_pool_size=5,
+    )
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test's database, for asserting on rows."""
+    conn = await asyncpg.connect(_asyncpg_url(settings.database_url.get_secret_value()))
+    yield conn
+    await conn.close()
+
+
+class _WithState:
+    """Hands the lifespan's state to each request, as an ASGI server does (httpx's transport runs no lifespan)."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any]) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app({**scope, "state": dict(self.state)}, receive, send)
+
+
+@asynccontextmanager
+async def api_client(settings: Settings, **client_args: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, TEST_REGISTRY)
+    async with app.router.lifespan_context(app) as state:
+        transport = httpx.ASGITransport(app=_WithState(app, dict(state or {})), client=("10.1.2.3", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://apiops.test", **client_args) as client:
+            yield client
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings, headers=headers("writer")) as c:
+        yield c
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[Worker]:
+    """A real arq worker, configured like `arq jobs.worker.WorkerSettings`, on the test's queue and database."""
+    worker = create_worker(
+        dict(vars(WorkerSettings)),
+        redis_settings=redis_settings(settings),
+        queue_name=settings.queue_name,
+        ctx={"settings": settings, "registry": TEST_REGISTRY},
+        handle_signals=False,
+        poll_delay=0.01,
+        **overrides,
+    )
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        await worker.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[Worker]:
+    async with running_worker(settings) as w:
+        yield w
+
+
+async def wait_for(predicate: Callable[[], Any], within: float = 5.0, interval: float = 0.02) -> Any:
+    """Poll an async predicate until it returns something truthy; fail with the last value on timeout."""
+    last: Any = None
+    async with asyncio.timeout(within):
+        while True:
+            last = await predicate()
+            if last:
+                return last
+            await asyncio.sleep(interval)
+
+
+async def wait_for_status(client: httpx.AsyncClient, job_id: str, *statuses: str, within: float = 5.0) -> Any:
+    async def check() -> Any:
+        job = (await client.get(f"/ops/jobs/{job_id}")).json()
+        return job if job["status"] in statuses else None
+
+    return await wait_for(check, within)
+
+
+async def fetch_one(db: asyncpg.Connection, query: str, *args: object) -> dict[str, Any]:
+    row = await db.fetchrow(query, *args)
+    assert row is not None, f"no row for {query} {args}"
+    return dict(row)
+
+
+def free_port() -> int:
+    """A port nothing listens on (yet): for a server to start on, or to stand for a service that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

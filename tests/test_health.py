@@ -1,0 +1,43 @@
+"""Probes: /livez needs nothing; /readyz names the dependency that is down, quickly."""
+
+from __future__ import annotations
+
+import time
+
+from service.settings import Settings
+from tests.conftest import api_client, free_port
+
+
+async def test_livez_and_readyz_when_everything_is_up(settings: Settings) -> None:
+    async with api_client(settings) as client:
+        live = await client.get("/livez")
+        ready = await client.get("/readyz")
+
+    assert (live.status_code, live.json()) == (200, {"status": "ok"})
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}})
+
+
+async def test_readyz_names_redis_when_it_is_down(settings: Settings) -> None:
+    down = settings.model_copy(update={"redis_url": Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0").redis_url})
+    async with api_client(down) as client:
+        response = await client.get("/readyz")
+
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "dependency_unavailable"
+    assert error["message"] == "not ready: redis unavailable"
+    assert error["details"]["checks"]["postgres"] == "ok"
+    assert error["details"]["checks"]["redis"].startswith("error: ")
+
+
+async def test_readyz_names_postgres_when_it_is_down_within_its_timeout(settings: Settings) -> None:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/apiops"
+    down = settings.model_copy(update={"database_url": Settings(database_url=url).database_url})
+    async with api_client(down) as client:
+        started = time.monotonic()
+        response = await client.get("/readyz")
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "not ready: postgres unavailable"
+    assert elapsed < settings.readiness_timeout_s + 0.5

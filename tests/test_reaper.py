@@ -1,0 +1,64 @@
+"""The reaper delivers what PostgreSQL says must run but Redis does not hold."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from service.db import create_engine, create_sessions
+from service.leases import Leases
+from service.models import StepStatus
+from service.settings import Settings
+from tests.conftest import api_client, fetch_one, free_port, headers, running_worker, wait_for_status
+
+
+async def test_job_accepted_while_redis_is_unreachable_runs_later(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
+) -> None:
+    no_redis = settings.model_copy(
+        update={"redis_url": Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0").redis_url}
+    )
+    async with api_client(no_redis, headers=headers("writer")) as cut_off:
+        response = await cut_off.post("/ops/jobs/noop", json={"steps": 2})
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+
+    fast_reaper = settings.model_copy(update={"reaper_interval_s": 0.2, "requeue_pending_after_s": 0.1})
+    async with running_worker(fast_reaper):
+        job = await wait_for_status(client, job_id, "success", "failed", within=5)
+
+    assert job["status"] == "success" and job["attempt"] == 1
+
+
+async def test_job_of_a_dead_worker_resumes_at_its_interrupted_step(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection, redis: Redis
+) -> None:
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]
+    # A worker claims the job, finishes step 1, starts step 2 and dies (no release, nothing more written).
+    engine = create_engine(settings, "dead-worker")
+    try:
+        dead = Leases(create_sessions(engine), "dead-worker", ttl_s=1)
+        lease = await dead.claim(job_id)
+        assert lease is not None
+        first, second, _ = lease.steps
+        await dead.start_step(lease, first)
+        await dead.finish_step(lease, first, StepStatus.SUCCESS, "done before the crash")
+        await dead.start_step(lease, second)
+    finally:
+        await engine.dispose()
+    # The dead worker had taken the delivery off the queue; only the reaper can bring the job back.
+    await redis.delete(settings.queue_name)
+    await db.execute("UPDATE ops_job SET lease_expires_at = now() - interval '1 second' WHERE job_id = $1", job_id)
+
+    fast_reaper = settings.model_copy(update={"reaper_interval_s": 0.2})
+    async with running_worker(fast_reaper):
+        job = await wait_for_status(client, job_id, "success", "failed", within=5)
+
+    assert job["status"] == "success" and job["attempt"] == 2
+    assert [(s["status"], s["attempts"]) for s in job["steps"]] == [("success", 1), ("success", 2), ("success", 1)]
+    assert job["steps"][0]["detail"] == "done before the crash"
+    claims = await fetch_one(
+        db, "SELECT count(*) AS n FROM ops_job_event WHERE job_id = $1 AND kind = 'claimed'", job_id
+    )
+    assert claims == {"n": 2}

@@ -1,0 +1,122 @@
+"""The worker, for real: an arq worker on a real Redis queue runs jobs submitted through the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import httpx
+from arq.worker import Worker
+
+from service.queue import enqueue
+from service.settings import Settings
+from tests.conftest import running_worker, wait_for_status
+
+
+async def test_noop_job_runs_from_post_to_success(client: httpx.AsyncClient, worker: Worker) -> None:
+    created = (await client.post("/ops/jobs/noop", json={"steps": 3})).json()
+
+    job = await wait_for_status(client, created["job_id"], "success", "failed", within=2)
+
+    assert job["status"] == "success"
+    assert job["attempt"] == 1
+    assert job["started_at"] and job["finished_at"] and job["error"] is None
+    assert [(s["name"], s["status"], s["attempts"]) for s in job["steps"]] == [
+        ("step-1", "success", 1),
+        ("step-2", "success", 1),
+        ("step-3", "success", 1),
+    ]
+    for earlier, later in zip(job["steps"], job["steps"][1:], strict=False):
+        assert earlier["finished_at"] <= later["started_at"], "steps ran out of order"
+
+
+async def test_failing_step_fails_the_job_and_leaves_later_steps_pending(
+    client: httpx.AsyncClient, worker: Worker
+) -> None:
+    created = (await client.post("/ops/jobs/noop", json={"steps": 3, "fail_at_step": 2})).json()
+
+    job = await wait_for_status(client, created["job_id"], "success", "failed")
+
+    assert job["status"] == "failed"
+    assert job["error"] == "step step-2 failed: NoopFailure: failed on purpose at step 2"
+    steps = {s["name"]: s for s in job["steps"]}
+    assert steps["step-1"]["status"] == "success"
+    assert steps["step-2"]["status"] == "failed"
+    assert steps["step-2"]["detail"] == "error: NoopFailure: failed on purpose at step 2"
+    assert steps["step-2"]["finished_at"] is not None
+    assert steps["step-3"]["status"] == "pending" and steps["step-3"]["attempts"] == 0
+
+
+async def test_progress_is_visible_while_a_step_runs(client: httpx.AsyncClient, worker: Worker) -> None:
+    created = (await client.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 1})).json()
+
+    running = await wait_for_status(client, created["job_id"], "running")
+    await asyncio.sleep(0.2)
+    running = (await client.get(f"/ops/jobs/{created['job_id']}")).json()
+
+    assert running["steps"][0]["status"] == "running"
+    assert running["steps"][0]["detail"] == "sleeping 1s"
+    assert running["steps"][0]["started_at"] is not None
+    done = await wait_for_status(client, created["job_id"], "success")
+    assert done["steps"][0]["detail"] == "slept 1s"
+
+
+async def test_timed_out_step_says_what_it_was_waiting_for(client: httpx.AsyncClient, worker: Worker) -> None:
+    created = (await client.post("/ops/jobs/slow", json={})).json()
+
+    job = await wait_for_status(client, created["job_id"], "failed", within=3)
+
+    step = job["steps"][0]
+    assert step["status"] == "failed"
+    assert step["detail"] == (
+        "error: StepTimeout: no result within 0.3s; last seen: waiting for the thing; seen: nothing yet"
+    )
+    assert job["error"].startswith("step wait-for-thing failed: StepTimeout")
+
+
+async def test_transient_errors_are_retried_within_the_step(client: httpx.AsyncClient, worker: Worker) -> None:
+    created = (await client.post("/ops/jobs/flaky", json={"fail_times": 2})).json()
+
+    job = await wait_for_status(client, created["job_id"], "success", "failed", within=8)
+
+    assert job["status"] == "success"
+    assert job["steps"][0]["attempts"] == 3
+    assert job["steps"][0]["detail"] == "worked on try 3"
+
+
+async def test_transient_errors_beyond_the_attempt_limit_fail_the_step(
+    client: httpx.AsyncClient, worker: Worker
+) -> None:
+    created = (await client.post("/ops/jobs/flaky", json={"fail_times": 10})).json()
+
+    job = await wait_for_status(client, created["job_id"], "success", "failed", within=15)
+
+    assert job["status"] == "failed"
+    assert job["steps"][0]["attempts"] == 4
+    assert job["steps"][0]["detail"] == "error: TransientError: upstream busy (try 4) (gave up after 4 tries)"
+
+
+async def test_a_job_delivered_twice_runs_once(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection, redis: object
+) -> None:
+    created = (await client.post("/ops/jobs/noop", json={"steps": 2, "sleep_s": 0.3})).json()
+    job_id = created["job_id"]
+    from service.queue import create_redis
+
+    arq_redis = create_redis(settings)
+    try:
+        for _ in range(3):
+            await enqueue(arq_redis, job_id, 0, queue_name=settings.queue_name, timeout_s=2)
+    finally:
+        await arq_redis.aclose(close_connection_pool=True)
+
+    # Two workers, four deliveries of the same job id.
+    async with running_worker(settings), running_worker(settings):
+        job = await wait_for_status(client, job_id, "success", "failed", within=5)
+        await asyncio.sleep(0.3)  # let the remaining deliveries be picked up and refused
+
+    assert job["status"] == "success"
+    assert job["attempt"] == 1
+    assert [s["attempts"] for s in job["steps"]] == [1, 1]
+    claims = await db.fetchval("SELECT count(*) FROM ops_job_event WHERE job_id = $1 AND kind = 'claimed'", job_id)
+    assert claims == 1

@@ -1,0 +1,350 @@
+"""`KubeSim`: the simulated cluster as one object, served over real HTTP in the caller's event loop.
+
+    async with KubeSim.running(profile="zalando") as sim:
+        sim.write_kubeconfig(tmp_path / "kubeconfig")
+        sim.crash_loop("pg-1")  # faults are keyed by name, so they hit the recreated pod too
+        ...
+
+The seed/fault/state methods are synchronous and take effect at once: everything runs on one event loop, so a
+test never races the controllers in the middle of a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from tests.kube_sim.api import KubeApi
+from tests.kube_sim.controllers import Controllers, bind
+from tests.kube_sim.faults import Behaviour, Faults, HttpFault, Latency, WatchCut, parse_request_fault
+from tests.kube_sim.kubelet import is_ready, settle
+from tests.kube_sim.objects import PROFILES, Profile, namespace_obj, pod_from_statefulset, pvc_from_template, revision
+from tests.kube_sim.objects import statefulset as statefulset_obj
+from tests.kube_sim.store import DEFAULT_HISTORY, Obj, Store
+from tests.kube_sim.timing import SPEEDS, Speed
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "db"
+CLUSTER = "pg"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers (the owner of the event loop decides when to stop) and without its
+    0.1 s polling for `should_exit`, which would add that much to every test's teardown."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.exit_requested = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+    async def main_loop(self) -> None:
+        await self.on_tick(0)  # sets the default response headers once
+        await self.exit_requested.wait()
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+        self.exit_requested.set()
+
+
+class KubeSim:
+    def __init__(self, profile: str = "zalando", speed: Speed | str = "fast", history: int = DEFAULT_HISTORY) -> None:
+        self.profile: Profile = PROFILES[profile]
+        self.speed = SPEEDS[speed] if isinstance(speed, str) else speed
+        self.store = Store(history)
+        self.faults = Faults()
+        self.controllers = Controllers(self.store, self.faults, self.speed, self.profile)
+        self.api = KubeApi(self.store, self.faults, self.apply_fault)
+        self.url = ""
+        self.port = 0
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(
+        cls,
+        profile: str = "zalando",
+        speed: Speed | str = "fast",
+        *,
+        seed: bool = True,
+        port: int = 0,
+        history: int = DEFAULT_HISTORY,
+    ) -> AsyncIterator[KubeSim]:
+        """Serve on 127.0.0.1 (a free port unless given) with the sample cluster seeded, for a `with` block."""
+        sim = cls(profile, speed, history)
+        if seed:
+            sim.seed_cluster()
+        await sim.start(port=port)
+        try:
+            yield sim
+        finally:
+            await sim.stop()
+
+    # lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and
+        # without it every keep-alive request waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        # log_config=None: leave the host process's logging alone; ws="none": no websocket library needed.
+        config = uvicorn.Config(
+            self.api.app(), log_config=None, lifespan="off", ws="none", access_log=False, timeout_graceful_shutdown=2
+        )
+        self._server = _Server(config)
+        self._serving = asyncio.create_task(self._server.serve(sockets=[sock]), name="kube-sim-http")
+        while not self._server.started:
+            if self._serving.done():
+                self._serving.result()  # surfaces the start-up error
+                raise RuntimeError("kube-sim server stopped during start-up")
+            await asyncio.sleep(0.005)
+        self._loops = [
+            asyncio.create_task(self.controllers.run(name, step), name=f"kube-sim-{name}")
+            for name, step in self.controllers.loops().items()
+        ]
+        log.info("kube-sim serving %s (profile %s)", self.url, self.profile.name)
+
+    async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+        # Open watches would otherwise hold uvicorn's graceful shutdown until their timeoutSeconds.
+        self.store.cut_watches()
+        if self._server is not None and self._serving is not None:
+            self._server.request_exit()
+            await self._serving
+        self._server = self._serving = None
+
+    def write_kubeconfig(self, path: str | Path, context: str = "sim", namespace: str = NAMESPACE) -> Path:
+        """A kubeconfig that load_kube_config accepts as is (JSON is YAML); the token is never checked."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kube-sim", "cluster": {"server": self.url}}],
+            "users": [{"name": "kube-sim", "user": {"token": "kube-sim-dummy-token"}}],
+            "contexts": [
+                {"name": context, "context": {"cluster": "kube-sim", "user": "kube-sim", "namespace": namespace}}
+            ],
+            "current-context": context,
+        }
+        target = Path(path)
+        target.write_text(json.dumps(config, indent=2) + "\n")
+        return target
+
+    # seeding
+
+    def seed_cluster(self, namespace: str = NAMESPACE, name: str = CLUSTER, replicas: int = 3) -> Obj:
+        """A settled cluster: StatefulSet `name` with Ready members `name-0..`, `name-0` primary, PVCs Bound."""
+        if self.store.get("namespaces", "", namespace) is None:
+            self.store.create("namespaces", namespace_obj(namespace))
+        sts = self.store.create(
+            "statefulsets", statefulset_obj(name, namespace, self.profile.labels_for(name), replicas)
+        )
+        rev = revision(name, sts["spec"]["template"])
+        for ordinal in range(replicas):
+            pod = pod_from_statefulset(sts, ordinal, rev)
+            for template in sts["spec"]["volumeClaimTemplates"]:
+                pvc = self.store.create(
+                    "persistentvolumeclaims", pvc_from_template(sts, template, pod["metadata"]["name"])
+                )
+                bind(pvc)
+                self.store.update("persistentvolumeclaims", pvc)
+            settle(pod)
+            self.profile.set_role(pod, self.profile.primary if ordinal == 0 else self.profile.replica)
+            self.store.create("pods", pod)
+        # Fill in the StatefulSet's status now, so the seeded state is complete before the first tick.
+        self.controllers.reconcile_statefulsets(0.0)
+        return self.store.get("statefulsets", namespace, name) or sts
+
+    # state
+
+    def pod(self, name: str, namespace: str = NAMESPACE) -> Obj | None:
+        return self.store.get("pods", namespace, name)
+
+    def pvc(self, name: str, namespace: str = NAMESPACE) -> Obj | None:
+        return self.store.get("persistentvolumeclaims", namespace, name)
+
+    def statefulset(self, name: str = CLUSTER, namespace: str = NAMESPACE) -> Obj | None:
+        return self.store.get("statefulsets", namespace, name)
+
+    def members(self, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> list[Obj]:
+        sts = self.statefulset(cluster, namespace)
+        uid = sts["metadata"]["uid"] if sts else None
+        pods = self.store.objects("pods", namespace)
+        return [p for p in pods if any(r.get("uid") == uid for r in p["metadata"].get("ownerReferences") or [])]
+
+    def primary(self, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> str | None:
+        for pod in self.members(cluster, namespace):
+            if self.profile.role_of(pod) in (self.profile.primary, "master", "primary"):
+                return str(pod["metadata"]["name"])
+        return None
+
+    async def wait_for(self, check: Callable[[], bool], within: float = 5.0) -> None:
+        """Wait until `check()` holds, re-checking after every write to the store and at least every tick."""
+        _, queue = self.store.subscribe(None)
+        try:
+            async with asyncio.timeout(within):
+                while not check():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(queue.get(), self.speed.tick)
+        finally:
+            self.store.unsubscribe(queue)
+
+    # request faults
+
+    def fail(
+        self,
+        status: int = 500,
+        *,
+        verb: str | None = None,
+        resource: str | None = None,
+        name: str | None = None,
+        namespace: str | None = None,
+        times: int | None = 1,
+        retry_after: int | None = None,
+        message: str | None = None,
+    ) -> HttpFault:
+        """Answer matching requests with `status` (a Status body; Retry-After when given), `times` times."""
+        fault = HttpFault(
+            verb=verb,
+            resource=resource,
+            namespace=namespace,
+            name=name,
+            times=times,
+            status=status,
+            retry_after=retry_after,
+            message=message,
+        )
+        self.faults.http.append(fault)
+        return fault
+
+    def slow(
+        self, seconds: float, *, verb: str | None = None, resource: str | None = None, times: int | None = None
+    ) -> Latency:
+        rule = Latency(verb=verb, resource=resource, times=times, seconds=seconds)
+        self.faults.latency.append(rule)
+        return rule
+
+    def cut_watch(self, resource: str | None = None, *, after_events: int = 0, times: int | None = 1) -> WatchCut:
+        """The next matching watch stream(s) end after `after_events` events, long before timeoutSeconds."""
+        rule = WatchCut(verb="watch", resource=resource, times=times, after_events=after_events)
+        self.faults.watch_cuts.append(rule)
+        return rule
+
+    def cut_watches(self) -> int:
+        """End every open watch stream now."""
+        return self.store.cut_watches()
+
+    def compact(self) -> None:
+        """Drop the event history: a watch from any earlier resourceVersion gets 410 Gone."""
+        self.store.compact()
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    # pod, PVC and StatefulSet faults
+
+    def set_behaviour(self, pod: str, behaviour: Behaviour | None, namespace: str = NAMESPACE) -> None:
+        """Pod faults stick to the name: the StatefulSet's replacement pod inherits them. None clears."""
+        if behaviour is None:
+            self.faults.pods.pop((namespace, pod), None)
+        else:
+            self.faults.pods[(namespace, pod)] = behaviour
+
+    def never_ready(self, pod: str, namespace: str = NAMESPACE) -> None:
+        self.set_behaviour(pod, Behaviour.NOT_READY, namespace)
+
+    not_ready = never_ready  # on a running member it turns Ready to False: "a member not Ready"
+
+    def crash_loop(self, pod: str, namespace: str = NAMESPACE) -> None:
+        self.set_behaviour(pod, Behaviour.CRASH_LOOP, namespace)
+
+    def image_pull_error(self, pod: str, namespace: str = NAMESPACE) -> None:
+        self.set_behaviour(pod, Behaviour.IMAGE_PULL, namespace)
+
+    def config_error(self, pod: str, namespace: str = NAMESPACE) -> None:
+        self.set_behaviour(pod, Behaviour.CONFIG_ERROR, namespace)
+
+    def unschedulable(self, pod: str, namespace: str = NAMESPACE) -> None:
+        self.set_behaviour(pod, Behaviour.UNSCHEDULABLE, namespace)
+
+    def stuck_pvc(self, name: str, namespace: str = NAMESPACE) -> None:
+        """pvc-protection never removes this claim's finalizer: it stays Terminating after its pod is gone."""
+        self.faults.stuck_pvcs.add((namespace, name))
+
+    def start_rollout(self, statefulset: str = CLUSTER, namespace: str = NAMESPACE) -> None:
+        """The StatefulSet reports currentRevision != updateRevision (a rollout that does not progress)."""
+        self.faults.rollouts.add((namespace, statefulset))
+        self.controllers.reconcile_statefulsets(0.0)
+
+    def change_primary(self, to: str | None = None, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> str:
+        """Fail over: the role label moves from the current primary to `to` (default: the first Ready replica)."""
+        members = self.members(cluster, namespace)
+        old = self.primary(cluster, namespace)
+        if to is None:
+            candidates = [p["metadata"]["name"] for p in members if p["metadata"]["name"] != old and is_ready(p)]
+            if not candidates:
+                raise ValueError(f"no Ready replica to promote in {namespace}/{cluster}")
+            to = str(candidates[0])
+        for pod in members:
+            name = pod["metadata"]["name"]
+            if name == to:
+                self.profile.set_role(pod, self.profile.primary)
+            elif name == old:
+                self.profile.set_role(pod, self.profile.replica)
+            else:
+                continue
+            self.store.update("pods", pod)
+        return to
+
+    def apply_fault(self, spec: Obj) -> Obj:
+        """The admin endpoint's entry point: POST /_sim/faults with one JSON object (DELETE clears all faults).
+
+        {"kind": "http", "status": 429, "verb": "delete", "resource": "pods", "name": "pg-1", "times": 2,
+         "retryAfter": 3, "message": "..."}          verb/resource/namespace/name/times optional
+        {"kind": "latency", "seconds": 0.5, "verb": "get", "resource": "pods", "times": 1}
+        {"kind": "watch_cut", "resource": "pods", "afterEvents": 0, "times": 1}
+        {"kind": "cut_watches"}  {"kind": "compact"}
+        {"kind": "pod", "name": "pg-1", "behaviour": "crash_loop"}   see Behaviour; null clears
+        {"kind": "pvc_stuck", "name": "data-pg-1"}
+        {"kind": "rollout", "statefulset": "pg"}
+        {"kind": "primary_change", "to": "pg-2"}     "to" optional: the first Ready replica
+        Request rules match any namespace unless "namespace" is given; the other kinds default to "db".
+        """
+        kind = spec.get("kind")
+        ns = spec.get("namespace") or NAMESPACE
+        if kind in ("http", "latency", "watch_cut"):
+            self.faults.add(parse_request_fault(spec))
+        elif kind == "pod":
+            behaviour = Behaviour(spec["behaviour"]) if spec.get("behaviour") else None
+            self.set_behaviour(spec["name"], behaviour, ns)
+        elif kind == "pvc_stuck":
+            self.stuck_pvc(spec["name"], ns)
+        elif kind == "rollout":
+            self.start_rollout(spec.get("statefulset") or CLUSTER, ns)
+        elif kind == "primary_change":
+            return {"primary": self.change_primary(spec.get("to"), spec.get("cluster") or CLUSTER, ns)}
+        elif kind == "cut_watches":
+            return {"cut": self.cut_watches()}
+        elif kind == "compact":
+            self.compact()
+        else:
+            raise ValueError(f"unknown fault kind: {kind!r}")
+        return {"added": kind}

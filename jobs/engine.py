@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -33,33 +33,40 @@ class Runtime:
     leases: Leases
     registry: Registry
     lease_ttl_s: float
+    # What each job type's lifespan yielded, by job type name.
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 class _Context:
     """The `StepContext` a step receives."""
 
-    def __init__(self, leases: Leases, lease: Lease, row: StepRow) -> None:
-        self._leases = leases
-        self._lease = lease
-        self._row = row
+    def __init__(self, leases: Leases, lease: Lease, row: StepRow, resource: Any) -> None:
+        self.leases = leases
+        self.lease = lease
+        self.row = row
+        self._resource = resource
         self.last_detail: str | None = row.detail
 
     @property
     def job_id(self) -> str:
-        return self._lease.job_id
+        return self.lease.job_id
 
     @property
     def step(self) -> str:
-        return self._row.name
+        return self.row.name
 
     @property
     def attempt(self) -> int:
-        return self._lease.attempt
+        return self.lease.attempt
+
+    @property
+    def resource(self) -> Any:
+        return self._resource
 
     async def progress(self, detail: str) -> None:
         if detail != self.last_detail:
             self.last_detail = detail
-            await self._leases.progress(self._lease, self._row, detail)
+            await self.leases.progress(self.lease, self.row, detail)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ async def _run_leased(runtime: Runtime, lease: Lease) -> JobStatus:
     try:
         async with asyncio.TaskGroup() as group:
             keeper = group.create_task(_keep_lease(runtime, lease))
-            failure = await _run_steps(runtime.leases, lease, job_type, params)
+            failure = await _run_steps(runtime, lease, job_type, params)
             keeper.cancel()
     except ExceptionGroup as group:
         # Only the steps or the keeper can fail, and the other is then cancelled: surface the one error.
@@ -123,20 +130,22 @@ async def _keep_lease(runtime: Runtime, lease: Lease) -> None:
             logger.warning("lease renewal failed, retrying: %s", exc)
 
 
-async def _run_steps(leases: Leases, lease: Lease, job_type: JobType[Any], params: BaseModel) -> _Failure | None:
+async def _run_steps(runtime: Runtime, lease: Lease, job_type: JobType[Any], params: BaseModel) -> _Failure | None:
+    resource = runtime.resources.get(job_type.name)
     for row in lease.steps:
         if row.status in (StepStatus.SUCCESS, StepStatus.SKIPPED):
             continue
         with log_context(step=row.name):
-            error = await _run_step(leases, lease, job_type.step(row.name), row, params)
+            ctx = _Context(runtime.leases, lease, row, resource)
+            error = await _run_step(ctx, job_type.step(row.name), params)
         if error is not None:
             return _Failure(row.name, error)
     return None
 
 
-async def _run_step(leases: Leases, lease: Lease, step: Step[Any], row: StepRow, params: BaseModel) -> str | None:
+async def _run_step(ctx: _Context, step: Step[Any], params: BaseModel) -> str | None:
     """Run one step to success or failure; returns the error text on failure."""
-    ctx = _Context(leases, lease, row)
+    leases, lease, row = ctx.leases, ctx.lease, ctx.row
     loop = asyncio.get_running_loop()
     deadline = loop.time() + step.timeout_s
     tries = 0

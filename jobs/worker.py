@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+from contextlib import AsyncExitStack
 from typing import Any
 
 from arq.worker import func
@@ -42,10 +43,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     registry: Registry = ctx.setdefault("registry", default_registry())
     configure_logging(settings)
     engine = create_engine(settings, "worker")
+    # Each job type's per-process resources (a Kubernetes ApiClient, ...), closed at shutdown.
+    resources = ctx["resources"] = AsyncExitStack()
+    opened = {t.name: await resources.enter_async_context(t.lifespan(settings)) for t in registry if t.lifespan}
     owner = worker_id()
     ctx["engine"] = engine
     sessions = create_sessions(engine)
-    ctx["runtime"] = Runtime(Leases(sessions, owner, settings.lease_ttl_s), registry, settings.lease_ttl_s)
+    ctx["runtime"] = Runtime(Leases(sessions, owner, settings.lease_ttl_s), registry, settings.lease_ttl_s, opened)
     ctx["reaper"] = asyncio.create_task(reap_forever(sessions, ctx["redis"], settings), name="apiops-reaper")
     logger.info("worker %s started on queue %s", owner, settings.queue_name)
 
@@ -54,6 +58,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if "reaper" in ctx:
         ctx["reaper"].cancel()
         await asyncio.gather(ctx["reaper"], return_exceptions=True)
+    if "resources" in ctx:
+        await ctx["resources"].aclose()
     if "engine" in ctx:
         await ctx["engine"].dispose()
 

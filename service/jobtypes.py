@@ -7,12 +7,14 @@ worker only ever see it through a `Registry`, so adding a job type touches nothi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from service.errors import NotFound
+from service.settings import Settings
 
 P = TypeVar("P", bound=BaseModel)
 P_contra = TypeVar("P_contra", bound=BaseModel, contravariant=True)
@@ -29,6 +31,10 @@ class StepContext(Protocol):
 
     @property
     def attempt(self) -> int: ...
+
+    @property
+    def resource(self) -> Any:
+        """What the job type's `lifespan` yielded in this worker process (None without a lifespan)."""
 
     async def progress(self, detail: str) -> None:
         """Record what the step is doing or waiting for; shown in the step's `detail` at once."""
@@ -63,6 +69,9 @@ class JobType(Generic[P]):
     target: Callable[[P], str | None] = field(default=lambda params: None)
     # For types whose step list depends on the params (noop); by default every step runs.
     plan: Callable[[P], Sequence[Step[P]]] | None = None
+    # Entered once per worker process at start-up, exited at shutdown; what it yields (a client, a pool) is
+    # `ctx.resource` in every step of this type.
+    lifespan: Callable[[Settings], AbstractAsyncContextManager[Any]] | None = None
 
     def steps_for(self, params: P) -> Sequence[Step[P]]:
         return self.plan(params) if self.plan is not None else self.steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -196,8 +197,14 @@ async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[
     try:
         yield worker
     finally:
-        await worker.close()
-        await asyncio.gather(task, return_exceptions=True)
+        # As on SIGTERM: running jobs are cancelled (and hand their leases back), polling stops. Not
+        # `worker.close()`: it cancels a second time and its gather raises if a job ends cancelled, which
+        # would skip on_shutdown.
+        worker.handle_sig(signal.SIGTERM)
+        await asyncio.gather(task, *worker.tasks.values(), return_exceptions=True)
+        if worker.on_shutdown is not None:
+            await worker.on_shutdown(worker.ctx)
+        await worker.pool.aclose(close_connection_pool=True)
 
 
 @pytest.fixture

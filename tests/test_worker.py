@@ -10,6 +10,7 @@ from arq.worker import Worker
 
 from service.queue import enqueue
 from service.settings import Settings
+from tests import testjobs
 from tests.conftest import running_worker, wait_for_status
 
 
@@ -120,3 +121,18 @@ async def test_a_job_delivered_twice_runs_once(
     assert [s["attempts"] for s in job["steps"]] == [1, 1]
     claims = await db.fetchval("SELECT count(*) FROM ops_job_event WHERE job_id = $1 AND kind = 'claimed'", job_id)
     assert claims == 1
+
+
+async def test_job_type_lifespan_opens_once_per_worker_and_steps_share_it(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    testjobs.LIFESPAN_LOG.clear()
+    async with running_worker(settings):
+        first = (await client.post("/ops/jobs/resourceful")).json()["job_id"]
+        second = (await client.post("/ops/jobs/resourceful")).json()["job_id"]
+        jobs = [await wait_for_status(client, job_id, "success", "failed") for job_id in (first, second)]
+        assert testjobs.LIFESPAN_LOG == ["opened"]
+
+    assert testjobs.LIFESPAN_LOG == ["opened", "closed"]
+    for job in jobs:
+        assert [s["detail"] for s in job["steps"]] == [f"used client for {settings.queue_name}"] * 2

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from pydantic import BaseModel
 
 from service.jobtypes import JobType, Step, StepContext, TransientError
+from service.settings import Settings
 
 # Tries per job id; the in-process worker shares this module with the test.
 TRIES: Counter[str] = Counter()
@@ -49,4 +52,29 @@ SLOW = JobType[SlowParams](
     steps=[Step("wait-for-thing", slow_step, timeout_s=0.3)],
 )
 
-JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW]
+# Per-process resource: opened once at worker start-up, closed at shutdown.
+LIFESPAN_LOG: list[str] = []
+
+
+@asynccontextmanager
+async def shared_client(settings: Settings) -> AsyncIterator[dict[str, str]]:
+    LIFESPAN_LOG.append("opened")
+    try:
+        yield {"name": f"client for {settings.queue_name}"}
+    finally:
+        LIFESPAN_LOG.append("closed")
+
+
+async def use_resource(ctx: StepContext, params: SlowParams) -> str:
+    return f"used {ctx.resource['name']}"
+
+
+RESOURCEFUL = JobType[SlowParams](
+    name="resourceful",
+    description="uses a resource its lifespan opened once per worker",
+    params=SlowParams,
+    steps=[Step("use", use_resource), Step("use-again", use_resource)],
+    lifespan=shared_client,
+)
+
+JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL]

@@ -3,6 +3,10 @@
 Each step runs under its own deadline (`asyncio.timeout_at`); transient errors are retried with exponential
 backoff and jitter inside that deadline. A step that was in flight when a worker died runs again on the next
 claim (its `attempts` shows it); finished steps never run twice.
+
+While a job runs, a keeper task beside its steps renews the lease and watches for a cancel request. Three things
+end a job early: a cancel request (the running step is cancelled and recorded `cancelled`), a lost lease (the
+worker stops touching the job), and the worker stopping (the job is handed back for another worker).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.jobtypes import JobType, Registry, Step
-from service.leases import Lease, LeaseLost, Leases, StepRow
+from service.jobtypes import Registry, Step
+from service.leases import CancelRequested, Lease, LeaseLost, Leases, StepRow
 from service.logs import log_context
 from service.models import JobStatus, StepStatus
 
@@ -24,9 +28,16 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+# How often a running job looks for a cancel request: the bound on cancel latency.
+CANCEL_POLL_S = 0.5
+RELEASE_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
+class Draining(Exception):
+    """The worker is stopping: hand the job back instead of starting its next step."""
+
+
+@dataclass
 class Runtime:
     """What the worker process holds for all the jobs it runs."""
 
@@ -35,6 +46,10 @@ class Runtime:
     lease_ttl_s: float
     # What each job type's lifespan yielded, by job type name.
     resources: dict[str, Any] = field(default_factory=dict)
+    # Set when the worker stops taking jobs; running jobs finish their current step, then hand the job back.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    # The tasks running jobs now, so that a stopping worker can wait for them and then cancel the rest.
+    running: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 class _Context:
@@ -77,70 +92,115 @@ class _Failure:
 
 async def run_job(runtime: Runtime, job_id: str) -> str:
     """The arq job: returns what happened, for arq's own log line."""
+    if runtime.draining.is_set():
+        return "not claimed: worker stopping"
     lease = await runtime.leases.claim(job_id)
     if lease is None:
-        logger.info("job %s is finished or held by another worker; nothing to do", job_id)
+        logger.info("job %s is finished, cancelled or held by another worker; nothing to do", job_id)
         return "not claimed"
-    with log_context(job_id=job_id, attempt=lease.attempt):
-        logger.info("claimed job %s (type %s, attempt %d)", job_id, lease.type, lease.attempt)
-        try:
-            status = await _run_leased(runtime, lease)
-        except LeaseLost as exc:
-            logger.warning("stopped job %s: %s", job_id, exc)
-            return "lease lost"
-        except asyncio.CancelledError:
-            await _release(runtime.leases, lease)
-            raise
-        logger.info("job %s finished: %s", job_id, status)
-        return str(status)
-
-
-async def _run_leased(runtime: Runtime, lease: Lease) -> JobStatus:
-    job_type = runtime.registry.get(lease.type)
-    params = job_type.params.model_validate(lease.params)
+    task = asyncio.current_task()
+    assert task is not None
+    runtime.running.add(task)
     try:
-        async with asyncio.TaskGroup() as group:
-            keeper = group.create_task(_keep_lease(runtime, lease))
-            failure = await _run_steps(runtime, lease, job_type, params)
-            keeper.cancel()
-    except ExceptionGroup as group:
-        # Only the steps or the keeper can fail, and the other is then cancelled: surface the one error.
-        raise group.exceptions[0] from None
-    if failure is None:
-        await runtime.leases.finish_job(lease, JobStatus.SUCCESS)
-        return JobStatus.SUCCESS
-    await runtime.leases.finish_job(lease, JobStatus.FAILED, f"step {failure.step} failed: {failure.error}")
-    return JobStatus.FAILED
+        with log_context(job_id=job_id, attempt=lease.attempt):
+            logger.info("claimed job %s (type %s, attempt %d)", job_id, lease.type, lease.attempt)
+            outcome = await _JobRun(runtime, lease).run()
+            logger.info("job %s: %s", job_id, outcome)
+            return outcome
+    finally:
+        runtime.running.discard(task)
 
 
-async def _keep_lease(runtime: Runtime, lease: Lease) -> None:
-    """Renew every third of the TTL; give the job up once the lease could have expired unrenewed."""
-    loop = asyncio.get_running_loop()
-    renewed_at = loop.time()
-    while True:
-        await asyncio.sleep(runtime.lease_ttl_s / 3)
+class _JobRun:
+    def __init__(self, runtime: Runtime, lease: Lease) -> None:
+        self.runtime = runtime
+        self.leases = runtime.leases
+        self.lease = lease
+        self.job_type = runtime.registry.get(lease.type)
+        self.params = self.job_type.params.model_validate(lease.params)
+        self.current: _Context | None = None
+
+    async def run(self) -> str:
         try:
-            await runtime.leases.renew(lease)
-            renewed_at = loop.time()
-        except LeaseLost:
+            failure = await self._steps_with_keeper()
+        except LeaseLost as exc:
+            logger.warning("stopped: %s", exc)
+            return "lease lost"
+        except CancelRequested as exc:
+            await self._record_cancel(exc)
+            return "cancelled"
+        except Draining:
+            await self._release("worker stopping; the job continues on another worker")
+            return "handed back: worker stopping"
+        except asyncio.CancelledError:
+            await self._release("worker stopped; the interrupted step will run again")
             raise
-        except Exception as exc:  # a database outage: keep trying while the lease may still be ours
-            if loop.time() - renewed_at >= runtime.lease_ttl_s:
-                raise LeaseLost(f"could not renew the lease for {runtime.lease_ttl_s:g}s: {exc}") from exc
-            logger.warning("lease renewal failed, retrying: %s", exc)
+        if failure is None:
+            await self.leases.finish_job(self.lease, JobStatus.SUCCESS)
+            return "success"
+        await self.leases.finish_job(self.lease, JobStatus.FAILED, f"step {failure.step} failed: {failure.error}")
+        return "failed"
 
+    async def _steps_with_keeper(self) -> _Failure | None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                keeper = group.create_task(self._keep_lease())
+                failure = await self._run_steps()
+                keeper.cancel()
+        except ExceptionGroup as group:
+            # Only the steps or the keeper can fail, and the other is then cancelled: surface the one error.
+            raise group.exceptions[0] from None
+        return failure
 
-async def _run_steps(runtime: Runtime, lease: Lease, job_type: JobType[Any], params: BaseModel) -> _Failure | None:
-    resource = runtime.resources.get(job_type.name)
-    for row in lease.steps:
-        if row.status in (StepStatus.SUCCESS, StepStatus.SKIPPED):
-            continue
-        with log_context(step=row.name):
-            ctx = _Context(runtime.leases, lease, row, resource)
-            error = await _run_step(ctx, job_type.step(row.name), params)
-        if error is not None:
-            return _Failure(row.name, error)
-    return None
+    async def _keep_lease(self) -> None:
+        """Watch for a cancel request every CANCEL_POLL_S and renew the lease every third of its TTL; give the
+        job up once the lease could have expired unrenewed (a database outage)."""
+        ttl = self.runtime.lease_ttl_s
+        loop = asyncio.get_running_loop()
+        renewed_at = loop.time()
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                if loop.time() - renewed_at >= ttl / 3:
+                    await self.leases.renew(self.lease)
+                    renewed_at = loop.time()
+                else:
+                    await self.leases.check(self.lease)
+            except (LeaseLost, CancelRequested):
+                raise
+            except Exception as exc:
+                if loop.time() - renewed_at >= ttl:
+                    raise LeaseLost(f"could not renew the lease for {ttl:g}s: {exc}") from exc
+                logger.warning("lease check failed, retrying: %s", exc)
+
+    async def _run_steps(self) -> _Failure | None:
+        resource = self.runtime.resources.get(self.job_type.name)
+        for row in self.lease.steps:
+            if row.status in (StepStatus.SUCCESS, StepStatus.SKIPPED):
+                continue
+            if self.runtime.draining.is_set():
+                raise Draining()
+            with log_context(step=row.name):
+                self.current = _Context(self.leases, self.lease, row, resource)
+                error = await _run_step(self.current, self.job_type.step(row.name), self.params)
+                self.current = None
+            if error is not None:
+                return _Failure(row.name, error)
+        return None
+
+    async def _record_cancel(self, request: CancelRequested) -> None:
+        step = self.current
+        if step is not None:
+            seen = f"; it was at: {step.last_detail}" if step.last_detail else ""
+            await self.leases.finish_step(self.lease, step.row, StepStatus.CANCELLED, f"cancelled{seen}")
+        await self.leases.finish_job(self.lease, JobStatus.CANCELLED, str(request))
+
+    async def _release(self, reason: str) -> None:
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await self.leases.release(self.lease, reason)
+        except Exception as exc:
+            logger.warning("could not hand the job back (it is reaped once the lease expires): %s", exc)
 
 
 async def _run_step(ctx: _Context, step: Step[Any], params: BaseModel) -> str | None:
@@ -171,7 +231,7 @@ async def _run_step(ctx: _Context, step: Step[Any], params: BaseModel) -> str | 
                 await ctx.progress(f"try {tries} failed ({_describe(exc)}); retrying in {delay:.1f}s")
                 await asyncio.sleep(delay)
                 continue
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, CancelRequested, asyncio.CancelledError):
             raise
         except Exception as exc:
             logger.exception("step %s failed", row.name)
@@ -186,14 +246,3 @@ async def _run_step(ctx: _Context, step: Step[Any], params: BaseModel) -> str | 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _release(leases: Leases, lease: Lease) -> None:
-    """The worker is stopping: hand the job back now instead of letting another worker wait for the lease."""
-    try:
-        async with asyncio.timeout(5):
-            await leases.release(lease, "worker stopped; the interrupted step will run again")
-    except Exception as exc:
-        logger.warning(
-            "could not release job %s (the reaper will take it once the lease expires): %s", lease.job_id, exc
-        )

@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
 from contextlib import AsyncExitStack
 from typing import Any
 
-from arq.worker import func
+from arq.worker import Retry, func
 
-from jobs.engine import Runtime, run_job
+from jobs.engine import RELEASE_TIMEOUT_S, Runtime, run_job
 from jobs.reaper import reap_forever
 from service.db import create_engine, create_sessions
 from service.jobtypes import Registry, default_registry
@@ -51,7 +52,45 @@ async def startup(ctx: dict[str, Any]) -> None:
     sessions = create_sessions(engine)
     ctx["runtime"] = Runtime(Leases(sessions, owner, settings.lease_ttl_s), registry, settings.lease_ttl_s, opened)
     ctx["reaper"] = asyncio.create_task(reap_forever(sessions, ctx["redis"], settings), name="apiops-reaper")
+    # on_startup runs inside arq's main task: cancelling it is how a stopping worker ends arq's poll loop.
+    ctx["main_task"] = asyncio.current_task()
+    if ctx.setdefault("handle_signals", True):
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, begin_shutdown, ctx, signum.name)
     logger.info("worker %s started on queue %s", owner, settings.queue_name)
+
+
+def begin_shutdown(ctx: dict[str, Any], reason: str) -> None:
+    """Stop taking jobs; let running steps finish within the grace period, handing each job back instead of
+    starting its next step; then cancel what is left (those hand their jobs back too) and end the worker.
+    A second request stops at once."""
+    runtime: Runtime = ctx["runtime"]
+    settings: Settings = ctx["settings"]
+    if runtime.draining.is_set():
+        logger.warning("%s again: stopping now", reason)
+        for task in runtime.running:
+            task.cancel()
+        return
+    runtime.draining.set()
+    logger.warning(
+        "%s: taking no more jobs; %d running job(s) get %gs to finish their current step, then are handed back",
+        reason,
+        len(runtime.running),
+        settings.shutdown_grace_s,
+    )
+    ctx["stopping"] = asyncio.create_task(_stop(runtime, ctx["main_task"], settings.shutdown_grace_s))
+
+
+async def _stop(runtime: Runtime, main_task: asyncio.Task[Any], grace_s: float) -> None:
+    running = set(runtime.running)
+    if running:
+        _, running = await asyncio.wait(running, timeout=grace_s)
+    for task in running:
+        task.cancel()
+    if running:
+        await asyncio.wait(running, timeout=RELEASE_TIMEOUT_S + 1)
+    main_task.cancel()
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -65,7 +104,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 async def run(ctx: dict[str, Any], job_id: str) -> str:
-    return await run_job(ctx["runtime"], job_id)
+    runtime: Runtime = ctx["runtime"]
+    if runtime.draining.is_set():
+        # Back to the queue for a worker that is not stopping; this one will not claim it.
+        raise Retry(defer=1)
+    return await run_job(runtime, job_id)
 
 
 _settings = get_settings()
@@ -81,3 +124,5 @@ class WorkerSettings:
     poll_delay = _settings.worker_poll_delay_s
     keep_result = 0
     health_check_interval = 10
+    # The worker handles SIGINT/SIGTERM itself (begin_shutdown): arq's handlers give running jobs no warning.
+    handle_signals = False

@@ -25,7 +25,8 @@ from sqlalchemy.engine import make_url
 from service.auth import hash_key
 from service.settings import Scope, Settings, get_settings
 
-STOP_GRACE_S = 20.0
+# The worker's own grace period plus time to hand its jobs back.
+STOP_EXTRA_S = 10.0
 
 
 def _serve_command(settings: Settings) -> list[str]:
@@ -62,7 +63,7 @@ def run(settings: Settings) -> int:
     for child in children:
         if child.poll() is None:
             child.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
+    deadline = time.monotonic() + settings.shutdown_grace_s + STOP_EXTRA_S
     for child in children:
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -3,25 +3,37 @@
 A claim bumps `ops_job.attempt`; `(attempt, lease_owner)` is the fencing token. Every write starts by locking
 the job row `FOR SHARE` on that token, so once another worker has taken the job over (a claim is an UPDATE of
 that row, which waits for or invalidates the lock), nothing the old worker does can change the job any more.
+
+Writes survive short PostgreSQL outages: a connection failure is retried with backoff for as long as the lease
+could still be ours (its TTL), then the job is given up as lost and the reaper resumes it once PostgreSQL is back.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db import Sessions
 from service.models import Event, EventKind, Job, JobStatus, Step, StepStatus
 
+logger = logging.getLogger(__name__)
+
 
 class LeaseLost(Exception):
     """Another worker owns the job now (or it was finished elsewhere): stop touching it."""
+
+
+class CancelRequested(Exception):
+    """Someone asked for the job to stop; the message says who."""
 
 
 @dataclass(frozen=True)
@@ -45,16 +57,28 @@ class Lease:
     steps: tuple[StepRow, ...]
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """A failure to reach PostgreSQL (worth retrying), as opposed to an error in what was asked of it."""
+    if isinstance(exc, OSError | TimeoutError | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+Work = Callable[[AsyncSession], Awaitable[None]]
+
+
 class Leases:
     """All the worker's SQL; one short transaction per transition so progress is visible at once."""
 
     def __init__(self, sessions: Sessions, owner: str, ttl_s: float) -> None:
         self._sessions = sessions
         self.owner = owner
+        self._ttl_s = ttl_s
         self._ttl = timedelta(seconds=ttl_s)
 
     async def claim(self, job_id: str) -> Lease | None:
         """Take a pending job, or a running one whose lease expired; None when someone else holds it or it ended."""
+        previous = select(Job.lease_owner).where(Job.job_id == job_id).scalar_subquery()
         async with self._sessions.begin() as session:
             row = (
                 await session.execute(
@@ -73,7 +97,7 @@ class Leases:
                         lease_expires_at=func.now() + self._ttl,
                         started_at=func.coalesce(Job.started_at, func.now()),
                     )
-                    .returning(Job.attempt, Job.type, Job.params)
+                    .returning(Job.attempt, Job.type, Job.params, previous.label("previous_owner"))
                 )
             ).one_or_none()
             if row is None:
@@ -91,35 +115,69 @@ class Leases:
                 params=row.params,
                 steps=tuple(StepRow(s.step_order, s.name, StepStatus(s.status), s.attempts, s.detail) for s in steps),
             )
-            await _event(session, lease, EventKind.CLAIMED, status=JobStatus.RUNNING, detail=f"by {self.owner}")
+            detail = f"by {self.owner}"
+            if row.previous_owner:
+                detail += f"; took over from {row.previous_owner}, whose lease expired"
+            await _event(session, lease, EventKind.CLAIMED, status=JobStatus.RUNNING, detail=detail)
             return lease
 
     @asynccontextmanager
-    async def _fenced(self, lease: Lease) -> AsyncIterator[AsyncSession]:
+    async def _fenced(self, lease: Lease, check_cancel: bool) -> AsyncIterator[AsyncSession]:
         async with self._sessions.begin() as session:
-            held = await session.scalar(
-                select(Job.job_id)
-                .where(
-                    Job.job_id == lease.job_id,
-                    Job.attempt == lease.attempt,
-                    Job.lease_owner == lease.owner,
-                    Job.status == JobStatus.RUNNING,
+            held = (
+                await session.execute(
+                    select(Job.cancel_requested_at)
+                    .where(
+                        Job.job_id == lease.job_id,
+                        Job.attempt == lease.attempt,
+                        Job.lease_owner == lease.owner,
+                        Job.status == JobStatus.RUNNING,
+                    )
+                    .with_for_update(read=True)
                 )
-                .with_for_update(read=True)
-            )
+            ).one_or_none()
             if held is None:
                 raise LeaseLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.owner}")
+            if check_cancel and held.cancel_requested_at is not None:
+                raise CancelRequested(await _cancel_reason(session, lease.job_id, held.cancel_requested_at))
             yield session
 
+    async def _write(self, lease: Lease, work: Work, check_cancel: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._ttl_s
+        delay = 0.1
+        while True:
+            try:
+                async with self._fenced(lease, check_cancel) as session:
+                    await work(session)
+                return
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                if loop.time() + delay >= give_up_at:
+                    raise LeaseLost(f"PostgreSQL unreachable for {self._ttl_s:g}s: {exc}") from exc
+                logger.warning("PostgreSQL unreachable, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def check(self, lease: Lease) -> None:
+        """Raises LeaseLost or CancelRequested; writes nothing."""
+        async with self._fenced(lease, check_cancel=True):
+            pass
+
     async def renew(self, lease: Lease) -> None:
-        async with self._fenced(lease) as session:
+        async def work(session: AsyncSession) -> None:
             await session.execute(
                 update(Job).where(Job.job_id == lease.job_id).values(lease_expires_at=func.now() + self._ttl)
             )
 
+        await self._write(lease, work, check_cancel=True)
+
     async def release(self, lease: Lease, reason: str) -> None:
-        """Give the job back (worker shutting down): pending again, so any worker may claim it at once."""
-        async with self._fenced(lease) as session:
+        """Give the job back (worker stopping): pending again, so any worker may claim it at once; the step that
+        was running is pending again and will run again."""
+
+        async def work(session: AsyncSession) -> None:
             await session.execute(
                 update(Job)
                 .where(Job.job_id == lease.job_id)
@@ -132,8 +190,12 @@ class Leases:
             )
             await _event(session, lease, EventKind.RELEASED, status=JobStatus.PENDING, detail=reason)
 
+        await self._write(lease, work)
+
     async def start_step(self, lease: Lease, step: StepRow) -> None:
-        async with self._fenced(lease) as session:
+        """Checks for a cancel request first: a cancelled job never starts another step."""
+
+        async def work(session: AsyncSession) -> None:
             await session.execute(
                 _step_update(lease, step).values(
                     status=StepStatus.RUNNING, attempts=Step.attempts + 1, started_at=func.now(), finished_at=None
@@ -141,27 +203,36 @@ class Leases:
             )
             await _event(session, lease, EventKind.STEP, step=step.name, status=StepStatus.RUNNING)
 
+        await self._write(lease, work, check_cancel=True)
+
     async def progress(self, lease: Lease, step: StepRow, detail: str) -> None:
-        async with self._fenced(lease) as session:
+        async def work(session: AsyncSession) -> None:
             await session.execute(_step_update(lease, step).values(detail=detail))
             await _event(session, lease, EventKind.PROGRESS, step=step.name, detail=detail)
 
+        await self._write(lease, work)
+
     async def finish_step(self, lease: Lease, step: StepRow, status: StepStatus, detail: str | None) -> None:
-        async with self._fenced(lease) as session:
-            values: dict[str, Any] = {"status": status, "finished_at": func.now()}
-            if detail is not None:
-                values["detail"] = detail
+        values: dict[str, Any] = {"status": status, "finished_at": func.now()}
+        if detail is not None:
+            values["detail"] = detail
+
+        async def work(session: AsyncSession) -> None:
             await session.execute(_step_update(lease, step).values(**values))
             await _event(session, lease, EventKind.STEP, step=step.name, status=status, detail=detail)
 
+        await self._write(lease, work)
+
     async def finish_job(self, lease: Lease, status: JobStatus, error: str | None = None) -> None:
-        async with self._fenced(lease) as session:
+        async def work(session: AsyncSession) -> None:
             await session.execute(
                 update(Job)
                 .where(Job.job_id == lease.job_id)
                 .values(status=status, error=error, finished_at=func.now(), lease_owner=None, lease_expires_at=None)
             )
             await _event(session, lease, EventKind.FINISHED, status=status, detail=error)
+
+        await self._write(lease, work)
 
 
 async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: int) -> list[tuple[str, int]]:
@@ -182,6 +253,16 @@ async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: in
             .limit(limit)
         )
         return [(row.job_id, row.attempt) for row in rows]
+
+
+async def _cancel_reason(session: AsyncSession, job_id: str, requested_at: datetime) -> str:
+    actor = await session.scalar(
+        select(Event.actor)
+        .where(Event.job_id == job_id, Event.kind == EventKind.CANCEL_REQUESTED)
+        .order_by(Event.event_id.desc())
+        .limit(1)
+    )
+    return f"cancelled by {actor or 'an operator'} at {requested_at.isoformat(timespec='seconds')}"
 
 
 def _step_update(lease: Lease, step: StepRow) -> Any:

@@ -40,8 +40,10 @@ class EventKind(StrEnum):
     CLAIMED = "claimed"
     STEP = "step"
     PROGRESS = "progress"
-    LEASE_LOST = "lease_lost"
     RELEASED = "released"
+    REDELIVERED = "redelivered"
+    CANCEL_REQUESTED = "cancel_requested"
+    RETRIED = "retried"
     FINISHED = "finished"
 
 
@@ -101,6 +103,14 @@ class Job(Base):
         Index("ix_ops_job_target_created_at", "target", "created_at", "job_id"),
         # At most one pending or running job per target: PostgreSQL enforces it across API replicas.
         Index("uq_ops_job_active_target", "target", unique=True, postgresql_where=_ACTIVE),
+        # An Idempotency-Key names one job per actor (keys older than the replay window are cleared on reuse).
+        Index(
+            "uq_ops_job_actor_idempotency_key",
+            "actor",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
         # The reaper's scan of unfinished jobs. Not on lease_expires_at, so lease renewals stay HOT updates.
         Index("ix_ops_job_active_created_at", "created_at", postgresql_where=_ACTIVE),
     )

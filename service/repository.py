@@ -11,16 +11,16 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from service.errors import Conflict, InvalidParams, NotFound
+from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
 from service.models import Event, EventKind, Job, JobStatus, Step, StepStatus
 
@@ -43,10 +43,24 @@ class Caller:
     source_ip: str | None
 
 
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Created:
+    job: Job
+    # True when the Idempotency-Key named an earlier job, which is returned instead of a new one.
+    replayed: bool = False
+
+
 async def create_job(
     session: AsyncSession, job_type: JobType[Any], params: BaseModel, caller: Caller, idempotency_key: str | None
-) -> Job:
+) -> Created:
     """Write the job, its planned steps and its `created` event in the session's transaction."""
+    if idempotency_key is not None:
+        earlier = await _idempotent_replay(session, job_type, params, caller, idempotency_key)
+        if earlier is not None:
+            return Created(earlier, replayed=True)
     job = Job(
         job_id=new_job_id(job_type.name),
         type=job_type.name,
@@ -63,15 +77,107 @@ async def create_job(
         for order, step in enumerate(job_type.steps_for(params), start=1)
     ]
     try:
-        # A savepoint, so that after a conflict the transaction can still look up the blocking job.
+        # A savepoint, so that after a conflict the transaction can still say what is in the way.
         async with session.begin_nested():
             session.add(job)
     except IntegrityError as exc:
-        if "uq_ops_job_active_target" not in str(exc.orig):
-            raise
-        raise await _target_busy(session, job.target) from None
+        if "uq_ops_job_active_target" in str(exc.orig):
+            raise await _target_busy(session, job.target) from None
+        if idempotency_key is not None and "uq_ops_job_actor_idempotency_key" in str(exc.orig):
+            # A concurrent request with the same key won the race: answer as it did.
+            earlier = await _idempotent_replay(session, job_type, params, caller, idempotency_key)
+            if earlier is not None:
+                return Created(earlier, replayed=True)
+        raise
     # Added after the job's flush: the unit of work orders inserts by relationships, and events have none.
     session.add(Event(job_id=job.job_id, kind=EventKind.CREATED, status=JobStatus.PENDING, **_caller_columns(caller)))
+    return Created(job)
+
+
+async def _idempotent_replay(
+    session: AsyncSession, job_type: JobType[Any], params: BaseModel, caller: Caller, key: str
+) -> Job | None:
+    """The job this actor created with `key` within the window, if the request is the same; else an error."""
+    earlier = await session.scalar(
+        select(Job)
+        .where(Job.actor == caller.actor, Job.idempotency_key == key)
+        .options(selectinload(Job.steps))
+        .with_for_update()
+    )
+    if earlier is None:
+        return None
+    if earlier.created_at < await _db_now(session) - IDEMPOTENCY_WINDOW:
+        earlier.idempotency_key = None  # expired: the key is free again
+        await session.flush()
+        return None
+    if earlier.type != job_type.name or earlier.params != params.model_dump(mode="json"):
+        message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
+        raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
+    return earlier
+
+
+async def _db_now(session: AsyncSession) -> datetime:
+    now: datetime | None = await session.scalar(select(func.now()))
+    assert now is not None
+    return now
+
+
+async def _locked_job(session: AsyncSession, job_id: str, caller: Caller, may_act_for_others: bool, verb: str) -> Job:
+    job = await session.scalar(
+        select(Job).where(Job.job_id == job_id).options(selectinload(Job.steps)).with_for_update()
+    )
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    if job.actor != caller.actor and not may_act_for_others:
+        raise Forbidden(
+            f"job {job_id} belongs to {job.actor!r}; only a key with jobs:admin may {verb} another actor's job",
+            details={"scope": "jobs:admin"},
+        )
+    return job
+
+
+async def cancel_job(session: AsyncSession, job_id: str, caller: Caller, may_act_for_others: bool) -> Job:
+    """A pending job is cancelled at once; a running one is flagged, and its worker stops it within a second."""
+    job = await _locked_job(session, job_id, caller, may_act_for_others, "cancel")
+    status = JobStatus(job.status)
+    if status.finished:
+        raise Conflict(f"job {job_id} is already {status}; there is nothing to cancel", details={"status": status})
+    now = await _db_now(session)
+    if job.cancel_requested_at is None:
+        job.cancel_requested_at = now
+        session.add(Event(job_id=job_id, kind=EventKind.CANCEL_REQUESTED, status=status, **_caller_columns(caller)))
+    if status == JobStatus.PENDING:
+        job.status, job.finished_at = JobStatus.CANCELLED, now
+        job.error = f"cancelled by {caller.actor} before it ran"
+        session.add(
+            Event(job_id=job_id, kind=EventKind.FINISHED, status=JobStatus.CANCELLED, **_caller_columns(caller))
+        )
+    await session.flush()
+    return job
+
+
+async def retry_job(session: AsyncSession, job_id: str, caller: Caller, may_act_for_others: bool) -> Job:
+    """Pending again from the first unfinished step; same job id, history kept. The caller enqueues it."""
+    job = await _locked_job(session, job_id, caller, may_act_for_others, "retry")
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise Conflict(
+            f"job {job_id} is {job.status}; only a failed or cancelled job can be retried",
+            details={"status": job.status},
+        )
+    target = job.target  # read now: a rolled-back savepoint expires the object
+    try:
+        # Changed inside the savepoint (opening one flushes what is pending), so a conflict can be reported.
+        async with session.begin_nested():
+            job.status, job.error, job.finished_at, job.cancel_requested_at = JobStatus.PENDING, None, None, None
+            for step in job.steps:
+                if step.status in (StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.RUNNING):
+                    step.status = StepStatus.PENDING
+    except IntegrityError as exc:
+        if "uq_ops_job_active_target" not in str(exc.orig):
+            raise
+        raise await _target_busy(session, target) from None
+    session.add(Event(job_id=job_id, kind=EventKind.RETRIED, status=JobStatus.PENDING, **_caller_columns(caller)))
+    await session.flush()
     return job
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from service.jobtypes import JobType
-from service.models import Job
+from service.models import Event, Job
 
 
 class StepOut(BaseModel):
@@ -41,6 +41,20 @@ class JobOut(BaseModel):
     steps: list[StepOut]
 
 
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    event_id: int
+    kind: str
+    step: str | None
+    status: str | None
+    detail: str | None
+    attempt: int | None
+    actor: str | None
+    source_ip: str | None
+    created_at: datetime
+
+
 class JobPage(BaseModel):
     jobs: list[JobOut]
     next_cursor: str | None
@@ -55,6 +69,10 @@ class JobTypeOut(BaseModel):
 
 def job_json(job: Job) -> dict[str, Any]:
     return JobOut.model_validate(job).model_dump(mode="json")
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return EventOut.model_validate(event).model_dump(mode="json")
 
 
 def job_type_json(job_type: JobType[Any]) -> dict[str, Any]:

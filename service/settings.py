@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     worker_max_jobs: Annotated[int, Field(ge=1)] = 20
     worker_poll_delay_s: Annotated[float, Field(gt=0)] = 0.05
     lease_ttl_s: Annotated[float, Field(ge=1)] = 10.0
+    # On SIGTERM, how long running steps may take to finish before they are cancelled and handed back.
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0
     reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
     # A pending job older than this is (re-)enqueued: it may never have reached Redis.
     requeue_pending_after_s: Annotated[float, Field(ge=0)] = 2.0

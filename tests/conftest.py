@@ -188,7 +188,7 @@ async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[
         dict(vars(WorkerSettings)),
         redis_settings=redis_settings(settings),
         queue_name=settings.queue_name,
-        ctx={"settings": settings, "registry": TEST_REGISTRY},
+        ctx={"settings": settings, "registry": TEST_REGISTRY, "handle_signals": False},
         handle_signals=False,
         poll_delay=0.01,
         **overrides,

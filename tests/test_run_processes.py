@@ -58,4 +58,4 @@ async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> N
             _, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()[-2000:]
     log = stderr.decode()
-    assert "claimed job" in log and "shutdown on SIGTERM" in log
+    assert "claimed job" in log and "SIGTERM: taking no more jobs" in log

@@ -77,4 +77,25 @@ RESOURCEFUL = JobType[SlowParams](
     lifespan=shared_client,
 )
 
-JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL]
+# Job ids whose `act` step fails; a test removes the id before retrying the job.
+BROKEN: set[str] = set()
+
+
+async def prepare(ctx: StepContext, params: SlowParams) -> str:
+    return "prepared"
+
+
+async def act(ctx: StepContext, params: SlowParams) -> str:
+    if ctx.job_id in BROKEN:
+        raise RuntimeError("the thing is broken")
+    return "acted"
+
+
+FRAGILE = JobType[SlowParams](
+    name="fragile",
+    description="prepare, act (fails while the job id is in BROKEN), verify",
+    params=SlowParams,
+    steps=[Step("prepare", prepare), Step("act", act), Step("verify", prepare)],
+)
+
+JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL, FRAGILE]

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.auth import client_ip, require
+from service.auth import Principal, client_ip, require
 from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+from service.models import Job
 from service.queue import enqueue
-from service.repository import Caller, ListFilter, create_job, get_job, list_jobs
-from service.schemas import JobPage, job_json, job_type_json
+from service.repository import (
+    Caller,
+    ListFilter,
+    cancel_job,
+    create_job,
+    get_events,
+    get_job,
+    list_jobs,
+    retry_job,
+)
+from service.schemas import JobPage, event_json, job_json, job_type_json
 from service.settings import Scope
 from service.state import AppState
 
@@ -25,23 +35,79 @@ async def submit_job(request: Request) -> JSONResponse:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
     job_type = state.registry.get(request.path_params["type"])
+    key = _idempotency_key(request)
     params = _validate(job_type.params, await _read_json_object(request, state.settings.max_body_bytes))
-    caller = Caller(principal.name, client_ip(request, state.settings.trusted_proxies))
     async with state.sessions.begin() as session:
-        job = await create_job(session, job_type, params, caller, idempotency_key=None)
+        created = await create_job(session, job_type, params, _caller(request, principal), key)
+    job = created.job
+    if created.replayed:
+        return JSONResponse(job_json(job), status_code=200, headers={"Location": f"/ops/jobs/{job.job_id}"})
     # Only after the commit: a worker must never receive an id whose row it cannot see yet.
-    await enqueue(
-        state.redis, job.job_id, 0, queue_name=state.settings.queue_name, timeout_s=state.settings.enqueue_timeout_s
-    )
+    await _enqueue(state, job)
     return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/ops/jobs/{job.job_id}"})
 
 
 async def read_job(request: Request) -> JSONResponse:
     state = AppState.of(request)
     require(request, Scope.READ)
+    query = _validate(ReadQuery, dict(request.query_params))
     async with state.sessions() as session:
         job = await get_job(session, request.path_params["job_id"])
-    return JSONResponse(job_json(job))
+        body = job_json(job)
+        if query.include == "events":
+            body["events"] = [event_json(e) for e in await get_events(session, job.job_id)]
+    return JSONResponse(body)
+
+
+async def cancel(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+    principal = require(request, Scope.WRITE)
+    async with state.sessions.begin() as session:
+        job = await cancel_job(
+            session, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
+        )
+    return JSONResponse(job_json(job), status_code=202)
+
+
+async def retry(request: Request) -> JSONResponse:
+    state = AppState.of(request)
+    principal = require(request, Scope.WRITE)
+    async with state.sessions.begin() as session:
+        job = await retry_job(
+            session, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
+        )
+    await _enqueue(state, job)
+    return JSONResponse(job_json(job), status_code=202)
+
+
+class ReadQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include: Literal["events"] | None = None
+
+
+def _caller(request: Request, principal: Principal) -> Caller:
+    return Caller(principal.name, client_ip(request, AppState.of(request).settings.trusted_proxies))
+
+
+async def _enqueue(state: AppState, job: Job) -> None:
+    await enqueue(
+        state.redis,
+        job.job_id,
+        job.attempt,
+        queue_name=state.settings.queue_name,
+        timeout_s=state.settings.enqueue_timeout_s,
+    )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200 or not key.isprintable():
+        message = "Idempotency-Key must be 1 to 200 printable characters"
+        raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
+    return key
 
 
 class ListQuery(ListFilter):
@@ -113,5 +179,7 @@ routes = [
     Route("/ops/jobs", list_job_page, methods=["GET"]),
     Route("/ops/jobs/{job_id}", read_job, methods=["GET"]),
     Route("/ops/jobs/{type}", submit_job, methods=["POST"]),
+    Route("/ops/jobs/{job_id}/cancel", cancel, methods=["POST"]),
+    Route("/ops/jobs/{job_id}/retry", retry, methods=["POST"]),
     Route("/ops/job-types", list_job_types, methods=["GET"]),
 ]

@@ -31,6 +31,7 @@ BACKOFF_MAX_S = 30.0
 # How often a running job looks for a cancel request: the bound on cancel latency.
 CANCEL_POLL_S = 0.5
 RELEASE_TIMEOUT_S = 5.0
+HANDED_BACK = "handed back: worker stopping"
 
 
 class Draining(Exception):
@@ -131,7 +132,7 @@ class _JobRun:
             return "cancelled"
         except Draining:
             await self._release("worker stopping; the job continues on another worker")
-            return "handed back: worker stopping"
+            return HANDED_BACK
         except asyncio.CancelledError:
             await self._release("worker stopped; the interrupted step will run again")
             raise

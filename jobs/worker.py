@@ -18,7 +18,7 @@ from typing import Any
 
 from arq.worker import Retry, func
 
-from jobs.engine import RELEASE_TIMEOUT_S, Runtime, run_job
+from jobs.engine import HANDED_BACK, RELEASE_TIMEOUT_S, Runtime, run_job
 from jobs.reaper import reap_forever
 from service.db import create_engine, create_sessions
 from service.jobtypes import Registry, default_registry
@@ -88,8 +88,11 @@ async def _stop(runtime: Runtime, main_task: asyncio.Task[Any], grace_s: float) 
         _, running = await asyncio.wait(running, timeout=grace_s)
     for task in running:
         task.cancel()
-    if running:
-        await asyncio.wait(running, timeout=RELEASE_TIMEOUT_S + 1)
+    # arq's own task around each job still records the outcome in Redis (a handed-back job is queued again):
+    # ending the worker before that would cancel it half-way.
+    finishing = {t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Worker.run_job"}  # type: ignore[union-attr]
+    if finishing:
+        await asyncio.wait(finishing, timeout=RELEASE_TIMEOUT_S + 1)
     main_task.cancel()
 
 
@@ -108,7 +111,10 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
     if runtime.draining.is_set():
         # Back to the queue for a worker that is not stopping; this one will not claim it.
         raise Retry(defer=1)
-    return await run_job(runtime, job_id)
+    outcome = await run_job(runtime, job_id)
+    if outcome == HANDED_BACK:
+        raise Retry(defer=0)  # queued again at once, for another worker to resume
+    return outcome
 
 
 _settings = get_settings()

@@ -11,7 +11,11 @@ import logging
 
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.settings import Settings
 
@@ -20,9 +24,22 @@ logger = logging.getLogger(__name__)
 RUN_JOB = "run_job"
 
 
+# A worker rides out a Redis outage of about this long (exponential backoff capped at 5 s), then exits so that
+# its supervisor can restart it; its jobs are safe in PostgreSQL meanwhile.
+REDIS_RETRIES = 60
+
+
 def redis_settings(settings: Settings) -> RedisSettings:
+    """The worker's Redis connection: every command is retried with backoff while Redis is unreachable."""
     redis = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
     redis.conn_timeout = max(1, round(settings.enqueue_timeout_s))
+    # OSError too: a refused connection reaches the retry as a bare OSError, before redis-py wraps it.
+    redis.retry = Retry(
+        ExponentialBackoff(cap=5, base=0.2),
+        REDIS_RETRIES,
+        supported_errors=(RedisConnectionError, RedisTimeoutError, OSError),  # type: ignore[arg-type]  # stub too narrow
+    )
+    redis.retry_on_error = [RedisConnectionError, RedisTimeoutError]
     return redis
 
 

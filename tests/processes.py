@@ -1,0 +1,92 @@
+"""Real processes for the crash tests: arq workers started as an operator would, and a Redis server of the
+test's own (on a free port, so stopping it disturbs nobody else's Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from service.settings import Settings
+
+
+def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
+        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "APIOPS_QUEUE_NAME": settings.queue_name,
+    }
+    env.update({f"APIOPS_{key.upper()}": str(value) for key, value in overrides.items()})
+    return env
+
+
+async def start_worker(settings: Settings, **overrides: Any) -> asyncio.subprocess.Process:
+    """`arq jobs.worker.WorkerSettings` in its own process; output goes to the test's log capture."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "arq", "jobs.worker.WorkerSettings", env=worker_env(settings, **overrides)
+    )
+
+
+async def stop(process: asyncio.subprocess.Process, signum: int = signal.SIGTERM, within: float = 30) -> int:
+    if process.returncode is None:
+        process.send_signal(signum)
+    async with asyncio.timeout(within):
+        return await process.wait()
+
+
+@asynccontextmanager
+async def workers(settings: Settings, count: int, **overrides: Any) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`count` worker processes; SIGKILLed at the end if still running (tests stop them as they need)."""
+    started = [await start_worker(settings, **overrides) for _ in range(count)]
+    try:
+        yield started
+    finally:
+        for process in started:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+class RedisServer:
+    """A redis-server process of the test's own, which it may stop and start again on the same port."""
+
+    def __init__(self, port: int, directory: Path) -> None:
+        self.port = port
+        self.directory = directory
+        self.process: asyncio.subprocess.Process | None = None
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.directory), stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        client = Redis.from_url(self.url)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        await client.ping()
+                        return
+                    except OSError:
+                        await asyncio.sleep(0.05)
+                    except Exception as exc:  # redis-py wraps refused connections
+                        if "connect" not in str(exc).lower():
+                            raise
+                        await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+        self.process = None

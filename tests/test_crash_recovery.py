@@ -1,0 +1,159 @@
+"""Nothing lost, nothing run twice, with real worker processes and real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from service.settings import Settings
+from tests.conftest import api_client, free_port, headers, wait_for
+from tests.processes import RedisServer, start_worker, stop, workers
+
+
+async def _job(client: httpx.AsyncClient, job_id: str) -> Any:
+    return (await client.get(f"/ops/jobs/{job_id}")).json()
+
+
+async def _until(client: httpx.AsyncClient, job_id: str, check: Any, within: float) -> Any:
+    async def probe() -> Any:
+        job = await _job(client, job_id)
+        return job if check(job) else None
+
+    return await wait_for(probe, within=within)
+
+
+async def test_job_of_a_sigkilled_worker_runs_again_on_another_within_15s(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": 1.5})).json()["job_id"]
+
+    # Both workers run with the default lease TTL and reaper interval.
+    async with workers(settings, 1) as (doomed,):
+        await _until(client, job_id, lambda j: j["steps"][1]["status"] == "running", within=15)
+        doomed.kill()
+        killed_at = time.monotonic()
+        await doomed.wait()
+    async with workers(settings, 1):
+        await _until(client, job_id, lambda j: j["attempt"] == 2 and j["status"] == "running", within=20)
+        resumed_after = time.monotonic() - killed_at
+        job = await _until(client, job_id, lambda j: j["status"] in ("success", "failed"), within=15)
+
+    assert resumed_after < 15, f"resumed {resumed_after:.1f}s after the SIGKILL"
+    assert job["status"] == "success"
+    assert [s["attempts"] for s in job["steps"]] == [1, 2, 1], "only the interrupted step ran again"
+
+
+async def test_sigterm_hands_running_jobs_to_another_worker_at_once(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
+) -> None:
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": 1})).json()["job_id"]
+
+    async with workers(settings, 1) as (first,):
+        await _until(client, job_id, lambda j: j["steps"][0]["status"] == "running", within=15)
+        async with workers(settings, 1):
+            await asyncio.sleep(0.5)  # the second worker is up
+            stopped_at = time.monotonic()
+            assert await stop(first, signal.SIGTERM) == 0
+            exited_after = time.monotonic() - stopped_at
+            job = await _until(client, job_id, lambda j: j["attempt"] == 2, within=5)
+            resumed_after = time.monotonic() - stopped_at
+            job = await _until(client, job_id, lambda j: j["status"] in ("success", "failed"), within=15)
+
+    assert exited_after < 2, "the worker finished its running step and left"
+    assert resumed_after < 3, f"resumed {resumed_after:.1f}s after SIGTERM"
+    assert job["status"] == "success"
+    assert [s["attempts"] for s in job["steps"]] == [1, 1, 1], "no step ran twice"
+    released = await db.fetchval("SELECT count(*) FROM ops_job_event WHERE job_id = $1 AND kind = 'released'", job_id)
+    assert released == 1
+
+
+async def test_jobs_accepted_while_redis_is_down_all_run_once_it_is_back(
+    settings: Settings, tmp_path: Path, db: asyncpg.Connection
+) -> None:
+    redis = RedisServer(free_port(), tmp_path)
+    await redis.start()
+    own_redis = settings.model_copy(update={"redis_url": Settings(redis_url=redis.url).redis_url})
+    try:
+        async with api_client(own_redis, headers=headers("writer")) as client, workers(own_redis, 1) as (worker,):
+            before = (await client.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]
+            await _until(client, before, lambda j: j["status"] == "success", within=15)
+
+            await redis.stop()
+            accepted = []
+            for _ in range(5):
+                response = await client.post("/ops/jobs/noop", json={"steps": 2})
+                assert response.status_code == 202, response.text
+                accepted.append(response.json()["job_id"])
+            await asyncio.sleep(1)
+            await redis.start()
+
+            for job_id in accepted:
+                job = await _until(client, job_id, lambda j: j["status"] in ("success", "failed"), within=20)
+                assert job["status"] == "success" and job["attempt"] == 1
+            assert worker.returncode is None, "the worker rode out the outage"
+    finally:
+        await redis.stop()
+
+
+async def test_soak_200_jobs_with_a_worker_killed_every_few_seconds(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
+) -> None:
+    fast = {"lease_ttl_s": 2, "reaper_interval_s": 0.5, "requeue_pending_after_s": 1, "worker_max_jobs": 10}
+    job_ids = [
+        (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": round(random.uniform(0.1, 0.4), 2)})).json()[
+            "job_id"
+        ]
+        for _ in range(200)
+    ]
+    kills = 0
+
+    async def unfinished() -> int:
+        return int(await db.fetchval("SELECT count(*) FROM ops_job WHERE status IN ('pending', 'running')"))
+
+    async with workers(settings, 2, **fast) as pool:
+        deadline = time.monotonic() + 120
+        while await unfinished() and time.monotonic() < deadline:
+            await asyncio.sleep(random.uniform(1.5, 3))
+            victim = random.randrange(len(pool))
+            pool[victim].kill()
+            await pool[victim].wait()
+            kills += 1
+            pool[victim] = await start_worker(settings, **fast)
+
+    statuses = await db.fetch("SELECT status, count(*) AS n FROM ops_job GROUP BY status")
+    assert {r["status"]: r["n"] for r in statuses} == {"success": 200}
+    assert kills >= 3
+    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids)
+
+
+async def _assert_no_step_ran_on_two_workers_at_once(db: asyncpg.Connection, job_ids: list[str]) -> None:
+    """From the recorded history. Writes are fenced by (attempt, owner) under a row lock and events take their ids
+    from one sequence, so event order is commit order: once any event of attempt N+1 exists, no event of attempt
+    N may follow, every attempt belongs to one worker, and each step succeeds exactly once."""
+    rows = await db.fetch(
+        "SELECT job_id, kind, step, status, attempt, actor FROM ops_job_event WHERE attempt IS NOT NULL"
+        " ORDER BY job_id, event_id"
+    )
+    history: dict[str, list[asyncpg.Record]] = {}
+    for row in rows:
+        history.setdefault(row["job_id"], []).append(row)
+    assert set(history) == set(job_ids)
+    took_over = 0
+    for job_id, events in history.items():
+        attempts = [e["attempt"] for e in events]
+        assert attempts == sorted(attempts), f"{job_id}: an older attempt wrote after a newer one: {attempts}"
+        owners: dict[int, set[str]] = {}
+        for event in events:
+            owners.setdefault(event["attempt"], set()).add(event["actor"])
+        assert all(len(o) == 1 for o in owners.values()), f"{job_id}: one attempt, several workers: {owners}"
+        successes = [e["step"] for e in events if e["kind"] == "step" and e["status"] == "success"]
+        assert sorted(successes) == ["step-1", "step-2", "step-3"], f"{job_id}: {successes}"
+        took_over += len(owners) > 1
+    assert took_over > 0, "no job was ever taken over: the kills did not test anything"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from service.settings import Settings
@@ -24,6 +25,13 @@ def create_engine(settings: Settings, role: str) -> AsyncEngine:
             "server_settings": {"application_name": f"apiops-{role}"},
         },
     )
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A failure to reach PostgreSQL (worth retrying, or a 503), as opposed to an error in what was asked of it."""
+    if isinstance(exc, OSError | TimeoutError | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def create_sessions(engine: AsyncEngine) -> Sessions:

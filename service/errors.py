@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from service.db import database_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,15 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
 
+async def database_error_handler(request: Request, exc: Exception) -> Response:
+    if not database_unavailable(exc):
+        return await unexpected_error_handler(request, exc)
+    # Nothing was written: the transaction never reached PostgreSQL, or was rolled back with the connection.
+    logger.error("PostgreSQL unavailable on %s %s: %s", request.method, request.url.path, exc)
+    message = "the database is unavailable; nothing was changed, try again shortly"
+    return JSONResponse(error_body("dependency_unavailable", message, {"dependency": "postgres"}), 503)
+
+
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(error_body("internal_error", "internal error; the service log has the details"), 500)
@@ -93,5 +105,9 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
 EXCEPTION_HANDLERS = {
     ServiceError: service_error_handler,
     HTTPException: http_error_handler,
+    # Connection failures surface as SQLAlchemy's DBAPIError, or as OSError/TimeoutError while connecting.
+    DBAPIError: database_error_handler,
+    OSError: database_error_handler,
+    TimeoutError: database_error_handler,
     Exception: unexpected_error_handler,
 }

@@ -19,10 +19,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import Sessions
+from service.db import Sessions, database_unavailable
 from service.models import Event, EventKind, Job, JobStatus, Step, StepStatus
 
 logger = logging.getLogger(__name__)
@@ -55,13 +54,6 @@ class Lease:
     type: str
     params: dict[str, Any]
     steps: tuple[StepRow, ...]
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """A failure to reach PostgreSQL (worth retrying), as opposed to an error in what was asked of it."""
-    if isinstance(exc, OSError | TimeoutError | OperationalError | InterfaceError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 Work = Callable[[AsyncSession], Awaitable[None]]

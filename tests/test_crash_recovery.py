@@ -11,10 +11,11 @@ from typing import Any
 
 import asyncpg
 import httpx
+from sqlalchemy.engine import make_url
 
 from service.settings import Settings
 from tests.conftest import api_client, free_port, headers, wait_for
-from tests.processes import RedisServer, start_worker, stop, workers
+from tests.processes import RedisServer, TcpProxy, start_worker, stop, workers
 
 
 async def _job(client: httpx.AsyncClient, job_id: str) -> Any:
@@ -130,10 +131,12 @@ async def test_soak_200_jobs_with_a_worker_killed_every_few_seconds(
     statuses = await db.fetch("SELECT status, count(*) AS n FROM ops_job GROUP BY status")
     assert {r["status"]: r["n"] for r in statuses} == {"success": 200}
     assert kills >= 3
-    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids)
+    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=3)
 
 
-async def _assert_no_step_ran_on_two_workers_at_once(db: asyncpg.Connection, job_ids: list[str]) -> None:
+async def _assert_no_step_ran_on_two_workers_at_once(
+    db: asyncpg.Connection, job_ids: list[str], steps: int, expect_takeover: bool = True
+) -> None:
     """From the recorded history. Writes are fenced by (attempt, owner) under a row lock and events take their ids
     from one sequence, so event order is commit order: once any event of attempt N+1 exists, no event of attempt
     N may follow, every attempt belongs to one worker, and each step succeeds exactly once."""
@@ -154,6 +157,44 @@ async def _assert_no_step_ran_on_two_workers_at_once(db: asyncpg.Connection, job
             owners.setdefault(event["attempt"], set()).add(event["actor"])
         assert all(len(o) == 1 for o in owners.values()), f"{job_id}: one attempt, several workers: {owners}"
         successes = [e["step"] for e in events if e["kind"] == "step" and e["status"] == "success"]
-        assert sorted(successes) == ["step-1", "step-2", "step-3"], f"{job_id}: {successes}"
+        assert sorted(successes) == [f"step-{n}" for n in range(1, steps + 1)], f"{job_id}: {successes}"
         took_over += len(owners) > 1
-    assert took_over > 0, "no job was ever taken over: the kills did not test anything"
+    if expect_takeover:
+        assert took_over > 0, "no job was ever taken over: the kills did not test anything"
+
+
+async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
+) -> None:
+    proxy = TcpProxy(free_port(), "127.0.0.1", make_url(settings.database_url.get_secret_value()).port or 5432)
+    await proxy.start()
+    url = make_url(settings.database_url.get_secret_value()).set(port=proxy.port).render_as_string(False)
+    through_proxy = settings.model_copy(update={"database_url": Settings(database_url=url).database_url})
+    job_ids = [
+        (await client.post("/ops/jobs/noop", json={"steps": 4, "sleep_s": 0.5})).json()["job_id"] for _ in range(5)
+    ]
+    try:
+        # The outage outlasts the lease: the worker gives the jobs up, and its reaper resumes them afterwards.
+        async with workers(through_proxy, 1, lease_ttl_s=2, reaper_interval_s=0.5) as (worker,):
+
+            async def all_running() -> bool:
+                return bool(await db.fetchval("SELECT bool_and(status = 'running') FROM ops_job"))
+
+            await wait_for(all_running, within=15)
+            await proxy.cut()
+            await asyncio.sleep(4)
+            await proxy.restore()
+
+            async def all_finished() -> bool:
+                return not await db.fetchval("SELECT count(*) FROM ops_job WHERE status IN ('pending', 'running')")
+
+            await wait_for(all_finished, within=40)
+            assert worker.returncode is None, "the worker rode out the outage"
+    finally:
+        await proxy.cut()
+
+    for job_id in job_ids:
+        job = await _job(client, job_id)
+        assert job["status"] == "success", job
+        assert [s["status"] for s in job["steps"]] == ["success"] * 4
+    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=4, expect_takeover=False)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
+import asyncpg
+from redis.asyncio import Redis
+
 from service.settings import Settings
-from tests.conftest import api_client, free_port
+from tests.conftest import api_client, free_port, headers
 
 
 async def test_livez_and_readyz_when_everything_is_up(settings: Settings) -> None:
@@ -41,3 +44,23 @@ async def test_readyz_names_postgres_when_it_is_down_within_its_timeout(settings
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "not ready: postgres unavailable"
     assert elapsed < settings.readiness_timeout_s + 0.5
+
+
+async def test_submit_while_postgres_is_down_is_503_and_writes_nothing(
+    settings: Settings, redis: Redis, db: asyncpg.Connection
+) -> None:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/apiops"
+    down = settings.model_copy(
+        update={"database_url": Settings(database_url=url).database_url, "db_connect_timeout_s": 0.5}
+    )
+    async with api_client(down, headers=headers("writer")) as client:
+        response = await client.post("/ops/jobs/noop", json={"steps": 2})
+
+    assert response.status_code == 503
+    assert response.json()["error"] == {
+        "code": "dependency_unavailable",
+        "message": "the database is unavailable; nothing was changed, try again shortly",
+        "details": {"dependency": "postgres"},
+    }
+    assert await redis.zcard(settings.queue_name) == 0
+    assert await db.fetchval("SELECT count(*) FROM ops_job") == 0

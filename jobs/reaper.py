@@ -12,8 +12,8 @@ import logging
 from arq.connections import ArqRedis
 
 from service.db import Sessions
-from service.leases import due_for_delivery
-from service.queue import enqueue
+from service.leases import due_for_delivery, record_redelivered
+from service.queue import Delivery, enqueue
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -21,21 +21,27 @@ logger = logging.getLogger(__name__)
 BATCH = 500
 
 
-async def reap_once(sessions: Sessions, redis: ArqRedis, settings: Settings) -> int:
-    """Enqueue every job due for a delivery; returns how many enqueue calls were made."""
-    due = await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH)
-    for job_id, attempt in due:
-        await enqueue(redis, job_id, attempt, queue_name=settings.queue_name, timeout_s=settings.enqueue_timeout_s)
-    return len(due)
+async def reap_once(sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str) -> int:
+    """Enqueue every job due for a delivery; returns how many were actually put back on the queue."""
+    delivered = []
+    for due in await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH):
+        outcome = await enqueue(
+            redis, due.job_id, due.attempt, queue_name=settings.queue_name, timeout_s=settings.enqueue_timeout_s
+        )
+        if outcome is Delivery.QUEUED:
+            delivered.append(due)
+    if delivered:
+        await record_redelivered(sessions, delivered, reaper)
+    return len(delivered)
 
 
-async def reap_forever(sessions: Sessions, redis: ArqRedis, settings: Settings) -> None:
+async def reap_forever(sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str) -> None:
     failures = 0
     while True:
         await asyncio.sleep(settings.reaper_interval_s * min(2**failures, 16))
         try:
             async with asyncio.timeout(settings.db_command_timeout_s):
-                count = await reap_once(sessions, redis, settings)
+                count = await reap_once(sessions, redis, settings, reaper)
         except Exception as exc:  # PostgreSQL down: back off, keep going
             failures += 1
             logger.warning("reaper could not run (retrying with backoff): %s", exc)

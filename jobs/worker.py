@@ -51,7 +51,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["engine"] = engine
     sessions = create_sessions(engine)
     ctx["runtime"] = Runtime(Leases(sessions, owner, settings.lease_ttl_s), registry, settings.lease_ttl_s, opened)
-    ctx["reaper"] = asyncio.create_task(reap_forever(sessions, ctx["redis"], settings), name="apiops-reaper")
+    ctx["reaper"] = asyncio.create_task(reap_forever(sessions, ctx["redis"], settings, owner), name="apiops-reaper")
     # on_startup runs inside arq's main task: cancelling it is how a stopping worker ends arq's poll loop.
     ctx["main_task"] = asyncio.current_task()
     if ctx.setdefault("handle_signals", True):

@@ -227,12 +227,20 @@ class Leases:
         await self._write(lease, work)
 
 
-async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: int) -> list[tuple[str, int]]:
-    """(job_id, attempt) of jobs that need a delivery: pending for a while (maybe never enqueued), or running
-    on an expired lease (its worker died). Oldest first."""
+@dataclass(frozen=True)
+class Due:
+    job_id: str
+    attempt: int
+    status: JobStatus
+    lease_owner: str | None
+
+
+async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: int) -> list[Due]:
+    """Jobs that need a delivery: pending for a while (maybe never enqueued), or running on an expired lease
+    (their worker died). Oldest first."""
     async with sessions() as session:
         rows = await session.execute(
-            select(Job.job_id, Job.attempt)
+            select(Job.job_id, Job.attempt, Job.status, Job.lease_owner)
             .where(
                 Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]),
                 or_(
@@ -244,7 +252,28 @@ async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: in
             .order_by(Job.created_at)
             .limit(limit)
         )
-        return [(row.job_id, row.attempt) for row in rows]
+        return [Due(row.job_id, row.attempt, JobStatus(row.status), row.lease_owner) for row in rows]
+
+
+async def record_redelivered(sessions: Sessions, delivered: list[Due], reaper: str) -> None:
+    """History for jobs the reaper put back on the queue (arq's dedupe makes repeats no-ops, so no repeats here)."""
+    async with sessions.begin() as session:
+        await session.execute(
+            insert(Event),
+            [
+                {
+                    "job_id": due.job_id,
+                    "kind": EventKind.REDELIVERED,
+                    "status": due.status,
+                    "attempt": due.attempt,
+                    "actor": f"reaper:{reaper}",
+                    "detail": f"lease of {due.lease_owner} expired"
+                    if due.status == JobStatus.RUNNING
+                    else "pending and not in the queue",
+                }
+                for due in delivered
+            ],
+        )
 
 
 async def _cancel_reason(session: AsyncSession, job_id: str, requested_at: datetime) -> str:

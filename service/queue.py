@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from enum import Enum
 
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import ConnectionPool
@@ -62,14 +63,20 @@ def delivery_id(job_id: str, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
-async def enqueue(redis: ArqRedis, job_id: str, attempt: int, *, queue_name: str, timeout_s: float) -> bool:
-    """Put a job id on the queue. False (logged) when Redis cannot take it: the job stays in PostgreSQL and
+class Delivery(Enum):
+    QUEUED = "queued"
+    ALREADY_QUEUED = "already queued"
+    FAILED = "failed"
+
+
+async def enqueue(redis: ArqRedis, job_id: str, attempt: int, *, queue_name: str, timeout_s: float) -> Delivery:
+    """Put a job id on the queue. FAILED (logged) when Redis cannot take it: the job stays in PostgreSQL and
     the workers' reaper enqueues it once Redis is back. Duplicate deliveries are harmless: the claim in
     PostgreSQL lets only one run."""
     try:
         async with asyncio.timeout(timeout_s):
-            await redis.enqueue_job(RUN_JOB, job_id, _job_id=delivery_id(job_id, attempt), _queue_name=queue_name)
+            job = await redis.enqueue_job(RUN_JOB, job_id, _job_id=delivery_id(job_id, attempt), _queue_name=queue_name)
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("could not enqueue job %s (it stays pending until the reaper enqueues it): %s", job_id, exc)
-        return False
-    return True
+        return Delivery.FAILED
+    return Delivery.QUEUED if job is not None else Delivery.ALREADY_QUEUED

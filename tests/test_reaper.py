@@ -29,6 +29,10 @@ async def test_job_accepted_while_redis_is_unreachable_runs_later(
         job = await wait_for_status(client, job_id, "success", "failed", within=5)
 
     assert job["status"] == "success" and job["attempt"] == 1
+    redelivered = await fetch_one(
+        db, "SELECT detail, actor FROM ops_job_event WHERE job_id = $1 AND kind = 'redelivered'", job_id
+    )
+    assert redelivered["detail"] == "pending and not in the queue" and redelivered["actor"].startswith("reaper:")
 
 
 async def test_job_of_a_dead_worker_resumes_at_its_interrupted_step(
@@ -62,3 +66,11 @@ async def test_job_of_a_dead_worker_resumes_at_its_interrupted_step(
         db, "SELECT count(*) AS n FROM ops_job_event WHERE job_id = $1 AND kind = 'claimed'", job_id
     )
     assert claims == {"n": 2}
+    kinds = [
+        r["kind"] for r in await db.fetch("SELECT kind FROM ops_job_event WHERE job_id = $1 ORDER BY event_id", job_id)
+    ]
+    assert kinds.count("redelivered") == 1
+    takeover = await fetch_one(
+        db, "SELECT detail FROM ops_job_event WHERE job_id = $1 AND kind = 'claimed' AND attempt = 2", job_id
+    )
+    assert takeover["detail"].endswith("took over from dead-worker, whose lease expired")

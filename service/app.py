@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,10 +13,11 @@ from service.auth import KeyRing
 from service.db import create_engine, create_sessions
 from service.errors import EXCEPTION_HANDLERS
 from service.jobtypes import Registry, default_registry
+from service.live import EventHub
 from service.logs import configure_logging
 from service.middleware import RequestContext
 from service.queue import create_redis
-from service.routes import health, jobs
+from service.routes import events, health, jobs
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -28,24 +30,30 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
         configure_logging(settings)
         engine = create_engine(settings, "api")
+        sessions = create_sessions(engine)
         redis = create_redis(settings)
+        hub = EventHub(settings, sessions)
+        listening = asyncio.create_task(hub.run(), name="apiops-live-events")
         try:
             yield {
                 "app": AppState(
                     settings=settings,
                     engine=engine,
-                    sessions=create_sessions(engine),
+                    sessions=sessions,
                     redis=redis,
                     registry=registry,
                     keyring=KeyRing.from_settings(settings),
+                    hub=hub,
                 )
             }
         finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
             await redis.aclose(close_connection_pool=True)
             await engine.dispose()
 
     return Starlette(
-        routes=[*jobs.routes, *health.routes],
+        routes=[*jobs.routes, *events.routes, *health.routes],
         middleware=[Middleware(RequestContext)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

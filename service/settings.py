@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     db_command_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     db_pool_size: Annotated[int, Field(ge=1)] = 10
     readiness_timeout_s: Annotated[float, Field(gt=0)] = 1.0
+    # A live event stream sends a comment this often when nothing happens, so proxies keep it open.
+    sse_keepalive_s: Annotated[float, Field(gt=0)] = 15.0
     enqueue_timeout_s: Annotated[float, Field(gt=0)] = 2.0
 
     worker_max_jobs: Annotated[int, Field(ge=1)] = 20

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from service.auth import KeyRing
 from service.db import Sessions
 from service.jobtypes import Registry
+from service.live import EventHub
 from service.settings import Settings
 
 
@@ -22,6 +23,7 @@ class AppState:
     redis: ArqRedis
     registry: Registry
     keyring: KeyRing
+    hub: EventHub
 
     @staticmethod
     def of(request: Request) -> AppState:

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from alembic.config import Config
 from arq.worker import Worker, create_worker
 from redis.asyncio import Redis
@@ -243,3 +244,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def live_api(settings: Settings) -> AsyncIterator[str]:
+    """The app served over real HTTP by uvicorn inside the test's event loop (for streams, and real clients);
+    yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings, TEST_REGISTRY), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+
+        async def started() -> bool:
+            return server.started
+
+        await wait_for(started, within=10, interval=0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving

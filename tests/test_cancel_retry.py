@@ -9,7 +9,7 @@ import httpx
 from arq.worker import Worker
 
 from tests import testjobs
-from tests.conftest import headers, wait_for_status
+from tests.conftest import headers, wait_for, wait_for_status
 
 
 async def _events(db: asyncpg.Connection, job_id: str) -> list[tuple[str, str | None, str | None]]:
@@ -51,8 +51,12 @@ async def test_cancelling_a_running_job_stops_its_step_within_one_second(
     client: httpx.AsyncClient, worker: Worker
 ) -> None:
     job_id = (await client.post("/ops/jobs/noop", json={"steps": 2, "sleep_s": 30})).json()["job_id"]
-    running = await wait_for_status(client, job_id, "running")
-    assert running["steps"][0]["status"] == "running"
+
+    async def first_step_sleeping() -> bool:
+        steps = (await client.get(f"/ops/jobs/{job_id}")).json()["steps"]
+        return bool(steps[0]["detail"] == "sleeping 30s")
+
+    await wait_for(first_step_sleeping)
 
     asked = time.monotonic()
     assert (await client.post(f"/ops/jobs/{job_id}/cancel")).status_code == 202

@@ -1,0 +1,126 @@
+"""Live job events for the API's streams: one LISTEN connection per API process, fanned out to the watchers.
+
+PostgreSQL announces every new `ops_job_event` row on a channel (a trigger, migration 0003) with its job id and
+event id. The hub keeps one connection listening; for the jobs somebody is watching it reads the new rows, in
+batches and in order, and hands them to each watcher's queue. No watcher polls the database. If the listening
+connection drops, every watcher is told to re-read what it may have missed once the hub is listening again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from service.db import Sessions
+from service.models import Event
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "apiops_job_events"
+RECONNECT_MAX_S = 5.0
+
+# A watcher's queue carries events, or None: "you may have missed some; read the history after your last id".
+Item = Event | None
+
+
+class EventHub:
+    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+        url = make_url(settings.database_url.get_secret_value()).set(drivername="postgresql")
+        self._dsn = url.render_as_string(hide_password=False)
+        self._connect_timeout = settings.db_connect_timeout_s
+        self._sessions = sessions
+        self._watchers: dict[str, set[asyncio.Queue[Item]]] = {}
+        self._announced: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self.listening = asyncio.Event()
+
+    @asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Queue[Item]]:
+        """A queue of the job's new events, from now on. Subscribe before reading the history: nothing is lost."""
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._watchers.setdefault(job_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            watchers = self._watchers.get(job_id, set())
+            watchers.discard(queue)
+            if not watchers:
+                self._watchers.pop(job_id, None)
+
+    @property
+    def watcher_count(self) -> int:
+        return sum(len(queues) for queues in self._watchers.values())
+
+    async def run(self) -> None:
+        """Listen (reconnecting with backoff) and fan out, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._fan_out())
+            await self._listen()
+
+    async def _listen(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._connect_timeout,
+                    server_settings={"application_name": "apiops-api-listen"},
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                logger.warning("live events: cannot listen (retrying in %.1fs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay = 0.2
+            try:
+                await self._listen_on(conn)
+            finally:
+                self.listening.clear()
+                await conn.close(timeout=1)
+
+    async def _listen_on(self, conn: asyncpg.Connection) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(CHANNEL, self._on_notify)
+        self.listening.set()
+        self._resync_everyone()  # whatever was announced while nobody listened
+        await lost.wait()
+        logger.warning("live events: listening connection lost; reconnecting")
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        job_id, _, event_id = str(payload).rpartition(" ")
+        if job_id in self._watchers:
+            self._announced.put_nowait((job_id, int(event_id)))
+
+    async def _fan_out(self) -> None:
+        while True:
+            batch = [await self._announced.get()]
+            while not self._announced.empty():
+                batch.append(self._announced.get_nowait())
+            ids = [event_id for job_id, event_id in batch if job_id in self._watchers]
+            if not ids:
+                continue
+            try:
+                async with self._sessions() as session:
+                    events = list(
+                        await session.scalars(select(Event).where(Event.event_id.in_(ids)).order_by(Event.event_id))
+                    )
+            except Exception as exc:  # the database is down: the watchers re-read once it answers
+                logger.warning("live events: cannot read announced events: %s", exc)
+                self._resync_everyone()
+                continue
+            for event in events:
+                for queue in self._watchers.get(event.job_id, ()):
+                    queue.put_nowait(event)
+
+    def _resync_everyone(self) -> None:
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(None)

@@ -1,0 +1,89 @@
+"""`GET /ops/jobs/{job_id}/events`: a job's history, then its changes as they happen, as Server-Sent Events.
+
+Each message carries the event id, so a client that reconnects with `Last-Event-ID` resumes without a gap or a
+repeat. The stream ends once the job has finished (for a finished job, right after its history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from service.auth import require
+from service.errors import InvalidParams
+from service.models import Event, EventKind, JobStatus
+from service.repository import get_events, get_job
+from service.schemas import event_json
+from service.settings import Scope
+from service.state import AppState
+
+
+async def job_events(request: Request) -> StreamingResponse:
+    state = AppState.of(request)
+    require(request, Scope.READ)
+    job_id = request.path_params["job_id"]
+    after = _resume_point(request)
+    async with state.sessions() as session:
+        await get_job(session, job_id)  # a 404 before the stream starts
+    return StreamingResponse(
+        _stream(state, job_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str]:
+    keepalive = state.settings.sse_keepalive_s
+    # Watch first, then read the history: an event committed in between arrives both ways and is sent once.
+    async with state.hub.watch(job_id) as live:
+        last = after
+        finished, history = await _history(state, job_id, last)
+        for event in history:
+            yield _message(event)
+            last = event.event_id
+        if finished:
+            return
+        while True:
+            try:
+                item = await asyncio.wait_for(live.get(), keepalive)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if item is None:  # the hub may have missed announcements: catch up from the database
+                finished, events = await _history(state, job_id, last)
+            else:
+                events, finished = [item], item.kind == EventKind.FINISHED
+            for event in events:
+                if event.event_id > last:
+                    yield _message(event)
+                    last = event.event_id
+            if finished:
+                return
+
+
+async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list[Event]]:
+    """Whether the job has finished, and its events after `after`. The status is read first: if it is final, the
+    `finished` event was committed before and is in the list."""
+    async with state.sessions() as session:
+        status = JobStatus((await get_job(session, job_id)).status)
+        return status.finished, await get_events(session, job_id, after)
+
+
+def _message(event: Event) -> str:
+    return f"id: {event.event_id}\nevent: {event.kind}\ndata: {json.dumps(event_json(event))}\n\n"
+
+
+def _resume_point(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+    if not raw.isdigit():
+        message = "Last-Event-ID (or ?after=) must be an event id this stream sent"
+        raise InvalidParams(message, details=[{"field": "Last-Event-ID", "message": message}])
+    return int(raw)
+
+
+routes = [Route("/ops/jobs/{job_id}/events", job_events, methods=["GET"])]

@@ -12,7 +12,7 @@ PG_PORT ?= 5432
 REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379
 
-.PHONY: help install services migrate run test lint typecheck pytest clean
+.PHONY: help install services migrate run test lint typecheck pytest clean demo
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ migrate: install services ## create the database if missing and apply the migrat
 
 run: migrate ## serve the API on 127.0.0.1:8080 with a worker, in the foreground (Ctrl-C stops both)
 	$(BIN)/apiops run
+
+demo: migrate ## rebuild replica pg-1 of a simulated cluster through the API and a worker, live (own database)
+	$(BIN)/python -m tests.demo
 
 lint: install ## ruff (lint and format check)
 	$(BIN)/ruff check service jobs tests alembic

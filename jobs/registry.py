@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs import noop
+from jobs import noop, pg_rebuild
 from service.jobtypes import Registry
 
-REGISTRY = Registry([noop.JOB])
+REGISTRY = Registry([noop.JOB, pg_rebuild.JOB])

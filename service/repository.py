@@ -11,10 +11,10 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -209,12 +209,23 @@ async def get_events(session: AsyncSession, job_id: str, after: int = 0) -> list
     return list(rows)
 
 
+def _iso8601(value: object) -> object:
+    """ISO 8601 only (pydantic alone would also take a number as a Unix time); without a zone, UTC."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("expected an ISO 8601 date-time, e.g. 2026-11-29T08:00:00Z") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return value
+
+
 class ListFilter(BaseModel):
     type: str | None = None
     status: JobStatus | None = None
     actor: str | None = None
     target: str | None = None
-    since: datetime | None = None
+    since: Annotated[datetime, BeforeValidator(_iso8601)] | None = None
 
 
 def encode_cursor(job: Job) -> str:

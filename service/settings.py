@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
     # A pending job older than this is (re-)enqueued: it may never have reached Redis.
     requeue_pending_after_s: Annotated[float, Field(ge=0)] = 2.0
+    # Kubernetes access and the pg-rebuild job. Without a kubeconfig the worker uses the in-cluster service account.
+    kubeconfig: Path | None = None
+    # Contexts of the kubeconfig that a job may name; the first is the default. Empty: the current context only.
+    kube_contexts: Annotated[tuple[str, ...], NoDecode] = ()
+    kube_request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    pg_rebuild_profile: Literal["zalando", "cnpg", "patroni", "pgo", "stackgres"] = "zalando"
+    pg_rebuild_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    # How long a replacement pod may stay Unschedulable, and a deleted PVC Terminating after its pod is gone,
+    # before the job calls it a condition that will not heal.
+    pg_rebuild_unschedulable_grace_s: Annotated[float, Field(ge=0)] = 60.0
+    pg_rebuild_pvc_release_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -86,6 +97,16 @@ class Settings(BaseSettings):
             stripped = value.strip()
             if stripped.startswith("["):
                 return _json_list(stripped, "APIOPS_TRUSTED_PROXIES")
+            return tuple(part.strip() for part in stripped.split(",") if part.strip())
+        return value
+
+    @field_validator("kube_contexts", mode="before")
+    @classmethod
+    def _parse_contexts(cls, value: object) -> object:
+        if isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("["):
+                return _json_list(stripped, "APIOPS_KUBE_CONTEXTS")
             return tuple(part.strip() for part in stripped.split(",") if part.strip())
         return value
 

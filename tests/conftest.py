@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alembic import command
-from jobs import noop
+from jobs import noop, pg_rebuild
 from jobs.worker import WorkerSettings
 from service.app import create_app
 from service.auth import hash_key
@@ -37,6 +38,7 @@ from service.queue import redis_settings
 from service.settings import ApiKeyEntry, Settings
 from service.settings import Scope as KeyScope
 from tests import testjobs
+from tests.kube_sim import KubeSim
 
 ADMIN_URL = os.environ.get("APIOPS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("APIOPS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -49,7 +51,7 @@ KEYS: dict[str, tuple[str, frozenset[KeyScope]]] = {
     "admin": ("admin-key", frozenset({KeyScope.ADMIN})),
 }
 
-TEST_REGISTRY = Registry([noop.JOB, *testjobs.JOB_TYPES])
+TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
 
 
 def key_entries() -> tuple[ApiKeyEntry, ...]:
@@ -201,8 +203,18 @@ async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[
         # As on SIGTERM: running jobs are cancelled (and hand their leases back), polling stops. Not
         # `worker.close()`: it cancels a second time and its gather raises if a job ends cancelled, which
         # would skip on_shutdown.
+        # A job that has just finished is still being recorded by arq: let that end before cancelling anything.
+        worker.allow_pick_jobs = False
+        unfinished = [t for t in worker.tasks.values() if not t.done()]
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=0.3)
         worker.handle_sig(signal.SIGTERM)
         await asyncio.gather(task, *worker.tasks.values(), return_exceptions=True)
+        # arq records a finished job in Redis inside asyncio.shield: cancelling the job's task does not stop that
+        # write, which would otherwise outlive the test and leak its Redis pipeline.
+        recording = {t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("Worker.finish")}  # type: ignore[union-attr]
+        if recording:
+            await asyncio.wait(recording, timeout=5)
         if worker.on_shutdown is not None:
             await worker.on_shutdown(worker.ctx)
         await worker.pool.aclose(close_connection_pool=True)
@@ -244,6 +256,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# The simulated Kubernetes cluster, for the pg-rebuild tests.
+
+
+@pytest.fixture
+async def kube_sim() -> AsyncIterator[KubeSim]:
+    """The sample cluster (namespace `db`, StatefulSet `pg`, pg-0 primary) at test speed, zalando labels."""
+    async with KubeSim.running(profile="zalando", speed="fast") as sim:
+        yield sim
+
+
+def kube_settings_for(settings: Settings, sim: KubeSim, path: Path, **overrides: Any) -> Settings:
+    """`settings` plus a kubeconfig for `sim` and waits short enough for tests; the worker gets these."""
+    kubeconfig = sim.write_kubeconfig(path, context="sim")
+    values: dict[str, Any] = {
+        "kubeconfig": kubeconfig,
+        "kube_request_timeout_s": 5.0,
+        "pg_rebuild_poll_interval_s": 0.05,
+        "pg_rebuild_unschedulable_grace_s": 1.0,
+        "pg_rebuild_pvc_release_grace_s": 1.0,
+    }
+    return settings.model_copy(update=values | overrides)
+
+
+@pytest.fixture
+def kube_settings(settings: Settings, kube_sim: KubeSim, tmp_path: Path) -> Settings:
+    return kube_settings_for(settings, kube_sim, tmp_path / "kubeconfig")
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -34,9 +35,12 @@ M = TypeVar("M", bound=BaseModel)
 async def submit_job(request: Request) -> JSONResponse:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
-    job_type = state.registry.get(request.path_params["type"])
+    job_type = state.registry.get(request.path_params["name"])
     key = _idempotency_key(request)
-    params = _validate(job_type.params, await _read_json_object(request, state.settings.max_body_bytes))
+    body = await _read_json_object(request, state.settings.max_body_bytes)
+    # Strict, in JSON mode: `false` or "3" is not a number here (lax mode would coerce both), while an integer
+    # still fills a float and an ISO string a date-time.
+    params = _validate(job_type.params, body, context={"settings": state.settings}, json_strict=True)
     async with state.sessions.begin() as session:
         created = await create_job(session, job_type, params, _caller(request, principal), key)
     job = created.job
@@ -52,7 +56,7 @@ async def read_job(request: Request) -> JSONResponse:
     require(request, Scope.READ)
     query = _validate(ReadQuery, dict(request.query_params))
     async with state.sessions() as session:
-        job = await get_job(session, request.path_params["job_id"])
+        job = await get_job(session, request.path_params["name"])
         body = job_json(job)
         if query.include == "events":
             body["events"] = [event_json(e) for e in await get_events(session, job.job_id)]
@@ -134,7 +138,7 @@ async def list_job_types(request: Request) -> JSONResponse:
     return JSONResponse({"job_types": [job_type_json(job_type) for job_type in state.registry]})
 
 
-async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json_object(request: Request, limit: int) -> bytes:
     """The body as a JSON object; an empty body means `{}` (every param at its default)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -145,7 +149,7 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         if len(body) > limit:
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
     if not body.strip():
-        return {}
+        return b"{}"
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise UnsupportedMediaType(
@@ -160,12 +164,16 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise InvalidParams(
             "params must be a JSON object", details=[{"field": None, "message": "expected a JSON object"}]
         )
-    return data
+    return bytes(body)
 
 
-def _validate(model: type[M], data: dict[str, Any]) -> M:
+def _validate(
+    model: type[M], data: dict[str, Any] | bytes, context: dict[str, Any] | None = None, json_strict: bool = False
+) -> M:
     try:
-        return model.model_validate(data)
+        if isinstance(data, bytes):
+            return model.model_validate_json(data, strict=json_strict, context=context)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         details = [
             {"field": ".".join(str(part) for part in error["loc"]) or None, "message": error["msg"]}
@@ -175,10 +183,20 @@ def _validate(model: type[M], data: dict[str, Any]) -> M:
         raise InvalidParams(f"invalid params: {summary}", details=details) from None
 
 
+class JobOrType(HTTPEndpoint):
+    """`/ops/jobs/{name}` is a job (GET, by id) or a job type (POST, to submit one): one route, so that a 405
+    names every method the URL takes."""
+
+    async def get(self, request: Request) -> JSONResponse:
+        return await read_job(request)
+
+    async def post(self, request: Request) -> JSONResponse:
+        return await submit_job(request)
+
+
 routes = [
     Route("/ops/jobs", list_job_page, methods=["GET"]),
-    Route("/ops/jobs/{job_id}", read_job, methods=["GET"]),
-    Route("/ops/jobs/{type}", submit_job, methods=["POST"]),
+    Route("/ops/jobs/{name}", JobOrType),
     Route("/ops/jobs/{job_id}/cancel", cancel, methods=["POST"]),
     Route("/ops/jobs/{job_id}/retry", retry, methods=["POST"]),
     Route("/ops/job-types", list_job_types, methods=["GET"]),

@@ -1,0 +1,426 @@
+"""Kubernetes access for job steps: one ApiClient per context per worker process, and typed views of what they read.
+
+`lifespan(settings)` is the pg-rebuild job type's lifespan: it loads the kubeconfig (or the in-cluster service
+account) into explicit `Configuration` objects, builds the ApiClients once at worker start-up and closes them at
+shutdown. A worker without Kubernetes configured still starts (it runs other job types); the steps that need
+Kubernetes then fail with the reason.
+
+Every call carries `_request_timeout`. What is worth retrying (429, 5xx, a connection error or a request
+timeout) is raised as `TransientError`, so the engine retries the step with backoff inside its deadline; a 429
+with a short `Retry-After` is waited out here first. A 404 on delete means the object is already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from service.jobtypes import TransientError
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_AFTER_MAX_S = 10.0
+RETRY_AFTER_TRIES = 3
+DEFAULT_CONTEXT = ""  # the key of the kubeconfig's current context (or the in-cluster config)
+
+
+class KubeNotConfigured(Exception):
+    """No usable Kubernetes configuration for the context a job names."""
+
+
+class KubeError(Exception):
+    """A Kubernetes API error that retrying will not fix (403, 404, 409, 422, ...)."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Label conventions
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How an operator labels a PostgreSQL cluster's pods: which labels select the cluster, which carry the role."""
+
+    name: str
+    cluster_labels: tuple[tuple[str, str], ...]  # values may contain "{cluster}"
+    role_labels: tuple[str, ...]  # the first one present wins
+    primary_roles: frozenset[str]
+    replica_roles: frozenset[str] = frozenset({"replica"})
+
+    def selector(self, cluster: str) -> str:
+        return ",".join(f"{key}={value.format(cluster=cluster)}" for key, value in self.cluster_labels)
+
+    def belongs(self, pod: PodView, cluster: str) -> bool:
+        return all(pod.labels.get(key) == value.format(cluster=cluster) for key, value in self.cluster_labels)
+
+    def role(self, pod: PodView) -> str | None:
+        """The member's role; None while it has no role label (Patroni removes it while a member is not running)."""
+        for key in self.role_labels:
+            if key in pod.labels:
+                return pod.labels[key]
+        return None
+
+    def is_primary(self, pod: PodView) -> bool:
+        return self.role(pod) in self.primary_roles
+
+    def is_replica(self, pod: PodView) -> bool:
+        return self.role(pod) in self.replica_roles
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            "zalando", (("application", "spilo"), ("cluster-name", "{cluster}")), ("spilo-role",), frozenset({"master"})
+        ),
+        Profile(
+            "cnpg",
+            (("cnpg.io/cluster", "{cluster}"), ("cnpg.io/podRole", "instance")),
+            ("cnpg.io/instanceRole", "role"),
+            frozenset({"primary"}),
+        ),
+        Profile(
+            "patroni",
+            (("application", "patroni"), ("cluster-name", "{cluster}")),
+            ("role",),
+            frozenset({"primary", "master"}),
+        ),
+        Profile(
+            "pgo",
+            (("postgres-operator.crunchydata.com/cluster", "{cluster}"),),
+            ("postgres-operator.crunchydata.com/role",),
+            frozenset({"master"}),
+        ),
+        Profile(
+            "stackgres",
+            (("app", "StackGresCluster"), ("stackgres.io/cluster-name", "{cluster}")),
+            ("role",),
+            frozenset({"primary", "master"}),
+        ),
+    )
+}
+
+ProfileName = Literal["zalando", "cnpg", "patroni", "pgo", "stackgres"]
+
+
+# What the steps see of the objects: plain, typed snapshots, so no step touches the client's untyped models.
+
+
+@dataclass(frozen=True)
+class Condition:
+    status: str
+    reason: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    name: str
+    restarts: int
+    ready: bool
+    waiting_reason: str | None
+    waiting_message: str | None
+    last_terminated: str | None  # "Error (exit code 1)"
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    uid: str
+    labels: dict[str, str]
+    phase: str
+    node: str | None
+    deleting: bool
+    claims: tuple[str, ...]
+    owner_kind: str | None
+    owner_name: str | None
+    grace_s: int | None
+    conditions: dict[str, Condition] = field(default_factory=dict)
+    containers: tuple[ContainerView, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        cond = self.conditions.get("Ready")
+        return cond is not None and cond.status == "True"
+
+    @property
+    def restarts(self) -> int:
+        return sum(c.restarts for c in self.containers)
+
+
+@dataclass(frozen=True)
+class PvcView:
+    name: str
+    uid: str
+    phase: str
+    deleting: bool
+    finalizers: tuple[str, ...]
+    storage: str | None
+
+
+@dataclass(frozen=True)
+class StatefulSetView:
+    name: str
+    uid: str
+    replicas: int
+    ready_replicas: int
+    current_revision: str | None
+    update_revision: str | None
+    claim_templates: tuple[str, ...]
+
+    @property
+    def rolling_out(self) -> bool:
+        return bool(self.update_revision) and self.current_revision != self.update_revision
+
+
+def _pod_view(pod: Any) -> PodView:
+    meta, spec, status = pod.metadata, pod.spec, pod.status
+    owner = next((ref for ref in meta.owner_references or [] if ref.controller), None)
+    containers = []
+    for cs in [*(status.init_container_statuses or []), *(status.container_statuses or [])]:
+        waiting = cs.state.waiting if cs.state else None
+        terminated = cs.last_state.terminated if cs.last_state else None
+        containers.append(
+            ContainerView(
+                name=cs.name,
+                restarts=int(cs.restart_count or 0),
+                ready=bool(cs.ready),
+                waiting_reason=waiting.reason if waiting else None,
+                waiting_message=waiting.message if waiting else None,
+                last_terminated=f"{terminated.reason} (exit code {terminated.exit_code})" if terminated else None,
+            )
+        )
+    return PodView(
+        name=meta.name,
+        uid=meta.uid,
+        labels=dict(meta.labels or {}),
+        phase=status.phase or "Unknown",
+        node=spec.node_name,
+        deleting=meta.deletion_timestamp is not None,
+        claims=tuple(v.persistent_volume_claim.claim_name for v in spec.volumes or [] if v.persistent_volume_claim),
+        owner_kind=owner.kind if owner else None,
+        owner_name=owner.name if owner else None,
+        grace_s=spec.termination_grace_period_seconds,
+        conditions={c.type: Condition(c.status, c.reason, c.message) for c in status.conditions or []},
+        containers=tuple(containers),
+    )
+
+
+def _pvc_view(pvc: Any) -> PvcView:
+    capacity = (pvc.status.capacity if pvc.status else None) or {}
+    return PvcView(
+        name=pvc.metadata.name,
+        uid=pvc.metadata.uid,
+        phase=(pvc.status.phase if pvc.status else None) or "Unknown",
+        deleting=pvc.metadata.deletion_timestamp is not None,
+        finalizers=tuple(pvc.metadata.finalizers or ()),
+        storage=capacity.get("storage"),
+    )
+
+
+def _statefulset_view(sts: Any) -> StatefulSetView:
+    status = sts.status
+    return StatefulSetView(
+        name=sts.metadata.name,
+        uid=sts.metadata.uid,
+        replicas=int(sts.spec.replicas if sts.spec.replicas is not None else 1),
+        ready_replicas=int((status.ready_replicas if status else None) or 0),
+        current_revision=status.current_revision if status else None,
+        update_revision=status.update_revision if status else None,
+        claim_templates=tuple(t.metadata.name for t in sts.spec.volume_claim_templates or []),
+    )
+
+
+DeleteOutcome = Literal["deleted", "gone", "conflict"]
+
+
+class Kube:
+    """The calls the jobs make, against one context. Reads return None for a 404."""
+
+    def __init__(self, api: client.ApiClient, timeout_s: float) -> None:
+        self._core: Any = client.CoreV1Api(api)
+        self._apps: Any = client.AppsV1Api(api)
+        self.timeout_s = timeout_s
+
+    async def pod(self, namespace: str, name: str) -> PodView | None:
+        found = await self._read(self._core.read_namespaced_pod, name, namespace)
+        return _pod_view(found) if found is not None else None
+
+    async def pods(self, namespace: str, selector: str) -> list[PodView]:
+        found = await self._call(self._core.list_namespaced_pod, namespace, label_selector=selector)
+        return sorted((_pod_view(p) for p in found.items), key=lambda p: p.name)
+
+    async def pvc(self, namespace: str, name: str) -> PvcView | None:
+        found = await self._read(self._core.read_namespaced_persistent_volume_claim, name, namespace)
+        return _pvc_view(found) if found is not None else None
+
+    async def statefulset(self, namespace: str, name: str) -> StatefulSetView | None:
+        found = await self._read(self._apps.read_namespaced_stateful_set, name, namespace)
+        return _statefulset_view(found) if found is not None else None
+
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, grace_s: int | None, dry_run: bool = False
+    ) -> DeleteOutcome:
+        body = client.V1DeleteOptions(grace_period_seconds=grace_s, preconditions=client.V1Preconditions(uid=uid))
+        return await self._delete(self._core.delete_namespaced_pod, name, namespace, body, dry_run)
+
+    async def delete_pvc(self, namespace: str, name: str, uid: str, dry_run: bool = False) -> DeleteOutcome:
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
+        return await self._delete(self._core.delete_namespaced_persistent_volume_claim, name, namespace, body, dry_run)
+
+    async def _delete(
+        self, method: Callable[..., Awaitable[Any]], name: str, namespace: str, body: Any, dry_run: bool
+    ) -> DeleteOutcome:
+        extra = {"dry_run": "All"} if dry_run else {}
+        try:
+            await self._call(method, name, namespace, body=body, **extra)
+        except KubeError as exc:
+            if exc.status == 404:
+                return "gone"
+            if exc.status == 409:  # the uid precondition failed: the object was replaced since it was read
+                return "conflict"
+            raise
+        return "deleted"
+
+    async def _read(self, method: Callable[..., Awaitable[T]], *args: Any) -> T | None:
+        try:
+            return await self._call(method, *args)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        for attempt in range(1, RETRY_AFTER_TRIES + 1):
+            try:
+                return await method(*args, _request_timeout=self.timeout_s, **kwargs)
+            except ApiException as exc:
+                wait = _retry_after(exc)
+                if wait is not None and attempt < RETRY_AFTER_TRIES:
+                    logger.info("Kubernetes asks to retry after %gs (HTTP %s)", wait, exc.status)
+                    await asyncio.sleep(wait)
+                    continue
+                raise _translate(exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # A request timeout here is aiohttp's, never the step's deadline (that surfaces as cancellation).
+                raise TransientError(f"Kubernetes API unreachable: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    if exc.status != 429 or not exc.headers:
+        return None
+    try:
+        seconds = float(exc.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= RETRY_AFTER_MAX_S else None
+
+
+def _translate(exc: ApiException) -> Exception:
+    message = _status_message(exc)
+    if exc.status == 429 or (exc.status or 0) >= 500:
+        return TransientError(f"Kubernetes API HTTP {exc.status}: {message}")
+    return KubeError(f"Kubernetes API HTTP {exc.status}: {message}", exc.status)
+
+
+def _status_message(exc: ApiException) -> str:
+    """The `message` of the Status body the API server sends with every error, else the HTTP reason."""
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (ValueError, TypeError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or "no message")
+
+
+# Per worker process
+
+
+class KubeClients:
+    """The ApiClients of one worker process, by context, plus what this process's steps learned per job.
+
+    `notes` is a best-effort memory (e.g. which pod was the primary when the cluster was checked): a later step
+    of the same job run by the same process can compare against it; a step resumed elsewhere re-derives it.
+    """
+
+    NOTES_KEPT = 1000
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._clients: dict[str, client.ApiClient] = {}
+        self._errors: dict[str, str] = {}
+        self.notes: OrderedDict[str, dict[str, str]] = OrderedDict()
+
+    async def open(self) -> None:
+        contexts: tuple[str, ...] = self.settings.kube_contexts or (DEFAULT_CONTEXT,)
+        for name in contexts:
+            try:
+                cfg = await self._configuration(name)
+            except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
+                self._errors[name] = f"{type(exc).__name__}: {exc}"
+                logger.warning("Kubernetes context %r not usable: %s", name or "(current)", exc)
+                continue
+            self._clients[name] = client.ApiClient(cfg)
+
+    async def _configuration(self, context: str) -> client.Configuration:
+        cfg = client.Configuration()
+        if self.settings.kubeconfig is not None:
+            await config.load_kube_config(
+                config_file=str(self.settings.kubeconfig),
+                context=context or None,
+                client_configuration=cfg,
+                persist_config=False,
+            )
+        elif context:
+            raise ConfigException(f"context {context!r} named, but APIOPS_KUBECONFIG is not set")
+        else:
+            # Synchronous, but it only reads two small files once, at start-up.
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        return cfg
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for api in clients:
+            await api.close()
+
+    def kube(self, context: str | None) -> Kube:
+        name = context or DEFAULT_CONTEXT
+        api = self._clients.get(name)
+        if api is None:
+            reason = self._errors.get(name) or "not among APIOPS_KUBE_CONTEXTS"
+            raise KubeNotConfigured(f"Kubernetes context {name or '(current)'!r} is not usable: {reason}")
+        return Kube(api, self.settings.kube_request_timeout_s)
+
+    def note(self, job_id: str) -> dict[str, str]:
+        notes = self.notes.setdefault(job_id, {})
+        self.notes.move_to_end(job_id)
+        while len(self.notes) > self.NOTES_KEPT:
+            self.notes.popitem(last=False)
+        return notes
+
+
+@asynccontextmanager
+async def lifespan(settings: Settings) -> AsyncIterator[KubeClients]:
+    clients = KubeClients(settings)
+    try:
+        await clients.open()
+        yield clients
+    finally:
+        await clients.close()

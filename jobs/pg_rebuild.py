@@ -1,0 +1,494 @@
+"""`pg-rebuild`: rebuild one PostgreSQL replica on Kubernetes by recreating its storage.
+
+The replica's data PVCs and then its pod are deleted; the StatefulSet recreates both, and the operator (Patroni,
+Spilo, ...) re-clones the new, empty member from the primary. Before anything is deleted the job refuses the
+primary, a cluster with another member not Ready, and a StatefulSet in the middle of a rollout.
+
+Every step re-derives what it needs from the cluster, so each one can run again after a crash at any point:
+a PVC already Terminating or gone is deleted already; a pod whose storage is still live is already the
+replacement. What the steps learned (uids, the primary) is written into their details for the record, and kept
+in the worker's memory so that later steps in the same process can compare against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from jobs.kube import (
+    PROFILES,
+    Kube,
+    KubeClients,
+    KubeNotConfigured,
+    PodView,
+    Profile,
+    ProfileName,
+    PvcView,
+    StatefulSetView,
+)
+from jobs.kube import lifespan as kube_lifespan
+from jobs.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
+from service.jobtypes import JobType, Step, StepContext
+from service.settings import Settings, get_settings
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_WAIT_S = 4 * 3600
+DEFAULT_GRACE_S = 30
+REPLANS = 3
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 label: at most 63 lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _dns_subdomain(value: str) -> str:
+    if len(value) > 253 or not DNS_SUBDOMAIN.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 subdomain: at most 253 lower-case letters, digits, '-' and '.', "
+            "each part starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    """The caller's settings when it passes them as validation context, else the process's own."""
+    given = info.context.get("settings") if isinstance(info.context, dict) else None
+    return given if isinstance(given, Settings) else get_settings()
+
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_WAIT_S)]
+_LABEL: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_LABEL.pattern, "maxLength": 63}}
+_SUBDOMAIN: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_SUBDOMAIN.pattern, "maxLength": 253}}
+
+
+class RebuildParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The validators give the clear messages; the schema states the same rules for clients and generators.
+    namespace: Annotated[str, AfterValidator(_dns_label), Field(description="the cluster's namespace", **_LABEL)]
+    cluster: Annotated[str, AfterValidator(_dns_label), Field(description="the PostgreSQL cluster's name", **_LABEL)]
+    pod: Annotated[str, AfterValidator(_dns_subdomain), Field(description="the replica pod to rebuild", **_SUBDOMAIN)]
+    context: Annotated[
+        str | None,
+        Field(
+            max_length=253,
+            validate_default=True,
+            description="kubeconfig context, one of APIOPS_KUBE_CONTEXTS (default: the first of them)",
+        ),
+    ] = None
+    profile: Annotated[
+        ProfileName | None,
+        Field(validate_default=True, description="label convention (default: APIOPS_PG_REBUILD_PROFILE)"),
+    ] = None
+    mode: Literal["recreate-storage"] = "recreate-storage"
+    dry_run: Annotated[bool, Field(description="run the checks and report what would be deleted; change nothing")] = (
+        False
+    )
+    delete_timeout_s: Annotated[Seconds, Field(description="for the old pod and PVCs to go")] = 300
+    schedule_timeout_s: Annotated[Seconds, Field(description="for the new pod to be scheduled, its PVC Bound")] = 300
+    ready_timeout_s: Annotated[Seconds, Field(description="for the new replica to be Ready (basebackup)")] = 600
+
+    @field_validator("context")
+    @classmethod
+    def _allowed_context(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed = _settings(info).kube_contexts
+        if value is None:
+            return allowed[0] if allowed else None
+        if value not in allowed:
+            known = ", ".join(allowed) if allowed else "none configured; omit `context` to use the current one"
+            raise ValueError(f"context {value!r} is not allowed (APIOPS_KUBE_CONTEXTS: {known})")
+        return value
+
+    @field_validator("profile")
+    @classmethod
+    def _default_profile(cls, value: ProfileName | None, info: ValidationInfo) -> ProfileName:
+        return value or _settings(info).pg_rebuild_profile
+
+
+def target(params: RebuildParams) -> str:
+    return f"k8s/{params.context or 'default'}/{params.namespace}/{params.cluster}"
+
+
+class Refused(Exception):
+    """The cluster is not in a state where rebuilding this member is safe."""
+
+
+@dataclass
+class Rebuild:
+    """One step's view of the job: where it acts, through which client and label convention."""
+
+    params: RebuildParams
+    kube: Kube
+    profile: Profile
+    settings: Settings
+    notes: dict[str, str]
+
+    @classmethod
+    def of(cls, ctx: StepContext, params: RebuildParams) -> Rebuild:
+        clients = ctx.resource
+        if not isinstance(clients, KubeClients):
+            raise KubeNotConfigured("this worker has no Kubernetes clients")
+        profile = PROFILES[params.profile or clients.settings.pg_rebuild_profile]
+        return cls(params, clients.kube(params.context), profile, clients.settings, clients.note(ctx.job_id))
+
+    @property
+    def ns(self) -> str:
+        return self.params.namespace
+
+    @property
+    def name(self) -> str:
+        return self.params.pod
+
+    @property
+    def poll_s(self) -> float:
+        return self.settings.pg_rebuild_poll_interval_s
+
+    async def members(self) -> list[PodView]:
+        return await self.kube.pods(self.ns, self.profile.selector(self.params.cluster))
+
+    async def statefulset(self) -> StatefulSetView:
+        # A StatefulSet names its pods `<statefulset>-<ordinal>`, so its name survives the pod's deletion.
+        base, _, ordinal = self.name.rpartition("-")
+        sts = await self.kube.statefulset(self.ns, base) if base and ordinal.isdigit() else None
+        if sts is None:
+            raise Refused(f"pod {self.name} is not named like a StatefulSet member, or StatefulSet {base} is gone")
+        return sts
+
+    def claims(self, sts: StatefulSetView) -> list[str]:
+        return [f"{template}-{self.name}" for template in sts.claim_templates]
+
+    async def pvcs(self, sts: StatefulSetView) -> dict[str, PvcView | None]:
+        return {claim: await self.kube.pvc(self.ns, claim) for claim in self.claims(sts)}
+
+
+def _pvc_text(pvc: PvcView) -> str:
+    return (
+        f"{pvc.name} (uid {pvc.uid}, {pvc.storage or 'size unknown'}, {'Terminating' if pvc.deleting else pvc.phase})"
+    )
+
+
+# Checks
+
+
+@dataclass(frozen=True)
+class Health:
+    primary: str
+    others: list[str]
+    target_role: str | None
+
+
+async def _assess(r: Rebuild) -> Health:
+    """Exactly one primary, Ready; the target is not it; every other member present, Ready and labelled."""
+    members = await r.members()
+    by_name = {p.name: p for p in members}
+    target_pod = by_name.get(r.name)
+    if target_pod is None:
+        raise Refused(
+            f"pod {r.name} is not a member of cluster {r.params.cluster} ({r.profile.selector(r.params.cluster)})"
+        )
+    role_key = next((k for k in r.profile.role_labels if k in target_pod.labels), r.profile.role_labels[0])
+    if r.profile.is_primary(target_pod):
+        raise Refused(
+            f"pod {r.name} is the primary ({role_key}={r.profile.role(target_pod)}); only replicas are rebuilt"
+        )
+    primaries = [p for p in members if r.profile.is_primary(p)]
+    if len(primaries) != 1:
+        found = ", ".join(p.name for p in primaries) or "none"
+        raise Refused(f"cluster {r.params.cluster} needs exactly one primary, found {len(primaries)}: {found}")
+    primary = primaries[0]
+    expected = r.notes.get("primary")
+    if expected is not None and expected != primary.name:
+        raise WontHeal(f"the primary changed from {expected} to {primary.name}")
+    others = [p for p in members if p.name != r.name]
+    unready = [p for p in others if p.deleting or not p.ready or r.profile.role(p) is None]
+    if unready:
+        seen = ", ".join(describe_pod(p, None if r.profile.role(p) else "no role label") for p in unready)
+        raise Refused(
+            f"other members not ready: {seen}; rebuilding {r.name} now could leave the cluster without a replica"
+        )
+    sts = await r.statefulset()
+    if len(members) < sts.replicas:
+        raise Refused(f"only {len(members)} of {sts.replicas} members of StatefulSet {sts.name} exist")
+    return Health(primary.name, [p.name for p in others], r.profile.role(target_pod))
+
+
+async def _primary_text(r: Rebuild) -> str:
+    """Fails the wait if another pod than the one seen by the health check became the primary."""
+    primaries = [p.name for p in await r.members() if r.profile.is_primary(p)]
+    if r.name in primaries:
+        raise WontHeal(f"pod {r.name} became the primary while it was being rebuilt")
+    expected = r.notes.setdefault("primary", primaries[0]) if len(primaries) == 1 else r.notes.get("primary")
+    if expected is not None and primaries and primaries != [expected]:
+        raise WontHeal(f"the primary changed from {expected} to {', '.join(primaries)} while waiting")
+    return "" if primaries else "; no primary labelled right now"
+
+
+# Steps
+
+
+async def preflight(ctx: StepContext, params: RebuildParams) -> str:
+    """Reads the pod, its StatefulSet and its PVCs; changes nothing. Done when the pod is a member of the cluster,
+    owned by a StatefulSet that is not mid-rollout, with its data PVCs known; refuses otherwise."""
+    r = Rebuild.of(ctx, params)
+    pod = await r.kube.pod(r.ns, r.name)
+    if pod is None:
+        raise Refused(f"pod {r.ns}/{r.name} not found")
+    if not r.profile.belongs(pod, params.cluster):
+        selector = r.profile.selector(params.cluster)
+        raise Refused(f"pod {r.name} is not a member of cluster {params.cluster}: labels do not match {selector}")
+    if pod.owner_kind != "StatefulSet":
+        # CloudNativePG owns its pods directly and may recreate them under a new name: not supported yet.
+        owner = f"{pod.owner_kind} {pod.owner_name}" if pod.owner_kind else "nothing"
+        raise Refused(f"pod {r.name} is owned by {owner}, not a StatefulSet; recreate-storage needs a StatefulSet")
+    if pod.deleting:
+        raise Refused(f"pod {r.name} is already terminating")
+    sts = await r.statefulset()
+    if sts.rolling_out:
+        raise Refused(
+            f"StatefulSet {sts.name} is mid-rollout (currentRevision {sts.current_revision} != updateRevision "
+            f"{sts.update_revision}); wait for it to finish"
+        )
+    pvcs = await r.pvcs(sts)
+    if not pvcs:
+        raise Refused(f"StatefulSet {sts.name} has no volumeClaimTemplates: {r.name} has no storage to recreate")
+    missing = [name for name, pvc in pvcs.items() if pvc is None]
+    if missing:
+        raise Refused(f"data PVCs of {r.name} not found: {', '.join(missing)}")
+    r.notes["old_uid"] = pod.uid
+    storage = ", ".join(_pvc_text(pvc) for pvc in pvcs.values() if pvc is not None)
+    return (
+        f"pod {r.name} (uid {pod.uid}, node {pod.node or 'none'}) of StatefulSet {sts.name} at revision "
+        f"{sts.current_revision}; data PVCs: {storage}"
+    )
+
+
+async def check_cluster_health(ctx: StepContext, params: RebuildParams) -> str:
+    """Reads the members; changes nothing. Done when there is exactly one primary, Ready, which is not the target,
+    and every other member is Ready with a role label; refuses otherwise."""
+    r = Rebuild.of(ctx, params)
+    health = await _assess(r)
+    r.notes["primary"] = health.primary
+    return (
+        f"primary {health.primary} healthy; {len(health.others)}/{len(health.others)} other members ready "
+        f"({', '.join(health.others)}); {r.name} is {health.target_role or 'unlabelled (not running)'}"
+    )
+
+
+async def delete_pvcs(ctx: StepContext, params: RebuildParams) -> str:
+    """Deletes the pod's data PVCs with a uid precondition, after checking the cluster once more. Each stays
+    Terminating (pvc-protection) until the pod is gone. Done when every data PVC is Terminating or gone; a PVC
+    already so counts as done, so a re-run deletes nothing twice."""
+    r = Rebuild.of(ctx, params)
+    pod = await r.kube.pod(r.ns, r.name)
+    if pod is None:
+        raise Refused(f"pod {r.name} disappeared before its storage was deleted")
+    await _assess(r)
+    sts = await r.statefulset()
+    done = []
+    for claim in r.claims(sts):
+        done.append(await _delete_claim(r, claim))
+    if params.dry_run:
+        return "dry run: would delete " + "; ".join(done)
+    return "; ".join(done) + f" (each stays Terminating until pod {r.name} is gone)"
+
+
+async def _delete_claim(r: Rebuild, claim: str) -> str:
+    for _ in range(REPLANS):
+        pvc = await r.kube.pvc(r.ns, claim)
+        if pvc is None:
+            return f"PVC {claim} already gone"
+        if pvc.deleting:
+            return f"PVC {claim} (uid {pvc.uid}) already Terminating"
+        outcome = await r.kube.delete_pvc(r.ns, claim, pvc.uid, dry_run=r.params.dry_run)
+        if outcome == "deleted":
+            return f"PVC {_pvc_text(pvc)}" if r.params.dry_run else f"deleted PVC {claim} (uid {pvc.uid})"
+        if outcome == "gone":
+            return f"PVC {claim} already gone"
+    raise Refused(f"PVC {claim} kept changing under the uid precondition")
+
+
+async def delete_pod(ctx: StepContext, params: RebuildParams) -> str:
+    """Deletes the pod with a uid precondition and its own grace period. Done when the old pod is Terminating or
+    gone. A pod whose data PVCs are all live (not Terminating) is already the replacement and is left alone, so a
+    re-run never deletes the new pod; a 409 on the precondition means the pod changed: it is read again."""
+    r = Rebuild.of(ctx, params)
+    sts = await r.statefulset()
+    for _ in range(REPLANS):
+        pod = await r.kube.pod(r.ns, r.name)
+        if pod is None:
+            return f"pod {r.name} already gone"
+        if pod.deleting:
+            return f"pod {r.name} (uid {pod.uid}) already terminating"
+        pvcs = await r.pvcs(sts)
+        if not params.dry_run and all(pvc is not None and not pvc.deleting for pvc in pvcs.values()):
+            return f"pod {r.name} already replaced (uid {pod.uid}, with live PVCs)"
+        await _assess(r)
+        grace = pod.grace_s if pod.grace_s is not None else DEFAULT_GRACE_S
+        outcome = await r.kube.delete_pod(r.ns, r.name, pod.uid, grace, dry_run=params.dry_run)
+        if outcome == "gone":
+            return f"pod {r.name} already gone"
+        if outcome == "deleted":
+            verb = "dry run: would delete" if params.dry_run else "deleted"
+            return f"{verb} pod {r.name} (uid {pod.uid}, node {pod.node or 'none'}) with grace period {grace}s"
+    raise Refused(f"pod {r.name} kept changing under the uid precondition")
+
+
+DRY_RUN_WAIT = "dry run: nothing deleted, nothing to wait for"
+
+
+async def wait_old_gone(ctx: StepContext, params: RebuildParams) -> str:
+    """Changes nothing; polls. Done when the old pod (Terminating, or still mounting a Terminating PVC) and the old
+    PVCs are gone. Fails fast when a PVC stays Terminating well after its pod is gone, naming its finalizers."""
+    if params.dry_run:
+        return DRY_RUN_WAIT
+    r = Rebuild.of(ctx, params)
+    sts = await r.statefulset()
+    grace = r.settings.pg_rebuild_pvc_release_grace_s
+    since = Since()
+
+    async def probe() -> Seen[str]:
+        primary = await _primary_text(r)
+        pod = await r.kube.pod(r.ns, r.name)
+        pvcs = await r.pvcs(sts)
+        old_storage = [pvc for pvc in pvcs.values() if pvc is not None and pvc.deleting]
+        old_pod = pod is not None and (pod.deleting or any(pvc is None or pvc.deleting for pvc in pvcs.values()))
+        if not old_pod and not old_storage:
+            new = f"; replacement pod {pod.name} (uid {pod.uid}) created" if pod is not None else ""
+            return Seen("", f"old pod {r.name} and PVCs {', '.join(pvcs)} gone{new}")
+        remaining = [describe_pod(pod)] if pod is not None and old_pod else []
+        remaining += [
+            f"PVC {pvc.name} (Terminating; finalizers: {', '.join(pvc.finalizers) or 'none'})" for pvc in old_storage
+        ]
+        held = since.held("pvc", not old_pod)
+        if held >= grace:
+            stuck = old_storage[0]
+            raise WontHeal(
+                f"PVC {stuck.name} still Terminating {held:.0f}s after pod {r.name} is gone; "
+                f"finalizers: {', '.join(stuck.finalizers) or 'none'}"
+            )
+        return Seen(f"remaining: {', '.join(remaining)}{primary}")
+
+    return await wait_until(
+        ctx,
+        probe,
+        what="waiting for the old pod and PVCs to go",
+        timeout_s=params.delete_timeout_s,
+        interval_s=r.poll_s,
+    )
+
+
+async def wait_scheduled(ctx: StepContext, params: RebuildParams) -> str:
+    """Changes nothing; polls. Done when a new pod exists, is scheduled to a node and its data PVCs are Bound.
+    Fails fast when it stays Unschedulable longer than the grace period (quoting the scheduler) or its claim is
+    missing, or when its container is in a state that will not heal."""
+    if params.dry_run:
+        return DRY_RUN_WAIT
+    r = Rebuild.of(ctx, params)
+    sts = await r.statefulset()
+    watch = PodWatch(r.settings.pg_rebuild_unschedulable_grace_s)
+
+    async def probe() -> Seen[str]:
+        primary = await _primary_text(r)
+        pod = await r.kube.pod(r.ns, r.name)
+        if pod is None or pod.deleting:
+            return Seen(f"remaining: {r.name} (not created yet){primary}")
+        watch.check(pod)
+        pvcs = await r.pvcs(sts)
+        unbound = [
+            f"PVC {name} ({'missing' if pvc is None else pvc.phase})"
+            for name, pvc in pvcs.items()
+            if pvc is None or pvc.phase != "Bound"
+        ]
+        if pod.node is not None and not unbound:
+            bound = ", ".join(_pvc_text(pvc) for pvc in pvcs.values() if pvc is not None)
+            return Seen("", f"pod {r.name} (uid {pod.uid}) scheduled on {pod.node}; PVCs {bound}")
+        return Seen(f"remaining: {', '.join([describe_pod(pod), *unbound])}{primary}")
+
+    return await wait_until(
+        ctx,
+        probe,
+        what="waiting for the new pod to be scheduled",
+        timeout_s=params.schedule_timeout_s,
+        interval_s=r.poll_s,
+    )
+
+
+async def wait_ready(ctx: StepContext, params: RebuildParams) -> str:
+    """Changes nothing; polls. Done when the new pod is Ready and carries the replica role label (the operator
+    labels a member only once it streams from the primary). Fails fast on a container state that will not heal
+    (CrashLoopBackOff, image pull errors, config errors), on climbing restarts and on the primary changing."""
+    if params.dry_run:
+        return DRY_RUN_WAIT
+    r = Rebuild.of(ctx, params)
+    watch = PodWatch(r.settings.pg_rebuild_unschedulable_grace_s)
+    started = asyncio.get_running_loop().time()
+
+    async def probe() -> Seen[str]:
+        primary = await _primary_text(r)
+        pod = await r.kube.pod(r.ns, r.name)
+        if pod is None:
+            return Seen(f"remaining: {r.name} (missing){primary}")
+        watch.check(pod)
+        if pod.ready and r.profile.is_replica(pod):
+            took = asyncio.get_running_loop().time() - started
+            return Seen("", f"pod {r.name} (uid {pod.uid}) Ready as {r.profile.role(pod)} after {took:.0f}s")
+        role = f"no {r.profile.role_labels[0]} label yet" if pod.ready else None
+        return Seen(f"remaining: {describe_pod(pod, role)}{primary}")
+
+    return await wait_until(ctx, probe, what="waiting for pods", timeout_s=params.ready_timeout_s, interval_s=r.poll_s)
+
+
+async def post_check(ctx: StepContext, params: RebuildParams) -> str:
+    """Reads the members; changes nothing. Done when the primary is the one the health check saw (when this worker
+    saw it) and every member is Ready with a role label."""
+    r = Rebuild.of(ctx, params)
+    expected = r.notes.get("primary")
+    health = await _assess(r)
+    pod = await r.kube.pod(r.ns, r.name)
+    if pod is None or not pod.ready:
+        raise WontHeal(f"pod {r.name} is not Ready: {describe_pod(pod) if pod else 'missing'}")
+    same = "unchanged" if expected == health.primary else "(not compared: the health check ran in another worker)"
+    old = r.notes.get("old_uid")
+    rebuilt = f"uid {old} -> {pod.uid}" if old and not params.dry_run else f"uid {pod.uid}"
+    verb = "untouched (dry run)" if params.dry_run else "rebuilt"
+    return (
+        f"primary {health.primary} {same}; {len(health.others) + 1}/{len(health.others) + 1} members ready; "
+        f"{r.name} {verb} ({rebuilt})"
+    )
+
+
+STEPS: list[Step[RebuildParams]] = [
+    Step("preflight", preflight, timeout_s=60, max_attempts=5),
+    Step("check-cluster-health", check_cluster_health, timeout_s=60, max_attempts=5),
+    Step("delete-pvcs", delete_pvcs, timeout_s=120, max_attempts=5),
+    Step("delete-pod", delete_pod, timeout_s=120, max_attempts=5),
+    # The params' timeouts bound these waits; the step deadline is only a backstop above the largest allowed.
+    Step("wait-old-gone", wait_old_gone, timeout_s=MAX_WAIT_S + 120, max_attempts=3),
+    Step("wait-scheduled", wait_scheduled, timeout_s=MAX_WAIT_S + 120, max_attempts=3),
+    Step("wait-ready", wait_ready, timeout_s=MAX_WAIT_S + 120, max_attempts=3),
+    Step("post-check", post_check, timeout_s=60, max_attempts=5),
+]
+
+
+JOB = JobType[RebuildParams](
+    name="pg-rebuild",
+    description=(
+        "Rebuild one PostgreSQL replica on Kubernetes: delete its data PVCs and pod, wait until the StatefulSet "
+        "recreates them and the new member is Ready as a replica. Refuses the primary, an unhealthy cluster and "
+        "a StatefulSet mid-rollout before deleting anything; `dry_run` only reports what it would delete."
+    ),
+    params=RebuildParams,
+    steps=STEPS,
+    target=target,
+    lifespan=kube_lifespan,
+)

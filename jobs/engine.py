@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,9 @@ from pydantic import BaseModel
 from service.jobtypes import Registry, Step
 from service.leases import CancelRequested, Lease, LeaseLost, Leases, StepRow
 from service.logs import log_context
+from service.metrics import WorkerMetrics
 from service.models import JobStatus, StepStatus
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +45,16 @@ class Draining(Exception):
 class Runtime:
     """What the worker process holds for all the jobs it runs."""
 
+    settings: Settings
     leases: Leases
     registry: Registry
-    lease_ttl_s: float
     # What each job type's lifespan yielded, by job type name.
     resources: dict[str, Any] = field(default_factory=dict)
     # Set when the worker stops taking jobs; running jobs finish their current step, then hand the job back.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
-    # The tasks running jobs now, so that a stopping worker can wait for them and then cancel the rest.
-    running: set[asyncio.Task[Any]] = field(default_factory=set)
+    # The tasks running jobs now, with their job ids: a stopping worker waits for them, then cancels the rest.
+    running: dict[asyncio.Task[Any], str] = field(default_factory=dict)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
 
 class _Context:
@@ -101,15 +105,19 @@ async def run_job(runtime: Runtime, job_id: str) -> str:
         return "not claimed"
     task = asyncio.current_task()
     assert task is not None
-    runtime.running.add(task)
+    runtime.running[task] = job_id
     try:
-        with log_context(job_id=job_id, attempt=lease.attempt):
+        with log_context(job_id=job_id, type=lease.type, attempt=lease.attempt):
             logger.info("claimed job %s (type %s, attempt %d)", job_id, lease.type, lease.attempt)
+            if lease.previous_owner is not None:
+                runtime.metrics.lease_taken_over(lease.type)
+            started = time.perf_counter()
             outcome = await _JobRun(runtime, lease).run()
+            runtime.metrics.job_ran(lease.type, outcome, time.perf_counter() - started)
             logger.info("job %s: %s", job_id, outcome)
             return outcome
     finally:
-        runtime.running.discard(task)
+        runtime.running.pop(task, None)
 
 
 class _JobRun:
@@ -118,7 +126,7 @@ class _JobRun:
         self.leases = runtime.leases
         self.lease = lease
         self.job_type = runtime.registry.get(lease.type)
-        self.params = self.job_type.params.model_validate(lease.params)
+        self.params = self.job_type.params.model_validate(lease.params, context={"settings": runtime.settings})
         self.current: _Context | None = None
 
     async def run(self) -> str:
@@ -156,7 +164,7 @@ class _JobRun:
     async def _keep_lease(self) -> None:
         """Watch for a cancel request every CANCEL_POLL_S and renew the lease every third of its TTL; give the
         job up once the lease could have expired unrenewed (a database outage)."""
-        ttl = self.runtime.lease_ttl_s
+        ttl = self.runtime.settings.lease_ttl_s
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()
         while True:
@@ -183,7 +191,10 @@ class _JobRun:
                 raise Draining()
             with log_context(step=row.name):
                 self.current = _Context(self.leases, self.lease, row, resource)
+                started = time.perf_counter()
                 error = await _run_step(self.current, self.job_type.step(row.name), self.params)
+                elapsed = time.perf_counter() - started
+                self.runtime.metrics.step_ran(self.lease.type, row.name, error is not None, elapsed)
                 self.current = None
             if error is not None:
                 return _Failure(row.name, error)

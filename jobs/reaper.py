@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 
 from service.db import Sessions
 from service.leases import due_for_delivery, record_redelivered
+from service.metrics import WorkerMetrics
 from service.queue import Delivery, enqueue
 from service.settings import Settings
 
@@ -21,7 +22,9 @@ logger = logging.getLogger(__name__)
 BATCH = 500
 
 
-async def reap_once(sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str) -> int:
+async def reap_once(
+    sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
+) -> int:
     """Enqueue every job due for a delivery; returns how many were actually put back on the queue."""
     delivered = []
     for due in await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH):
@@ -30,18 +33,22 @@ async def reap_once(sessions: Sessions, redis: ArqRedis, settings: Settings, rea
         )
         if outcome is Delivery.QUEUED:
             delivered.append(due)
+    if metrics is not None:
+        metrics.redelivered(due.status for due in delivered)
     if delivered:
         await record_redelivered(sessions, delivered, reaper)
     return len(delivered)
 
 
-async def reap_forever(sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str) -> None:
+async def reap_forever(
+    sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
+) -> None:
     failures = 0
     while True:
         await asyncio.sleep(settings.reaper_interval_s * min(2**failures, 16))
         try:
             async with asyncio.timeout(settings.db_command_timeout_s):
-                count = await reap_once(sessions, redis, settings, reaper)
+                count = await reap_once(sessions, redis, settings, reaper, metrics)
         except Exception as exc:  # PostgreSQL down: back off, keep going
             failures += 1
             logger.warning("reaper could not run (retrying with backoff): %s", exc)

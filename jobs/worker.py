@@ -24,8 +24,10 @@ from service.db import create_engine, create_sessions
 from service.jobtypes import Registry, default_registry
 from service.leases import Leases
 from service.logs import configure_logging
+from service.metrics import MetricsServer, WorkerMetrics
 from service.queue import RUN_JOB, redis_settings
 from service.settings import Settings, get_settings
+from service.workers import beat_forever
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,18 @@ async def startup(ctx: dict[str, Any]) -> None:
     owner = worker_id()
     ctx["engine"] = engine
     sessions = create_sessions(engine)
-    ctx["runtime"] = Runtime(Leases(sessions, owner, settings.lease_ttl_s), registry, settings.lease_ttl_s, opened)
-    ctx["reaper"] = asyncio.create_task(reap_forever(sessions, ctx["redis"], settings, owner), name="apiops-reaper")
+    ctx["runtime"] = Runtime(settings, Leases(sessions, owner, settings.lease_ttl_s), registry, opened)
+    metrics: WorkerMetrics = ctx["runtime"].metrics
+    if settings.worker_metrics_port is not None:
+        ctx["metrics_server"] = await MetricsServer.start(metrics.registry, settings.host, settings.worker_metrics_port)
+    runtime: Runtime = ctx["runtime"]
+    ctx["background"] = [
+        asyncio.create_task(reap_forever(sessions, ctx["redis"], settings, owner, metrics), name="apiops-reaper"),
+        asyncio.create_task(
+            beat_forever(ctx["redis"], settings.queue_name, owner, lambda: sorted(runtime.running.values())),
+            name="apiops-heartbeat",
+        ),
+    ]
     # on_startup runs inside arq's main task: cancelling it is how a stopping worker ends arq's poll loop.
     ctx["main_task"] = asyncio.current_task()
     if ctx.setdefault("handle_signals", True):
@@ -97,13 +109,15 @@ async def _stop(runtime: Runtime, main_task: asyncio.Task[Any], grace_s: float) 
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if "reaper" in ctx:
-        ctx["reaper"].cancel()
-        await asyncio.gather(ctx["reaper"], return_exceptions=True)
+    for task in ctx.get("background", []):
+        task.cancel()
+    await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
     if "resources" in ctx:
         await ctx["resources"].aclose()
     if "engine" in ctx:
         await ctx["engine"].dispose()
+    if "metrics_server" in ctx:
+        await ctx["metrics_server"].stop()
 
 
 async def run(ctx: dict[str, Any], job_id: str) -> str:
@@ -129,6 +143,7 @@ class WorkerSettings:
     max_jobs = _settings.worker_max_jobs
     poll_delay = _settings.worker_poll_delay_s
     keep_result = 0
-    health_check_interval = 10
+    # `arq --check jobs.worker.WorkerSettings` reads the key this refreshes (GET /ops/workers is per worker).
+    health_check_interval = 5
     # The worker handles SIGINT/SIGTERM itself (begin_shutdown): arq's handlers give running jobs no warning.
     handle_signals = False

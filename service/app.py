@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,9 +14,10 @@ from service.errors import EXCEPTION_HANDLERS
 from service.jobtypes import Registry, default_registry
 from service.live import EventHub
 from service.logs import configure_logging
+from service.metrics import ApiMetrics, HttpMetrics
 from service.middleware import RequestContext
 from service.queue import create_redis
-from service.routes import events, health, jobs
+from service.routes import docs, events, health, jobs, workers
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -25,6 +25,7 @@ from service.state import AppState
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
     settings = settings or get_settings()
     registry = registry or default_registry()
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
@@ -33,7 +34,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         sessions = create_sessions(engine)
         redis = create_redis(settings)
         hub = EventHub(settings, sessions)
-        listening = asyncio.create_task(hub.run(), name="apiops-live-events")
         try:
             yield {
                 "app": AppState(
@@ -47,14 +47,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 )
             }
         finally:
-            listening.cancel()
-            await asyncio.gather(listening, return_exceptions=True)
+            await hub.close()
             await redis.aclose(close_connection_pool=True)
             await engine.dispose()
 
     return Starlette(
-        routes=[*jobs.routes, *events.routes, *health.routes],
-        middleware=[Middleware(RequestContext)],
+        routes=[*jobs.routes, *events.routes, *workers.routes, *health.routes, *docs.routes, metrics.route()],
+        middleware=[Middleware(HttpMetrics, metrics=metrics), Middleware(RequestContext)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

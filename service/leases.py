@@ -54,6 +54,8 @@ class Lease:
     type: str
     params: dict[str, Any]
     steps: tuple[StepRow, ...]
+    # The worker whose expired lease this claim took over; None for a first or handed-back claim.
+    previous_owner: str | None = None
 
 
 Work = Callable[[AsyncSession], Awaitable[None]]
@@ -106,6 +108,7 @@ class Leases:
                 type=row.type,
                 params=row.params,
                 steps=tuple(StepRow(s.step_order, s.name, StepStatus(s.status), s.attempts, s.detail) for s in steps),
+                previous_owner=row.previous_owner,
             )
             detail = f"by {self.owner}"
             if row.previous_owner:
@@ -265,9 +268,10 @@ async def record_redelivered(sessions: Sessions, delivered: list[Due], reaper: s
                     "job_id": due.job_id,
                     "kind": EventKind.REDELIVERED,
                     "status": due.status,
-                    "attempt": due.attempt,
+                    # No attempt: the reaper holds no lease, and its note may land after the next claim's events.
+                    "attempt": None,
                     "actor": f"reaper:{reaper}",
-                    "detail": f"lease of {due.lease_owner} expired"
+                    "detail": f"lease of {due.lease_owner} (attempt {due.attempt}) expired"
                     if due.status == JobStatus.RUNNING
                     else "pending and not in the queue",
                 }

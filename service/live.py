@@ -39,11 +39,21 @@ class EventHub:
         self._sessions = sessions
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = {}
         self._announced: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._running: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
+
+    async def close(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+            await asyncio.gather(self._running, return_exceptions=True)
 
     @asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Queue[Item]]:
         """A queue of the job's new events, from now on. Subscribe before reading the history: nothing is lost."""
+        if self._running is None:
+            # Listen from the first watcher on: a process that streams nothing holds no extra connection. Events
+            # committed before the listening starts are caught up by the resync that follows it.
+            self._running = asyncio.create_task(self.run(), name="apiops-live-events")
         queue: asyncio.Queue[Item] = asyncio.Queue()
         self._watchers.setdefault(job_id, set()).add(queue)
         try:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # `text` for people, `json` (one object per line) for log collectors; unset: text in dev, json in prod.
+    log_format: Literal["text", "json"] | None = None
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -72,6 +74,9 @@ class Settings(BaseSettings):
     reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
     # A pending job older than this is (re-)enqueued: it may never have reached Redis.
     requeue_pending_after_s: Annotated[float, Field(ge=0)] = 2.0
+    # Where each worker serves its own /metrics (on `host`); None: not served.
+    worker_metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
     # Kubernetes access and the pg-rebuild job. Without a kubeconfig the worker uses the in-cluster service account.
     kubeconfig: Path | None = None
     # Contexts of the kubeconfig that a job may name; the first is the default. Empty: the current context only.
@@ -89,24 +94,14 @@ class Settings(BaseSettings):
     def _parse_keys(cls, value: object) -> object:
         return _json_list(value, "APIOPS_API_KEYS")
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "kube_contexts", mode="before")
     @classmethod
-    def _parse_proxies(cls, value: object) -> object:
+    def _parse_list(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, str):
-            # Accept a JSON list or the comma-separated form that proxy settings usually take.
+            # A JSON list, or the comma-separated form such settings usually take.
             stripped = value.strip()
             if stripped.startswith("["):
-                return _json_list(stripped, "APIOPS_TRUSTED_PROXIES")
-            return tuple(part.strip() for part in stripped.split(",") if part.strip())
-        return value
-
-    @field_validator("kube_contexts", mode="before")
-    @classmethod
-    def _parse_contexts(cls, value: object) -> object:
-        if isinstance(value, str):
-            stripped = value.strip()
-            if stripped.startswith("["):
-                return _json_list(stripped, "APIOPS_KUBE_CONTEXTS")
+                return _json_list(stripped, f"APIOPS_{str(info.field_name).upper()}")
             return tuple(part.strip() for part in stripped.split(",") if part.strip())
         return value
 
@@ -138,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def dev_mode(self) -> bool:
         return self.env == "dev"
+
+    @property
+    def effective_log_format(self) -> Literal["text", "json"]:
+        return self.log_format or ("text" if self.dev_mode else "json")
 
 
 def _json_list(value: object, name: str) -> object:

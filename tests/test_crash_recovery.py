@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy.engine import make_url
 
 from service.settings import Settings
@@ -103,6 +104,7 @@ async def test_jobs_accepted_while_redis_is_down_all_run_once_it_is_back(
         await redis.stop()
 
 
+@pytest.mark.timeout(180)  # its own deadline is 120 s; about 20 s on an idle machine
 async def test_soak_200_jobs_with_a_worker_killed_every_few_seconds(
     client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
 ) -> None:

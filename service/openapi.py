@@ -1,0 +1,264 @@
+"""The OpenAPI 3.1 document of the API, built from the same pydantic models that validate requests and shape
+responses, so that it cannot drift from them. Each job type gets its own `POST /ops/jobs/<type>` operation with
+its params schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service.jobtypes import Registry
+from service.models import JobStatus
+from service.schemas import EventOut, JobOut, JobPage, JobTypeOut
+
+REF = "#/components/schemas/{model}"
+
+_ERRORS = {
+    400: "malformed_json: the body is not JSON",
+    401: "unauthorized: no API key, or an unknown one",
+    403: "forbidden: the key lacks the scope",
+    404: "not_found / unknown_job_type",
+    405: "method_not_allowed",
+    409: "conflict: the target is busy, or the job's state does not allow this",
+    413: "payload_too_large: the body is over the limit",
+    415: "unsupported_media_type: a body that is not application/json",
+    422: "invalid_params: params, query parameters or headers that do not validate (one entry per field)",
+    503: "dependency_unavailable: PostgreSQL (or, for /readyz, Redis) is unreachable",
+}
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "stable and machine-readable"},
+                "message": {"type": "string", "description": "for people"},
+                "details": {"description": "code-specific: per-field messages, the blocking job, ..."},
+            },
+        }
+    },
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): {"description": _ERRORS[c], "content": _json(_ref("Error"))} for c in codes}
+
+
+def _operation(summary: str, responses: dict[str, Any], *codes: int, **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": {**responses, **_errors(*codes)}, **extra}
+
+
+def _ok(description: str, schema: dict[str, Any], status: int = 200) -> dict[str, Any]:
+    return {str(status): {"description": description, "content": _json(schema)}}
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def openapi_document(registry: Registry) -> dict[str, Any]:
+    models: list[type[BaseModel]] = [JobOut, JobPage, EventOut, JobTypeOut, *(t.params for t in registry)]
+    _, definitions = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    schemas: dict[str, Any] = {**definitions.get("$defs", {}), "Error": _ERROR_SCHEMA}
+    job = _ref("JobOut")
+    job_id = _path_param("job_id", "the job's id, e.g. `noop-01m8mbm2aekn3wj4fwy2404maz`")
+    paths: dict[str, Any] = {}
+
+    for job_type in registry:
+        paths[f"/ops/jobs/{job_type.name}"] = {
+            "post": _operation(
+                f"Submit a {job_type.name} job",
+                {
+                    **_ok("the job created (202), with a Location header", job, 202),
+                    **_ok("the job an earlier request with this Idempotency-Key created", job),
+                },
+                400,
+                401,
+                403,
+                409,
+                413,
+                415,
+                422,
+                503,
+                description=job_type.description,
+                parameters=[
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "description": "the same key from the same actor within 24 h returns the original job",
+                    }
+                ],
+                requestBody={"required": False, "content": _json(_ref(job_type.params.__name__))},
+            )  # fmt: skip
+        }
+
+    paths["/ops/jobs"] = {
+        "get": _operation(
+            "List jobs, newest first",
+            _ok("one page, and the cursor of the next (null on the last)", _ref("JobPage")),
+            401,
+            403,
+            422,
+            503,
+            parameters=[
+                _query("type", {"type": "string"}, "only jobs of this type"),
+                _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}, "only this status"),
+                _query("actor", {"type": "string"}, "only jobs created with this key name"),
+                _query("target", {"type": "string"}, "only jobs acting on this target"),
+                _query("since", {"type": "string", "format": "date-time"}, "only jobs created at or after"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "page size"),
+                _query("cursor", {"type": "string"}, "`next_cursor` of the previous page, unchanged"),
+            ],
+        )  # fmt: skip
+    }
+    paths["/ops/jobs/{job_id}"] = {
+        "get": _operation(
+            "A job with its ordered steps",
+            _ok("the job", job),
+            401,
+            403,
+            404,
+            422,
+            503,
+            parameters=[job_id, _query("include", {"type": "string", "enum": ["events"]}, "add the job's history")],
+        )  # fmt: skip
+    }
+    paths["/ops/jobs/{job_id}/cancel"] = {
+        "post": _operation(
+            "Cancel a pending or running job (your own with jobs:write, anyone's with jobs:admin)",
+            _ok("the job: cancelled, or (running) cancel requested", job, 202),
+            401,
+            403,
+            404,
+            409,
+            503,
+            parameters=[job_id],
+        )  # fmt: skip
+    }
+    paths["/ops/jobs/{job_id}/retry"] = {
+        "post": _operation(
+            "Run a failed or cancelled job again from its first unfinished step",
+            _ok("the job, pending again", job, 202),
+            401,
+            403,
+            404,
+            409,
+            503,
+            parameters=[job_id],
+        )  # fmt: skip
+    }
+    paths["/ops/jobs/{job_id}/events"] = {
+        "get": _operation(
+            "The job's history, then its changes live (Server-Sent Events); ends after the job finishes",
+            {
+                "200": {
+                    "description": "`id: <event_id>`, `event: <kind>`, `data: <Event as JSON>` per message",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                }
+            },
+            401,
+            403,
+            404,
+            422,
+            503,
+            parameters=[
+                job_id,
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    "description": "resume after this event",
+                },
+            ],
+        )  # fmt: skip
+    }
+    paths["/ops/job-types"] = {
+        "get": _operation(
+            "The registered job types, with their params schema and steps",
+            _ok(
+                "every job type",
+                {
+                    "type": "object",
+                    "required": ["job_types"],
+                    "properties": {"job_types": {"type": "array", "items": _ref("JobTypeOut")}},
+                },
+            ),
+            401,
+            403,
+        )  # fmt: skip
+    }
+    paths["/ops/workers"] = {
+        "get": _operation(
+            "Workers alive now (a heartbeat within 15 s) and the jobs each runs",
+            _ok(
+                "the live workers",
+                {
+                    "type": "object",
+                    "required": ["workers"],
+                    "properties": {"workers": {"type": "array", "items": {"type": "object"}}},
+                },
+            ),
+            401,
+            403,
+            503,
+        )  # fmt: skip
+    }
+    probe: dict[str, Any] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+    paths["/livez"] = {"get": {"summary": "The process answers", "security": [], "responses": _ok("alive", probe)}}
+    paths["/readyz"] = {
+        "get": _operation(
+            "PostgreSQL and Redis answer within the readiness timeout",
+            _ok("ready", {**probe, "properties": {**probe["properties"], "checks": {"type": "object"}}}),
+            503,
+            security=[],
+        )
+    }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics (keep it off the public network)",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {"summary": "This document", "security": [], "responses": _ok("OpenAPI 3.1", {"type": "object"})}
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ApiOps",
+            "version": "1",
+            "description": 'Operational jobs over HTTP. Errors: `{"error": {"code", "message", "details"}}`.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        },
+        "security": [{"ApiKey": []}],
+    }

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,11 +61,12 @@ class Runtime:
 class _Context:
     """The `StepContext` a step receives."""
 
-    def __init__(self, leases: Leases, lease: Lease, row: StepRow, resource: Any) -> None:
+    def __init__(self, leases: Leases, lease: Lease, row: StepRow, resource: Any, state: dict[str, Any]) -> None:
         self.leases = leases
         self.lease = lease
         self.row = row
         self._resource = resource
+        self._state = state  # shared by the job's steps in this run
         self.last_detail: str | None = row.detail
 
     @property
@@ -82,6 +84,14 @@ class _Context:
     @property
     def resource(self) -> Any:
         return self._resource
+
+    @property
+    def state(self) -> Mapping[str, Any]:
+        return self._state
+
+    async def remember(self, **values: Any) -> None:
+        await self.leases.remember(self.lease, values)
+        self._state.update(values)
 
     async def progress(self, detail: str) -> None:
         if detail != self.last_detail:
@@ -128,6 +138,7 @@ class _JobRun:
         self.job_type = runtime.registry.get(lease.type)
         self.params = self.job_type.params.model_validate(lease.params, context={"settings": runtime.settings})
         self.current: _Context | None = None
+        self.state = dict(lease.state)
 
     async def run(self) -> str:
         try:
@@ -190,7 +201,7 @@ class _JobRun:
             if self.runtime.draining.is_set():
                 raise Draining()
             with log_context(step=row.name):
-                self.current = _Context(self.leases, self.lease, row, resource)
+                self.current = _Context(self.leases, self.lease, row, resource, self.state)
                 started = time.perf_counter()
                 error = await _run_step(self.current, self.job_type.step(row.name), self.params)
                 elapsed = time.perf_counter() - started

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -354,19 +353,12 @@ def _status_message(exc: ApiException) -> str:
 
 
 class KubeClients:
-    """The ApiClients of one worker process, by context, plus what this process's steps learned per job.
-
-    `notes` is a best-effort memory (e.g. which pod was the primary when the cluster was checked): a later step
-    of the same job run by the same process can compare against it; a step resumed elsewhere re-derives it.
-    """
-
-    NOTES_KEPT = 1000
+    """The ApiClients of one worker process, by context."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._clients: dict[str, client.ApiClient] = {}
         self._errors: dict[str, str] = {}
-        self.notes: OrderedDict[str, dict[str, str]] = OrderedDict()
 
     async def open(self) -> None:
         contexts: tuple[str, ...] = self.settings.kube_contexts or (DEFAULT_CONTEXT,)
@@ -407,13 +399,6 @@ class KubeClients:
             reason = self._errors.get(name) or "not among APIOPS_KUBE_CONTEXTS"
             raise KubeNotConfigured(f"Kubernetes context {name or '(current)'!r} is not usable: {reason}")
         return Kube(api, self.settings.kube_request_timeout_s)
-
-    def note(self, job_id: str) -> dict[str, str]:
-        notes = self.notes.setdefault(job_id, {})
-        self.notes.move_to_end(job_id)
-        while len(self.notes) > self.NOTES_KEPT:
-            self.notes.popitem(last=False)
-        return notes
 
 
 @asynccontextmanager

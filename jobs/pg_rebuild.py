@@ -6,8 +6,8 @@ primary, a cluster with another member not Ready, and a StatefulSet in the middl
 
 Every step re-derives what it needs from the cluster, so each one can run again after a crash at any point:
 a PVC already Terminating or gone is deleted already; a pod whose storage is still live is already the
-replacement. What the steps learned (uids, the primary) is written into their details for the record, and kept
-in the worker's memory so that later steps in the same process can compare against it.
+replacement. What the steps learned (the old pod's uid, the primary) is written into their details for the record
+and kept in the job's state (`ctx.remember`), so that later steps compare against it on whichever worker they run.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ class Rebuild:
     kube: Kube
     profile: Profile
     settings: Settings
-    notes: dict[str, str]
+    # The job's state (ctx.remember): what earlier steps saw, whichever worker ran them.
+    ctx: StepContext
 
     @classmethod
     def of(cls, ctx: StepContext, params: RebuildParams) -> Rebuild:
@@ -139,7 +140,7 @@ class Rebuild:
         if not isinstance(clients, KubeClients):
             raise KubeNotConfigured("this worker has no Kubernetes clients")
         profile = PROFILES[params.profile or clients.settings.pg_rebuild_profile]
-        return cls(params, clients.kube(params.context), profile, clients.settings, clients.note(ctx.job_id))
+        return cls(params, clients.kube(params.context), profile, clients.settings, ctx)
 
     @property
     def ns(self) -> str:
@@ -206,7 +207,7 @@ async def _assess(r: Rebuild) -> Health:
         found = ", ".join(p.name for p in primaries) or "none"
         raise Refused(f"cluster {r.params.cluster} needs exactly one primary, found {len(primaries)}: {found}")
     primary = primaries[0]
-    expected = r.notes.get("primary")
+    expected = r.ctx.state.get("primary")
     if expected is not None and expected != primary.name:
         raise WontHeal(f"the primary changed from {expected} to {primary.name}")
     others = [p for p in members if p.name != r.name]
@@ -227,7 +228,10 @@ async def _primary_text(r: Rebuild) -> str:
     primaries = [p.name for p in await r.members() if r.profile.is_primary(p)]
     if r.name in primaries:
         raise WontHeal(f"pod {r.name} became the primary while it was being rebuilt")
-    expected = r.notes.setdefault("primary", primaries[0]) if len(primaries) == 1 else r.notes.get("primary")
+    expected = r.ctx.state.get("primary")
+    if expected is None and len(primaries) == 1:
+        expected = primaries[0]
+        await r.ctx.remember(primary=expected)
     if expected is not None and primaries and primaries != [expected]:
         raise WontHeal(f"the primary changed from {expected} to {', '.join(primaries)} while waiting")
     return "" if primaries else "; no primary labelled right now"
@@ -264,7 +268,7 @@ async def preflight(ctx: StepContext, params: RebuildParams) -> str:
     missing = [name for name, pvc in pvcs.items() if pvc is None]
     if missing:
         raise Refused(f"data PVCs of {r.name} not found: {', '.join(missing)}")
-    r.notes["old_uid"] = pod.uid
+    await ctx.remember(old_uid=pod.uid)
     storage = ", ".join(_pvc_text(pvc) for pvc in pvcs.values() if pvc is not None)
     return (
         f"pod {r.name} (uid {pod.uid}, node {pod.node or 'none'}) of StatefulSet {sts.name} at revision "
@@ -277,7 +281,7 @@ async def check_cluster_health(ctx: StepContext, params: RebuildParams) -> str:
     and every other member is Ready with a role label; refuses otherwise."""
     r = Rebuild.of(ctx, params)
     health = await _assess(r)
-    r.notes["primary"] = health.primary
+    await ctx.remember(primary=health.primary)
     return (
         f"primary {health.primary} healthy; {len(health.others)}/{len(health.others)} other members ready "
         f"({', '.join(health.others)}); {r.name} is {health.target_role or 'unlabelled (not running)'}"
@@ -449,16 +453,16 @@ async def wait_ready(ctx: StepContext, params: RebuildParams) -> str:
 
 
 async def post_check(ctx: StepContext, params: RebuildParams) -> str:
-    """Reads the members; changes nothing. Done when the primary is the one the health check saw (when this worker
-    saw it) and every member is Ready with a role label."""
+    """Reads the members; changes nothing. Done when the primary is the one the health check saw and every member is
+    Ready with a role label."""
     r = Rebuild.of(ctx, params)
-    expected = r.notes.get("primary")
+    expected = r.ctx.state.get("primary")
     health = await _assess(r)
     pod = await r.kube.pod(r.ns, r.name)
     if pod is None or not pod.ready:
         raise WontHeal(f"pod {r.name} is not Ready: {describe_pod(pod) if pod else 'missing'}")
-    same = "unchanged" if expected == health.primary else "(not compared: the health check ran in another worker)"
-    old = r.notes.get("old_uid")
+    same = "unchanged" if expected == health.primary else "(no primary was recorded to compare with)"
+    old = r.ctx.state.get("old_uid")
     rebuilt = f"uid {old} -> {pod.uid}" if old and not params.dry_run else f"uid {pod.uid}"
     verb = "untouched (dry run)" if params.dry_run else "rebuilt"
     return (

@@ -6,7 +6,7 @@ worker only ever see it through a `Registry`, so adding a job type touches nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -35,6 +35,13 @@ class StepContext(Protocol):
     @property
     def resource(self) -> Any:
         """What the job type's `lifespan` yielded in this worker process (None without a lifespan)."""
+
+    @property
+    def state(self) -> Mapping[str, Any]:
+        """What this job's steps remembered so far, on whichever worker they ran."""
+
+    async def remember(self, **values: Any) -> None:
+        """Keep `values` in the job's state (PostgreSQL), for later steps and for a run resumed elsewhere."""
 
     async def progress(self, detail: str) -> None:
         """Record what the step is doing or waiting for; shown in the step's `detail` at once."""

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db import Sessions, database_unavailable
@@ -54,6 +56,7 @@ class Lease:
     type: str
     params: dict[str, Any]
     steps: tuple[StepRow, ...]
+    state: dict[str, Any]
     # The worker whose expired lease this claim took over; None for a first or handed-back claim.
     previous_owner: str | None = None
 
@@ -91,7 +94,7 @@ class Leases:
                         lease_expires_at=func.now() + self._ttl,
                         started_at=func.coalesce(Job.started_at, func.now()),
                     )
-                    .returning(Job.attempt, Job.type, Job.params, previous.label("previous_owner"))
+                    .returning(Job.attempt, Job.type, Job.params, Job.state, previous.label("previous_owner"))
                 )
             ).one_or_none()
             if row is None:
@@ -108,6 +111,7 @@ class Leases:
                 type=row.type,
                 params=row.params,
                 steps=tuple(StepRow(s.step_order, s.name, StepStatus(s.status), s.attempts, s.detail) for s in steps),
+                state=row.state,
                 previous_owner=row.previous_owner,
             )
             detail = f"by {self.owner}"
@@ -199,6 +203,15 @@ class Leases:
             await _event(session, lease, EventKind.STEP, step=step.name, status=StepStatus.RUNNING)
 
         await self._write(lease, work, check_cancel=True)
+
+    async def remember(self, lease: Lease, values: dict[str, Any]) -> None:
+        """Merge `values` into the job's state (JSONB `||`), for later steps and for a resumed run."""
+
+        async def work(session: AsyncSession) -> None:
+            merged = Job.state.op("||")(sa.bindparam("remembered", values, type_=JSONB))
+            await session.execute(update(Job).where(Job.job_id == lease.job_id).values(state=merged))
+
+        await self._write(lease, work)
 
     async def progress(self, lease: Lease, step: StepRow, detail: str) -> None:
         async def work(session: AsyncSession) -> None:

@@ -77,6 +77,8 @@ class Job(Base):
     type: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # What the job's steps learned and later steps (maybe on another worker) compare against; see ctx.remember.
+    state: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     target: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(Text)
     source_ip: Mapped[str | None] = mapped_column(Text)

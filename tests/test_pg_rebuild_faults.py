@@ -186,12 +186,16 @@ async def test_transient_api_errors_are_retried_to_success(
 class FakeContext:
     """A StepContext without the engine: to run steps by hand, twice, as a crashed-and-resumed worker would."""
 
-    def __init__(self, resource: Any, job_id: str = "pg-rebuild-by-hand") -> None:
+    def __init__(self, resource: Any, state: dict[str, Any], job_id: str = "pg-rebuild-by-hand") -> None:
         self.job_id = job_id
         self.step = ""
         self.attempt = 1
         self.resource = resource
+        self.state = state  # the job's state, which the engine keeps in PostgreSQL
         self.details: list[str] = []
+
+    async def remember(self, **values: Any) -> None:
+        self.state.update(values)
 
     async def progress(self, detail: str) -> None:
         self.details.append(detail)
@@ -201,16 +205,17 @@ async def test_every_step_can_run_again_without_harm(kube_settings: Settings, ku
     params = pg_rebuild.RebuildParams(namespace="db", cluster="pg", pod="pg-1", profile="zalando")
     old_uid = pod_uid(kube_sim, "pg-1")
     details: dict[str, tuple[str | None, str | None]] = {}
+    state: dict[str, Any] = {}
     async with lifespan(kube_settings) as clients:
         for step in pg_rebuild.STEPS:
             if step.name == "wait-ready":  # a wait rides out API errors without ending the step
                 kube_sim.fail(500, verb="get", resource="pods", name="pg-1", times=2)
-            ctx = FakeContext(clients)
+            ctx = FakeContext(clients, state)
             first = await step.run(ctx, params)
             if step.name == "wait-ready":
                 assert any("API error (Kubernetes API HTTP 500: Internal error occurred" in d for d in ctx.details)
-            # A new context for the second run: a resumed job is run by another worker that remembers nothing.
-            again = await step.run(FakeContext(clients, f"pg-rebuild-resumed-{step.name}"), params)
+            # A new context for the second run, as on another worker after a crash: only the job's state is shared.
+            again = await step.run(FakeContext(clients, state, f"pg-rebuild-resumed-{step.name}"), params)
             details[step.name] = (first, again)
 
     assert details["delete-pvcs"][1] == (
@@ -220,12 +225,11 @@ async def test_every_step_can_run_again_without_harm(kube_settings: Settings, ku
     new_uid = pod_uid(kube_sim, "pg-1")
     assert new_uid != old_uid
     assert details["post-check"][1] == (
-        f"primary pg-0 (not compared: the health check ran in another worker); 3/3 members ready; "
-        f"pg-1 rebuilt (uid {new_uid})"
+        f"primary pg-0 unchanged; 3/3 members ready; pg-1 rebuilt (uid {old_uid} -> {new_uid})"
     )
     # Once the replacement runs, delete-pod leaves it alone instead of deleting the new member.
     async with lifespan(kube_settings) as clients:
-        late = await pg_rebuild.delete_pod(FakeContext(clients), params)
+        late = await pg_rebuild.delete_pod(FakeContext(clients, state), params)
     assert late == f"pod pg-1 already replaced (uid {new_uid}, with live PVCs)"
     assert pod_uid(kube_sim, "pg-1") == new_uid
 

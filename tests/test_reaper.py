@@ -74,3 +74,29 @@ async def test_job_of_a_dead_worker_resumes_at_its_interrupted_step(
         db, "SELECT detail FROM ops_job_event WHERE job_id = $1 AND kind = 'claimed' AND attempt = 2", job_id
     )
     assert takeover["detail"].endswith("took over from dead-worker, whose lease expired")
+
+
+async def test_job_state_remembered_on_one_worker_is_seen_where_the_job_resumes(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection, redis: Redis
+) -> None:
+    job_id = (await client.post("/ops/jobs/memo", json={})).json()["job_id"]
+    engine = create_engine(settings, "dead-worker")
+    try:
+        dead = Leases(create_sessions(engine), "dead-worker", ttl_s=1)
+        lease = await dead.claim(job_id)
+        assert lease is not None and lease.state == {}
+        learn, _ = lease.steps
+        await dead.start_step(lease, learn)
+        await dead.remember(lease, {"learned_by": "attempt 1"})
+        await dead.finish_step(lease, learn, StepStatus.SUCCESS, "learned")
+    finally:
+        await engine.dispose()
+    await redis.delete(settings.queue_name)
+    await db.execute("UPDATE ops_job SET lease_expires_at = now() - interval '1 second' WHERE job_id = $1", job_id)
+
+    async with running_worker(settings.model_copy(update={"reaper_interval_s": 0.2})):
+        job = await wait_for_status(client, job_id, "success", "failed", within=5)
+
+    assert job["attempt"] == 2
+    assert [s["detail"] for s in job["steps"]] == ["learned", "recalled what attempt 1 learned"]
+    assert await db.fetchval("SELECT state FROM ops_job WHERE job_id = $1", job_id) == '{"learned_by": "attempt 1"}'

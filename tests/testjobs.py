@@ -98,4 +98,21 @@ FRAGILE = JobType[SlowParams](
     steps=[Step("prepare", prepare), Step("act", act), Step("verify", prepare)],
 )
 
-JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL, FRAGILE]
+
+async def learn(ctx: StepContext, params: SlowParams) -> str:
+    await ctx.remember(learned_by=f"attempt {ctx.attempt}")
+    return "learned"
+
+
+async def recall(ctx: StepContext, params: SlowParams) -> str:
+    return f"recalled what {ctx.state.get('learned_by')} learned"
+
+
+MEMO = JobType[SlowParams](
+    name="memo",
+    description="one step remembers, the next recalls",
+    params=SlowParams,
+    steps=[Step("learn", learn), Step("recall", recall)],
+)
+
+JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL, FRAGILE, MEMO]

@@ -29,7 +29,12 @@ async def reap_once(
     delivered = []
     for due in await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH):
         outcome = await enqueue(
-            redis, due.job_id, due.attempt, queue_name=settings.queue_name, timeout_s=settings.enqueue_timeout_s
+            redis,
+            due.job_id,
+            due.attempt,
+            queue_name=settings.queue_name,
+            timeout_s=settings.enqueue_timeout_s,
+            round_=int(due.waited_s // settings.redeliver_after_s),
         )
         if outcome is Delivery.QUEUED:
             delivered.append(due)

@@ -249,6 +249,8 @@ class Due:
     attempt: int
     status: JobStatus
     lease_owner: str | None
+    # How long it has been due: since it was created (pending) or since its lease expired (running).
+    waited_s: float
 
 
 async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: int) -> list[Due]:
@@ -256,7 +258,15 @@ async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: in
     (their worker died). Oldest first."""
     async with sessions() as session:
         rows = await session.execute(
-            select(Job.job_id, Job.attempt, Job.status, Job.lease_owner)
+            select(
+                Job.job_id,
+                Job.attempt,
+                Job.status,
+                Job.lease_owner,
+                func.extract("epoch", func.now() - func.coalesce(Job.lease_expires_at, Job.created_at)).label(
+                    "waited_s"
+                ),
+            )
             .where(
                 Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]),
                 or_(
@@ -268,7 +278,9 @@ async def due_for_delivery(sessions: Sessions, pending_after_s: float, limit: in
             .order_by(Job.created_at)
             .limit(limit)
         )
-        return [Due(row.job_id, row.attempt, JobStatus(row.status), row.lease_owner) for row in rows]
+        return [
+            Due(row.job_id, row.attempt, JobStatus(row.status), row.lease_owner, float(row.waited_s)) for row in rows
+        ]
 
 
 async def record_redelivered(sessions: Sessions, delivered: list[Due], reaper: str) -> None:

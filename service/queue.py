@@ -53,14 +53,16 @@ def create_redis(settings: Settings) -> ArqRedis:
     return ArqRedis(pool, default_queue_name=settings.queue_name)
 
 
-def delivery_id(job_id: str, attempt: int) -> str:
-    """arq's job id for delivering a job after `attempt` claims.
+def delivery_id(job_id: str, attempt: int, round_: int = 0) -> str:
+    """arq's job id for delivering a job after `attempt` claims, in its `round_` of waiting.
 
-    arq refuses a second enqueue of an id whose job key still exists, so the API's enqueue and a reaper's
-    re-enqueue of a job that never reached Redis collapse into one delivery, however many workers reap.
-    A job whose lease expired gets a new id, since the dead worker's job key lingers in Redis for a day.
+    arq refuses a second enqueue of an id whose job key still exists, so the API's enqueue and any number of reapers'
+    re-enqueues of a job that never reached Redis collapse into one delivery. But a delivery taken by a worker that
+    died before claiming the job keeps its keys in Redis for a day: a job that has waited a whole round since it
+    became due gets a new id, which supersedes a stuck delivery (an extra delivery of a live one is harmless). A job
+    whose lease expired gets a new id too, since `attempt` changed.
     """
-    return f"{job_id}:{attempt}"
+    return f"{job_id}:{attempt}" if round_ == 0 else f"{job_id}:{attempt}:{round_}"
 
 
 class Delivery(Enum):
@@ -69,13 +71,17 @@ class Delivery(Enum):
     FAILED = "failed"
 
 
-async def enqueue(redis: ArqRedis, job_id: str, attempt: int, *, queue_name: str, timeout_s: float) -> Delivery:
+async def enqueue(
+    redis: ArqRedis, job_id: str, attempt: int, *, queue_name: str, timeout_s: float, round_: int = 0
+) -> Delivery:
     """Put a job id on the queue. FAILED (logged) when Redis cannot take it: the job stays in PostgreSQL and
     the workers' reaper enqueues it once Redis is back. Duplicate deliveries are harmless: the claim in
     PostgreSQL lets only one run."""
     try:
         async with asyncio.timeout(timeout_s):
-            job = await redis.enqueue_job(RUN_JOB, job_id, _job_id=delivery_id(job_id, attempt), _queue_name=queue_name)
+            job = await redis.enqueue_job(
+                RUN_JOB, job_id, _job_id=delivery_id(job_id, attempt, round_), _queue_name=queue_name
+            )
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("could not enqueue job %s (it stays pending until the reaper enqueues it): %s", job_id, exc)
         return Delivery.FAILED

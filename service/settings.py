@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
     # A pending job older than this is (re-)enqueued: it may never have reached Redis.
     requeue_pending_after_s: Annotated[float, Field(ge=0)] = 2.0
+    # A job still due this long after its last delivery gets a new one: that delivery may have gone to a worker
+    # that died before claiming it (arq keeps such a delivery's keys for a day).
+    redeliver_after_s: Annotated[float, Field(gt=0)] = 30.0
     # Where each worker serves its own /metrics (on `host`); None: not served.
     worker_metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncpg
 import httpx
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from service.db import create_engine, create_sessions
 from service.leases import Leases
 from service.models import StepStatus
+from service.queue import delivery_id
 from service.settings import Settings
 from tests.conftest import api_client, fetch_one, free_port, headers, running_worker, wait_for_status
 
@@ -100,3 +102,20 @@ async def test_job_state_remembered_on_one_worker_is_seen_where_the_job_resumes(
     assert job["attempt"] == 2
     assert [s["detail"] for s in job["steps"]] == ["learned", "recalled what attempt 1 learned"]
     assert await db.fetchval("SELECT state FROM ops_job WHERE job_id = $1", job_id) == '{"learned_by": "attempt 1"}'
+
+
+async def test_delivery_taken_by_a_worker_that_died_before_claiming_is_superseded(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]
+    # A worker took the delivery off the queue (arq's in-progress key) and was SIGKILLed before claiming the job:
+    # arq keeps that delivery blocked for its whole job timeout.
+    await redis.set(f"{in_progress_key_prefix}{delivery_id(job_id, 0)}", b"1", ex=3600)
+
+    quick = settings.model_copy(
+        update={"reaper_interval_s": 0.2, "requeue_pending_after_s": 0.1, "redeliver_after_s": 0.5}
+    )
+    async with running_worker(quick):
+        job = await wait_for_status(client, job_id, "success", "failed", within=5)
+
+    assert job["status"] == "success" and job["attempt"] == 1

@@ -12,7 +12,7 @@ PG_PORT ?= 5432
 REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379
 
-.PHONY: help install services migrate run test lint typecheck pytest clean demo
+.PHONY: help install services migrate run test lint typecheck pytest clean demo bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ run: migrate ## serve the API on 127.0.0.1:8080 with a worker, in the foreground
 
 demo: migrate ## rebuild replica pg-1 of a simulated cluster through the API and a worker, live (own database)
 	$(BIN)/python -m tests.demo
+
+bench: install services ## the service against the floor of its stack (own database); prints a table, writes var/bench.json
+	$(BIN)/python -m tests.bench --out var/bench.json
 
 lint: install ## ruff (lint and format check)
 	$(BIN)/ruff check service jobs tests alembic

@@ -18,15 +18,16 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
-
-import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from service.jobtypes import TransientError
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    # The client (with aiohttp) is imported only where it is used: the API process imports this module through
+    # the job registry, never calls Kubernetes, and would carry some 45 MB for nothing.
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,8 @@ class Kube:
     """The calls the jobs make, against one context. Reads return None for a 404."""
 
     def __init__(self, api: client.ApiClient, timeout_s: float) -> None:
+        from kubernetes_asyncio import client
+
         self._core: Any = client.CoreV1Api(api)
         self._apps: Any = client.AppsV1Api(api)
         self.timeout_s = timeout_s
@@ -276,10 +279,14 @@ class Kube:
     async def delete_pod(
         self, namespace: str, name: str, uid: str, grace_s: int | None, dry_run: bool = False
     ) -> DeleteOutcome:
+        from kubernetes_asyncio import client
+
         body = client.V1DeleteOptions(grace_period_seconds=grace_s, preconditions=client.V1Preconditions(uid=uid))
         return await self._delete(self._core.delete_namespaced_pod, name, namespace, body, dry_run)
 
     async def delete_pvc(self, namespace: str, name: str, uid: str, dry_run: bool = False) -> DeleteOutcome:
+        from kubernetes_asyncio import client
+
         body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
         return await self._delete(self._core.delete_namespaced_persistent_volume_claim, name, namespace, body, dry_run)
 
@@ -306,6 +313,9 @@ class Kube:
             raise
 
     async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        import aiohttp
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         for attempt in range(1, RETRY_AFTER_TRIES + 1):
             try:
                 return await method(*args, _request_timeout=self.timeout_s, **kwargs)
@@ -361,6 +371,9 @@ class KubeClients:
         self._errors: dict[str, str] = {}
 
     async def open(self) -> None:
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.config.config_exception import ConfigException
+
         contexts: tuple[str, ...] = self.settings.kube_contexts or (DEFAULT_CONTEXT,)
         for name in contexts:
             try:
@@ -372,6 +385,9 @@ class KubeClients:
             self._clients[name] = client.ApiClient(cfg)
 
     async def _configuration(self, context: str) -> client.Configuration:
+        from kubernetes_asyncio import client, config
+        from kubernetes_asyncio.config.config_exception import ConfigException
+
         cfg = client.Configuration()
         if self.settings.kubeconfig is not None:
             await config.load_kube_config(

@@ -8,6 +8,7 @@ spelled out here.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -45,7 +46,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.setdefault("settings", get_settings())
     registry: Registry = ctx.setdefault("registry", default_registry())
     configure_logging(settings)
-    engine = create_engine(settings, "worker")
+    engine = create_engine(settings, "worker", pre_ping=False)
     # Each job type's per-process resources (a Kubernetes ApiClient, ...), closed at shutdown.
     resources = ctx["resources"] = AsyncExitStack()
     opened = {t.name: await resources.enter_async_context(t.lifespan(settings)) for t in registry if t.lifespan}
@@ -70,6 +71,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, begin_shutdown, ctx, signum.name)
+    gc.freeze()  # as the API does: what start-up loaded stays, and need not be scanned by every full collection
     logger.info("worker %s started on queue %s", owner, settings.queue_name)
 
 

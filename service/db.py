@@ -11,13 +11,17 @@ from service.settings import Settings
 Sessions = async_sessionmaker[AsyncSession]
 
 
-def create_engine(settings: Settings, role: str) -> AsyncEngine:
-    """An engine whose connections say `apiops-<role>` in `pg_stat_activity` and never wait forever."""
+def create_engine(settings: Settings, role: str, pre_ping: bool = True) -> AsyncEngine:
+    """An engine whose connections say `apiops-<role>` in `pg_stat_activity` and never wait forever.
+
+    `pre_ping` tests each connection as it leaves the pool (one round trip per transaction): the API wants it, so
+    that a PostgreSQL restart costs no failed request; the worker does not, as it retries a write whose connection
+    turns out dead (service.leases)."""
     return create_async_engine(
         make_url(settings.database_url.get_secret_value()),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_timeout=settings.db_connect_timeout_s,
         connect_args={
             "timeout": settings.db_connect_timeout_s,

@@ -9,9 +9,11 @@ connection drops, every watcher is told to re-read what it may have missed once 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -20,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from service.db import Sessions
 from service.models import Event
+from service.schemas import event_json
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,8 +30,23 @@ logger = logging.getLogger(__name__)
 CHANNEL = "apiops_job_events"
 RECONNECT_MAX_S = 5.0
 
-# A watcher's queue carries events, or None: "you may have missed some; read the history after your last id".
-Item = Event | None
+
+@dataclass(frozen=True)
+class Message:
+    """One event, rendered once as its Server-Sent-Events message, whatever the number of watchers."""
+
+    event_id: int
+    kind: str
+    text: str
+
+    @classmethod
+    def of(cls, event: Event) -> Message:
+        text = f"id: {event.event_id}\nevent: {event.kind}\ndata: {json.dumps(event_json(event))}\n\n"
+        return cls(event.event_id, event.kind, text)
+
+
+# A watcher's queue carries messages, or None: "you may have missed some; read the history after your last id".
+Item = Message | None
 
 
 class EventHub:
@@ -127,8 +145,9 @@ class EventHub:
                 self._resync_everyone()
                 continue
             for event in events:
+                message = Message.of(event)
                 for queue in self._watchers.get(event.job_id, ()):
-                    queue.put_nowait(event)
+                    queue.put_nowait(message)
 
     def _resync_everyone(self) -> None:
         for queues in self._watchers.values():

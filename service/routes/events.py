@@ -7,7 +7,6 @@ repeat. The stream ends once the job has finished (for a finished job, right aft
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -16,9 +15,9 @@ from starlette.routing import Route
 
 from service.auth import require
 from service.errors import InvalidParams
-from service.models import Event, EventKind, JobStatus
+from service.live import Message
+from service.models import EventKind, JobStatus
 from service.repository import get_events, get_job
-from service.schemas import event_json
 from service.settings import Scope
 from service.state import AppState
 
@@ -43,9 +42,9 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
     async with state.hub.watch(job_id) as live:
         last = after
         finished, history = await _history(state, job_id, last)
-        for event in history:
-            yield _message(event)
-            last = event.event_id
+        for message in history:
+            yield message.text
+            last = message.event_id
         if finished:
             return
         while True:
@@ -55,27 +54,23 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
                 yield ": keep-alive\n\n"
                 continue
             if item is None:  # the hub may have missed announcements: catch up from the database
-                finished, events = await _history(state, job_id, last)
+                finished, messages = await _history(state, job_id, last)
             else:
-                events, finished = [item], item.kind == EventKind.FINISHED
-            for event in events:
-                if event.event_id > last:
-                    yield _message(event)
-                    last = event.event_id
+                messages, finished = [item], item.kind == EventKind.FINISHED
+            for message in messages:
+                if message.event_id > last:
+                    yield message.text
+                    last = message.event_id
             if finished:
                 return
 
 
-async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list[Event]]:
+async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list[Message]]:
     """Whether the job has finished, and its events after `after`. The status is read first: if it is final, the
     `finished` event was committed before and is in the list."""
     async with state.sessions() as session:
         status = JobStatus((await get_job(session, job_id)).status)
-        return status.finished, await get_events(session, job_id, after)
-
-
-def _message(event: Event) -> str:
-    return f"id: {event.event_id}\nevent: {event.kind}\ndata: {json.dumps(event_json(event))}\n\n"
+        return status.finished, [Message.of(event) for event in await get_events(session, job_id, after)]
 
 
 def _resume_point(request: Request) -> int:

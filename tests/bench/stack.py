@@ -24,7 +24,7 @@ from service.settings import get_settings
 from service.workers import live_workers
 
 BENCH_DATABASE = "apiops_bench"
-# Tests use db 13; the benchmark flushes this one (FLUSHDB, never FLUSHALL).
+# Tests use db 13; the benchmark flushes only this one (FLUSHDB on its own index).
 BENCH_REDIS_DB = 14
 SERVICE_QUEUE = "apiops-bench:queue"
 FLOOR_QUEUE = "apiops-bench:floor"

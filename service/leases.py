@@ -11,17 +11,14 @@ could still be ours (its TTL), then the job is given up as lost and the reaper r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy import func, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import TextClause, func, insert, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from service.db import Sessions, database_unavailable
 from service.models import Event, EventKind, Job, JobStatus, Step, StepStatus
@@ -61,9 +58,6 @@ class Lease:
     previous_owner: str | None = None
 
 
-Work = Callable[[AsyncSession], Awaitable[None]]
-
-
 class Leases:
     """All the worker's SQL; one short transaction per transition so progress is visible at once."""
 
@@ -72,6 +66,10 @@ class Leases:
         self.owner = owner
         self._ttl_s = ttl_s
         self._ttl = timedelta(seconds=ttl_s)
+        # Fenced writes are single statements: in autocommit each is its own transaction, with no BEGIN/COMMIT trips.
+        bind = sessions.kw["bind"]
+        assert isinstance(bind, AsyncEngine)
+        self._autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
 
     async def claim(self, job_id: str) -> Lease | None:
         """Take a pending job, or a running one whose lease expired; None when someone else holds it or it ended."""
@@ -120,36 +118,17 @@ class Leases:
             await _event(session, lease, EventKind.CLAIMED, status=JobStatus.RUNNING, detail=detail)
             return lease
 
-    @asynccontextmanager
-    async def _fenced(self, lease: Lease, check_cancel: bool) -> AsyncIterator[AsyncSession]:
-        async with self._sessions.begin() as session:
-            held = (
-                await session.execute(
-                    select(Job.cancel_requested_at)
-                    .where(
-                        Job.job_id == lease.job_id,
-                        Job.attempt == lease.attempt,
-                        Job.lease_owner == lease.owner,
-                        Job.status == JobStatus.RUNNING,
-                    )
-                    .with_for_update(read=True)
-                )
-            ).one_or_none()
-            if held is None:
-                raise LeaseLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.owner}")
-            if check_cancel and held.cancel_requested_at is not None:
-                raise CancelRequested(await _cancel_reason(session, lease.job_id, held.cancel_requested_at))
-            yield session
-
-    async def _write(self, lease: Lease, work: Work, check_cancel: bool = False) -> None:
+    async def _write(self, lease: Lease, statement: TextClause, **params: Any) -> None:
+        """Run one fenced write: a single statement, in its own implicit transaction (one round trip)."""
+        values = {"job_id": lease.job_id, "attempt": lease.attempt, "owner": lease.owner, **params}
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._ttl_s
         delay = 0.1
         while True:
             try:
-                async with self._fenced(lease, check_cancel) as session:
-                    await work(session)
-                return
+                async with self._autocommit.connect() as conn:
+                    held, cancel_requested_at = (await conn.execute(statement, values)).one()
+                break
             except Exception as exc:
                 if not database_unavailable(exc):
                     raise
@@ -158,89 +137,109 @@ class Leases:
                 logger.warning("PostgreSQL unreachable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if not held:
+            raise LeaseLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.owner}")
+        if cancel_requested_at is not None and statement in _CANCELLABLE:
+            async with self._sessions() as session:
+                raise CancelRequested(await _cancel_reason(session, lease.job_id, cancel_requested_at))
+
+    def _event(self, lease: Lease, kind: EventKind, step: str | None = None, status: str | None = None,
+               detail: str | None = None) -> dict[str, Any]:  # fmt: skip
+        return {"kind": kind.value, "ev_step": step, "ev_status": status, "ev_detail": detail,
+                "actor": f"worker:{lease.owner}"}  # fmt: skip
 
     async def check(self, lease: Lease) -> None:
         """Raises LeaseLost or CancelRequested; writes nothing."""
-        async with self._fenced(lease, check_cancel=True):
-            pass
+        await self._write(lease, _CHECK)
 
     async def renew(self, lease: Lease) -> None:
-        async def work(session: AsyncSession) -> None:
-            await session.execute(
-                update(Job).where(Job.job_id == lease.job_id).values(lease_expires_at=func.now() + self._ttl)
-            )
-
-        await self._write(lease, work, check_cancel=True)
+        await self._write(lease, _RENEW, ttl=self._ttl_s)
 
     async def release(self, lease: Lease, reason: str) -> None:
         """Give the job back (worker stopping): pending again, so any worker may claim it at once; the step that
         was running is pending again and will run again."""
-
-        async def work(session: AsyncSession) -> None:
-            await session.execute(
-                update(Job)
-                .where(Job.job_id == lease.job_id)
-                .values(status=JobStatus.PENDING, lease_owner=None, lease_expires_at=None)
-            )
-            await session.execute(
-                update(Step)
-                .where(Step.job_id == lease.job_id, Step.status == StepStatus.RUNNING)
-                .values(status=StepStatus.PENDING, detail=reason)
-            )
-            await _event(session, lease, EventKind.RELEASED, status=JobStatus.PENDING, detail=reason)
-
-        await self._write(lease, work)
+        event = self._event(lease, EventKind.RELEASED, status=JobStatus.PENDING, detail=reason)
+        await self._write(lease, _RELEASE, detail=reason, **event)
 
     async def start_step(self, lease: Lease, step: StepRow) -> None:
         """Checks for a cancel request first: a cancelled job never starts another step."""
-
-        async def work(session: AsyncSession) -> None:
-            await session.execute(
-                _step_update(lease, step).values(
-                    status=StepStatus.RUNNING, attempts=Step.attempts + 1, started_at=func.now(), finished_at=None
-                )
-            )
-            await _event(session, lease, EventKind.STEP, step=step.name, status=StepStatus.RUNNING)
-
-        await self._write(lease, work, check_cancel=True)
+        event = self._event(lease, EventKind.STEP, step=step.name, status=StepStatus.RUNNING)
+        await self._write(lease, _START_STEP, step_order=step.order, **event)
 
     async def remember(self, lease: Lease, values: dict[str, Any]) -> None:
         """Merge `values` into the job's state (JSONB `||`), for later steps and for a resumed run."""
-
-        async def work(session: AsyncSession) -> None:
-            merged = Job.state.op("||")(sa.bindparam("remembered", values, type_=JSONB))
-            await session.execute(update(Job).where(Job.job_id == lease.job_id).values(state=merged))
-
-        await self._write(lease, work)
+        await self._write(lease, _REMEMBER, state=json.dumps(values))
 
     async def progress(self, lease: Lease, step: StepRow, detail: str) -> None:
-        async def work(session: AsyncSession) -> None:
-            await session.execute(_step_update(lease, step).values(detail=detail))
-            await _event(session, lease, EventKind.PROGRESS, step=step.name, detail=detail)
-
-        await self._write(lease, work)
+        event = self._event(lease, EventKind.PROGRESS, step=step.name, detail=detail)
+        await self._write(lease, _PROGRESS, step_order=step.order, detail=detail, **event)
 
     async def finish_step(self, lease: Lease, step: StepRow, status: StepStatus, detail: str | None) -> None:
-        values: dict[str, Any] = {"status": status, "finished_at": func.now()}
-        if detail is not None:
-            values["detail"] = detail
-
-        async def work(session: AsyncSession) -> None:
-            await session.execute(_step_update(lease, step).values(**values))
-            await _event(session, lease, EventKind.STEP, step=step.name, status=status, detail=detail)
-
-        await self._write(lease, work)
+        event = self._event(lease, EventKind.STEP, step=step.name, status=status, detail=detail)
+        await self._write(lease, _FINISH_STEP, step_order=step.order, step_status=status.value, detail=detail, **event)
 
     async def finish_job(self, lease: Lease, status: JobStatus, error: str | None = None) -> None:
-        async def work(session: AsyncSession) -> None:
-            await session.execute(
-                update(Job)
-                .where(Job.job_id == lease.job_id)
-                .values(status=status, error=error, finished_at=func.now(), lease_owner=None, lease_expires_at=None)
-            )
-            await _event(session, lease, EventKind.FINISHED, status=status, detail=error)
+        event = self._event(lease, EventKind.FINISHED, status=status, detail=error)
+        await self._write(lease, _FINISH_JOB, job_status=status.value, error=error, **event)
 
-        await self._write(lease, work)
+
+def _fenced(writes: str = "", check_cancel: bool = False, event: bool = True) -> TextClause:
+    """One statement: lock the job row FOR SHARE on the fencing token (a takeover, which UPDATEs that row, waits for
+    it or makes it find nothing), make `writes` and the event only if the fence held (and, with `check_cancel`, no
+    cancel was requested), and say whether it held and whether a cancel was requested."""
+    cancel = "WHERE cancel_requested_at IS NULL" if check_cancel else ""
+    event_cte = (
+        ", event AS (INSERT INTO ops_job_event (job_id, kind, step, status, detail, attempt, actor)"
+        " SELECT :job_id, CAST(:kind AS text), CAST(:ev_step AS text), CAST(:ev_status AS text),"
+        " CAST(:ev_detail AS text), CAST(:attempt AS integer), CAST(:actor AS text) FROM go RETURNING 1)"
+        if event
+        else ""
+    )
+    return text(
+        "WITH fence AS (SELECT cancel_requested_at FROM ops_job WHERE job_id = :job_id"
+        " AND attempt = CAST(:attempt AS integer) AND lease_owner = :owner AND status = 'running' FOR SHARE),"
+        f" go AS (SELECT 1 FROM fence {cancel}){writes}{event_cte}"
+        " SELECT EXISTS (SELECT 1 FROM fence) AS held, (SELECT cancel_requested_at FROM fence) AS cancel_requested_at"
+    )
+
+
+_IF_HELD = "EXISTS (SELECT 1 FROM go)"
+_STEP = f"job_id = :job_id AND step_order = CAST(:step_order AS integer) AND {_IF_HELD}"
+_CHECK = _fenced(check_cancel=True, event=False)
+_RENEW = _fenced(
+    ", job AS (UPDATE ops_job SET lease_expires_at = now() + make_interval(secs => CAST(:ttl AS double precision))"
+    f" WHERE job_id = :job_id AND {_IF_HELD} RETURNING 1)",
+    check_cancel=True,
+    event=False,
+)
+_RELEASE = _fenced(
+    ", job AS (UPDATE ops_job SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL"
+    f" WHERE job_id = :job_id AND {_IF_HELD} RETURNING 1),"
+    " steps AS (UPDATE ops_job_step SET status = 'pending', detail = CAST(:detail AS text)"
+    f" WHERE job_id = :job_id AND status = 'running' AND {_IF_HELD} RETURNING 1)"
+)
+_START_STEP = _fenced(
+    ", step AS (UPDATE ops_job_step SET status = 'running', attempts = attempts + 1, started_at = now(),"
+    f" finished_at = NULL WHERE {_STEP} RETURNING 1)",
+    check_cancel=True,
+)
+_REMEMBER = _fenced(
+    f", job AS (UPDATE ops_job SET state = state || CAST(:state AS jsonb) WHERE job_id = :job_id AND {_IF_HELD}"
+    " RETURNING 1)",
+    event=False,
+)
+_PROGRESS = _fenced(f", step AS (UPDATE ops_job_step SET detail = CAST(:detail AS text) WHERE {_STEP} RETURNING 1)")
+_FINISH_STEP = _fenced(
+    ", step AS (UPDATE ops_job_step SET status = CAST(:step_status AS text), finished_at = now(),"
+    f" detail = coalesce(CAST(:detail AS text), detail) WHERE {_STEP} RETURNING 1)"
+)
+_FINISH_JOB = _fenced(
+    ", job AS (UPDATE ops_job SET status = CAST(:job_status AS text), error = CAST(:error AS text),"
+    f" finished_at = now(), lease_owner = NULL, lease_expires_at = NULL WHERE job_id = :job_id AND {_IF_HELD}"
+    " RETURNING 1)"
+)
+# Writes that must not happen once a cancel is requested; the others record the cancel itself, or a hand-back.
+_CANCELLABLE = (_CHECK, _RENEW, _START_STEP)
 
 
 @dataclass(frozen=True)
@@ -313,10 +312,6 @@ async def _cancel_reason(session: AsyncSession, job_id: str, requested_at: datet
         .limit(1)
     )
     return f"cancelled by {actor or 'an operator'} at {requested_at.isoformat(timespec='seconds')}"
-
-
-def _step_update(lease: Lease, step: StepRow) -> Any:
-    return update(Step).where(Step.job_id == lease.job_id, Step.step_order == step.order)
 
 
 async def _event(

@@ -53,14 +53,21 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            if item is None:  # the hub may have missed announcements: catch up from the database
+            items = [item]
+            while not live.empty():  # a burst: what is already queued goes out in one write
+                items.append(live.get_nowait())
+            if None in items:  # the hub may have missed announcements: catch up from the database
                 finished, messages = await _history(state, job_id, last)
             else:
-                messages, finished = [item], item.kind == EventKind.FINISHED
+                messages = [m for m in items if m is not None]
+                finished = any(m.kind == EventKind.FINISHED for m in messages)
+            chunk = []
             for message in messages:
                 if message.event_id > last:
-                    yield message.text
+                    chunk.append(message.text)
                     last = message.event_id
+            if chunk:
+                yield "".join(chunk)
             if finished:
                 return
 

@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,9 @@ async def migrate(engine: AsyncEngine, revision: str = "head", downgrade: bool =
 
 
 @pytest.fixture(scope="session")
-def template_db() -> str:
-    """A database migrated to head once per session; each test clones it (CREATE DATABASE ... TEMPLATE)."""
+def template_db() -> Iterator[str]:
+    """A database migrated to head once per session, dropped at its end; each test clones it (CREATE DATABASE ...
+    TEMPLATE)."""
     name = f"apiops_test_tpl_{os.getpid()}"
 
     async def build() -> None:
@@ -105,12 +106,20 @@ def template_db() -> str:
         finally:
             await engine.dispose()
 
+    async def drop() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(build())
+        yield name
+        loop.run_until_complete(drop())
     finally:
         loop.close()
-    return name
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from service.errors import EXCEPTION_HANDLERS
 from service.jobtypes import Registry, default_registry
 from service.live import EventHub
 from service.logs import configure_logging
-from service.metrics import ApiMetrics, HttpMetrics
+from service.metrics import ApiMetrics
 from service.middleware import RequestContext
 from service.queue import create_redis
 from service.routes import docs, events, health, jobs, workers
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     return Starlette(
         routes=[*jobs.routes, *events.routes, *workers.routes, *health.routes, *docs.routes, metrics.route()],
-        middleware=[Middleware(HttpMetrics, metrics=metrics), Middleware(RequestContext)],
+        middleware=[Middleware(RequestContext, metrics=metrics)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

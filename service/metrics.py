@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from service.models import Job, JobStatus
 from service.state import AppState
@@ -77,8 +77,11 @@ class ApiMetrics:
             registry=self.registry,
         )
 
-    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        method = method if method in HTTP_METHODS else "other"
+    def observe_request(self, scope: Scope, status: int, seconds: float) -> None:
+        """Counted under the route template (`/ops/jobs/{name}`), never the raw path, which would make a series per
+        job id. Starlette's router records the route it chose in the scope (a 405 too); nothing for a 404."""
+        route = getattr(scope.get("route"), "path", None) or UNMATCHED
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
@@ -172,35 +175,6 @@ def job_families(counts: Iterable[tuple[str, str, int]], known_types: Iterable[s
     for job_type, count in sorted(created.items()):
         created_total.add_metric([job_type], count)
     return [jobs, created_total]
-
-
-class HttpMetrics:
-    """Pure ASGI middleware: counts and times each HTTP request under its route template (`/ops/jobs/{job_id}`),
-    never its raw path, which would make a series per job id."""
-
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            # Starlette's router records the route it chose in the scope (a 405 too); nothing for a 404.
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
-            self.metrics.observe_request(scope["method"], route, status, time.perf_counter() - started)
 
 
 # The worker.

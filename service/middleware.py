@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: a request id on every request (logged, and returned as `X-Request-ID`)."""
+"""Pure ASGI middleware: a request id on every request (logged, and returned as `X-Request-ID`), one access line,
+and the request's HTTP metrics, all from one pass over the response."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import log_context
+from service.metrics import ApiMetrics
 
 logger = logging.getLogger("service.access")
 
@@ -18,10 +20,12 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
 
 class RequestContext:
-    """Tags each request with an id (the caller's `X-Request-ID` if sane, else a new one) and logs one line."""
+    """Tags each request with an id (the caller's `X-Request-ID` if sane, else a new one), logs one line and
+    records it in the HTTP metrics."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,10 +47,6 @@ class RequestContext:
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                logger.info(
-                    "%s %s %d %.1fms",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    (time.perf_counter() - started) * 1000,
-                )
+                elapsed = time.perf_counter() - started
+                self.metrics.observe_request(scope, status, elapsed)
+                logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)

@@ -315,3 +315,11 @@ async def live_api(settings: Settings) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await serving
+
+
+async def submit(client: httpx.AsyncClient, job_type: str = "noop", **params: Any) -> str:
+    """Submit a job that must be accepted; its id."""
+    response = await client.post(f"/ops/jobs/{job_type}", json=params)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id

@@ -14,7 +14,7 @@ from service.db import create_engine, create_sessions
 from service.leases import LeaseLost, Leases
 from service.models import JobStatus, StepStatus
 from service.settings import Settings
-from tests.conftest import fetch_one, running_worker, wait_for, wait_for_status
+from tests.conftest import fetch_one, running_worker, submit, wait_for, wait_for_status
 
 
 @pytest.fixture
@@ -24,15 +24,8 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-async def _submit(client: httpx.AsyncClient, **params: object) -> str:
-    response = await client.post("/ops/jobs/noop", json=params)
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
-
-
 async def test_live_lease_cannot_be_claimed_again(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
-    job_id = await _submit(client)
+    job_id = await submit(client)
     first = Leases(create_sessions(engine), "worker-a", ttl_s=30)
     second = Leases(create_sessions(engine), "worker-b", ttl_s=30)
 
@@ -45,7 +38,7 @@ async def test_live_lease_cannot_be_claimed_again(client: httpx.AsyncClient, eng
 async def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off(
     client: httpx.AsyncClient, engine: AsyncEngine, db: asyncpg.Connection
 ) -> None:
-    job_id = await _submit(client)
+    job_id = await submit(client)
     old = Leases(create_sessions(engine), "worker-a", ttl_s=30)
     new = Leases(create_sessions(engine), "worker-b", ttl_s=30)
     old_lease = await old.claim(job_id)
@@ -77,7 +70,7 @@ async def test_stopping_a_worker_releases_its_job_for_another_at_once(
     client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
 ) -> None:
     long_lease = settings.model_copy(update={"lease_ttl_s": 60})
-    job_id = await _submit(client, steps=2, sleep_s=1.5)
+    job_id = await submit(client, steps=2, sleep_s=1.5)
 
     async with running_worker(long_lease):
         await wait_for_status(client, job_id, "running")

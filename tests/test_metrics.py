@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
 
 import asyncpg
 import httpx
@@ -19,7 +18,16 @@ from service.db import create_engine, create_sessions
 from service.leases import Leases
 from service.metrics import UNMATCHED, MetricsServer, WorkerMetrics
 from service.settings import Settings
-from tests.conftest import TEST_REGISTRY, api_client, free_port, headers, running_worker, wait_for, wait_for_status
+from tests.conftest import (
+    TEST_REGISTRY,
+    api_client,
+    free_port,
+    headers,
+    running_worker,
+    submit,
+    wait_for,
+    wait_for_status,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -48,13 +56,6 @@ async def scrape_worker(port: int) -> Samples:
         response = await http.get(f"http://127.0.0.1:{port}/metrics")
     assert response.status_code == 200, response.text
     return parse(response.text)
-
-
-async def submit(client: httpx.AsyncClient, **params: Any) -> str:
-    response = await client.post("/ops/jobs/noop", json=params)
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["job_id"]
-    return job_id
 
 
 async def test_job_counts_match_the_jobs_run_by_type_and_status(client: httpx.AsyncClient, settings: Settings) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from service.settings import Settings
 from tests.conftest import api_client, headers, kube_settings_for, running_worker, wait_for_status
+from tests.conftest import submit as submit_job
 from tests.kube_sim import KubeSim
 
 STEPS = [
@@ -39,10 +40,7 @@ def world(sim: KubeSim) -> dict[str, tuple[str, bool]]:
 
 
 async def submit(client: httpx.AsyncClient, **params: Any) -> str:
-    body = {"namespace": "db", "cluster": "pg", "pod": "pg-1"} | params
-    response = await client.post("/ops/jobs/pg-rebuild", json=body)
-    assert response.status_code == 202, response.text
-    return str(response.json()["job_id"])
+    return await submit_job(client, "pg-rebuild", **({"namespace": "db", "cluster": "pg", "pod": "pg-1"} | params))
 
 
 async def rebuild(client: httpx.AsyncClient, settings: Settings, within: float = 10, **params: Any) -> Any:

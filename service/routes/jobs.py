@@ -38,9 +38,7 @@ async def submit_job(request: Request) -> JSONResponse:
     job_type = state.registry.get(request.path_params["name"])
     key = _idempotency_key(request)
     body = await _read_json_object(request, state.settings.max_body_bytes)
-    # Strict, in JSON mode: `false` or "3" is not a number here (lax mode would coerce both), while an integer
-    # still fills a float and an ISO string a date-time.
-    params = _validate(job_type.params, body, context={"settings": state.settings}, json_strict=True)
+    params = _validate(job_type.params, body, context={"settings": state.settings})
     async with state.sessions.begin() as session:
         created = await create_job(session, job_type, params, _caller(request, principal), key)
     job = created.job
@@ -167,12 +165,13 @@ async def _read_json_object(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _validate(
-    model: type[M], data: dict[str, Any] | bytes, context: dict[str, Any] | None = None, json_strict: bool = False
-) -> M:
+def _validate(model: type[M], data: dict[str, Any] | bytes, context: dict[str, Any] | None = None) -> M:
+    """Query parameters (a dict of strings) are validated laxly: "50" is a limit. A JSON body (bytes) strictly, in
+    JSON mode: `false` or "3" is not a number (lax mode would coerce both), while an integer still fills a float
+    and an ISO string a date-time."""
     try:
         if isinstance(data, bytes):
-            return model.model_validate_json(data, strict=json_strict, context=context)
+            return model.model_validate_json(data, strict=True, context=context)
         return model.model_validate(data, context=context)
     except ValidationError as exc:
         details = [

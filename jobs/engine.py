@@ -19,10 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
 from service.jobtypes import Registry, Step
-from service.leases import CancelRequested, Lease, LeaseLost, Leases, StepRow
+from service.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from service.logs import log_context
 from service.metrics import WorkerMetrics
 from service.models import JobStatus, StepStatus
@@ -139,6 +137,9 @@ class _JobRun:
         self.params = self.job_type.params.model_validate(lease.params, context={"settings": runtime.settings})
         self.current: _Context | None = None
         self.state = dict(lease.state)
+        # The result of the step that just ended, until the next write records it with itself (one statement
+        # per transition). Recording it twice is harmless (see service.leases), so it is kept until a write is sure.
+        self.unrecorded: Finished | None = None
 
     async def run(self) -> str:
         try:
@@ -156,9 +157,10 @@ class _JobRun:
             await self._release("worker stopped; the interrupted step will run again")
             raise
         if failure is None:
-            await self.leases.finish_job(self.lease, JobStatus.SUCCESS)
+            await self.leases.finish_job(self.lease, JobStatus.SUCCESS, after=self.unrecorded)
             return "success"
-        await self.leases.finish_job(self.lease, JobStatus.FAILED, f"step {failure.step} failed: {failure.error}")
+        error = f"step {failure.step} failed: {failure.error}"
+        await self.leases.finish_job(self.lease, JobStatus.FAILED, error, after=self.unrecorded)
         return "failed"
 
     async def _steps_with_keeper(self) -> _Failure | None:
@@ -203,7 +205,7 @@ class _JobRun:
             with log_context(step=row.name):
                 self.current = _Context(self.leases, self.lease, row, resource, self.state)
                 started = time.perf_counter()
-                error = await _run_step(self.current, self.job_type.step(row.name), self.params)
+                error = await self._run_step(self.current, self.job_type.step(row.name))
                 elapsed = time.perf_counter() - started
                 self.runtime.metrics.step_ran(self.lease.type, row.name, error is not None, elapsed)
                 self.current = None
@@ -211,59 +213,71 @@ class _JobRun:
                 return _Failure(row.name, error)
         return None
 
+    async def _run_step(self, ctx: _Context, step: Step[Any]) -> str | None:
+        """Run one step to success or failure (left in `unrecorded`); returns the error text on failure."""
+        row = ctx.row
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + step.timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            await self._start(row)
+            deadline_cm = asyncio.timeout_at(deadline)
+            try:
+                async with deadline_cm:
+                    detail = await step.run(ctx, self.params)
+            except TimeoutError as exc:
+                if not deadline_cm.expired():
+                    error = _describe(exc)
+                else:
+                    waiting = f"; last seen: {ctx.last_detail}" if ctx.last_detail else ""
+                    error = f"StepTimeout: no result within {step.timeout_s:g}s{waiting}"
+            except step.retry_on as exc:
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
+                if tries >= step.max_attempts or loop.time() + delay >= deadline:
+                    error = f"{_describe(exc)} (gave up after {tries} tries)"
+                else:
+                    logger.warning("step %s try %d failed, retrying in %.1fs: %s", row.name, tries, delay, exc)
+                    await ctx.progress(f"try {tries} failed ({_describe(exc)}); retrying in {delay:.1f}s")
+                    await asyncio.sleep(delay)
+                    continue
+            except (LeaseLost, CancelRequested, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                logger.exception("step %s failed", row.name)
+                error = _describe(exc)
+            else:
+                self.unrecorded = Finished(row, StepStatus.SUCCESS, detail)
+                return None
+            self.unrecorded = Finished(row, StepStatus.FAILED, f"error: {error}")
+            return error
+
+    async def _start(self, row: StepRow) -> None:
+        """Start a step, recording the one before it in the same statement."""
+        try:
+            await self.leases.start_step(self.lease, row, after=self.unrecorded)
+        except CancelRequested:
+            self.unrecorded = None  # recorded, though the step did not start
+            raise
+        self.unrecorded = None
+
     async def _record_cancel(self, request: CancelRequested) -> None:
+        if self.unrecorded is not None:
+            # The cancel came between two steps: the one that ended is recorded first, as it ended.
+            await self.leases.finish_step(self.lease, self.unrecorded)
         step = self.current
+        cancelled = None
         if step is not None:
             seen = f"; it was at: {step.last_detail}" if step.last_detail else ""
-            await self.leases.finish_step(self.lease, step.row, StepStatus.CANCELLED, f"cancelled{seen}")
-        await self.leases.finish_job(self.lease, JobStatus.CANCELLED, str(request))
+            cancelled = Finished(step.row, StepStatus.CANCELLED, f"cancelled{seen}")
+        await self.leases.finish_job(self.lease, JobStatus.CANCELLED, str(request), after=cancelled)
 
     async def _release(self, reason: str) -> None:
         try:
             async with asyncio.timeout(RELEASE_TIMEOUT_S):
-                await self.leases.release(self.lease, reason)
+                await self.leases.release(self.lease, reason, after=self.unrecorded)
         except Exception as exc:
             logger.warning("could not hand the job back (it is reaped once the lease expires): %s", exc)
-
-
-async def _run_step(ctx: _Context, step: Step[Any], params: BaseModel) -> str | None:
-    """Run one step to success or failure; returns the error text on failure."""
-    leases, lease, row = ctx.leases, ctx.lease, ctx.row
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + step.timeout_s
-    tries = 0
-    while True:
-        tries += 1
-        await leases.start_step(lease, row)
-        deadline_cm = asyncio.timeout_at(deadline)
-        try:
-            async with deadline_cm:
-                detail = await step.run(ctx, params)
-        except TimeoutError as exc:
-            if not deadline_cm.expired():
-                error = _describe(exc)
-            else:
-                waiting = f"; last seen: {ctx.last_detail}" if ctx.last_detail else ""
-                error = f"StepTimeout: no result within {step.timeout_s:g}s{waiting}"
-        except step.retry_on as exc:
-            delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
-            if tries >= step.max_attempts or loop.time() + delay >= deadline:
-                error = f"{_describe(exc)} (gave up after {tries} tries)"
-            else:
-                logger.warning("step %s try %d failed, retrying in %.1fs: %s", row.name, tries, delay, exc)
-                await ctx.progress(f"try {tries} failed ({_describe(exc)}); retrying in {delay:.1f}s")
-                await asyncio.sleep(delay)
-                continue
-        except (LeaseLost, CancelRequested, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            logger.exception("step %s failed", row.name)
-            error = _describe(exc)
-        else:
-            await leases.finish_step(lease, row, StepStatus.SUCCESS, detail)
-            return None
-        await leases.finish_step(lease, row, StepStatus.FAILED, f"error: {error}")
-        return error
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from service.auth import KeyRing
-from service.db import create_engine, create_sessions
+from service.db import autocommit, create_engine, create_sessions
 from service.errors import EXCEPTION_HANDLERS
 from service.jobtypes import Registry, default_registry
 from service.live import EventHub
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                     settings=settings,
                     engine=engine,
                     sessions=sessions,
+                    autocommit=create_sessions(autocommit(engine)),
                     redis=redis,
                     registry=registry,
                     keyring=KeyRing.from_settings(settings),

@@ -38,5 +38,10 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The engine in autocommit: a single statement is its own transaction, with no BEGIN/COMMIT round trips."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def create_sessions(engine: AsyncEngine) -> Sessions:
     return async_sessionmaker(engine, expire_on_commit=False)

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import TextClause, func, insert, or_, select, text, update
+from sqlalchemy import Integer, Text, TextClause, column, func, insert, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from service.db import Sessions, database_unavailable
-from service.models import Event, EventKind, Job, JobStatus, Step, StepStatus
+from service.db import Sessions, autocommit, database_unavailable
+from service.models import Event, EventKind, Job, JobStatus, StepStatus
 
 logger = logging.getLogger(__name__)
 
@@ -58,76 +59,62 @@ class Lease:
     previous_owner: str | None = None
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A step's result, recorded by the write that follows it (the next step's start, the job's end or a
+    hand-back), so that moving on from one step to the next is one statement."""
+
+    step: StepRow
+    status: StepStatus
+    detail: str | None
+
+
 class Leases:
-    """All the worker's SQL; one short transaction per transition so progress is visible at once."""
+    """All the worker's SQL. Every transition is one statement in its own transaction, so progress is visible at
+    once and costs one round trip."""
 
     def __init__(self, sessions: Sessions, owner: str, ttl_s: float) -> None:
         self._sessions = sessions
         self.owner = owner
         self._ttl_s = ttl_s
-        self._ttl = timedelta(seconds=ttl_s)
-        # Fenced writes are single statements: in autocommit each is its own transaction, with no BEGIN/COMMIT trips.
         bind = sessions.kw["bind"]
         assert isinstance(bind, AsyncEngine)
-        self._autocommit = bind.execution_options(isolation_level="AUTOCOMMIT")
+        self._autocommit = autocommit(bind)
 
     async def claim(self, job_id: str) -> Lease | None:
         """Take a pending job, or a running one whose lease expired; None when someone else holds it or it ended."""
-        previous = select(Job.lease_owner).where(Job.job_id == job_id).scalar_subquery()
-        async with self._sessions.begin() as session:
-            row = (
-                await session.execute(
-                    update(Job)
-                    .where(
-                        Job.job_id == job_id,
-                        or_(
-                            Job.status == JobStatus.PENDING,
-                            (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < func.now()),
-                        ),
-                    )
-                    .values(
-                        status=JobStatus.RUNNING,
-                        attempt=Job.attempt + 1,
-                        lease_owner=self.owner,
-                        lease_expires_at=func.now() + self._ttl,
-                        started_at=func.coalesce(Job.started_at, func.now()),
-                    )
-                    .returning(Job.attempt, Job.type, Job.params, Job.state, previous.label("previous_owner"))
-                )
-            ).one_or_none()
-            if row is None:
-                return None
-            steps = await session.execute(
-                select(Step.step_order, Step.name, Step.status, Step.attempts, Step.detail)
-                .where(Step.job_id == job_id)
-                .order_by(Step.step_order)
-            )
-            lease = Lease(
-                job_id=job_id,
-                owner=self.owner,
-                attempt=row.attempt,
-                type=row.type,
-                params=row.params,
-                steps=tuple(StepRow(s.step_order, s.name, StepStatus(s.status), s.attempts, s.detail) for s in steps),
-                state=row.state,
-                previous_owner=row.previous_owner,
-            )
-            detail = f"by {self.owner}"
-            if row.previous_owner:
-                detail += f"; took over from {row.previous_owner}, whose lease expired"
-            await _event(session, lease, EventKind.CLAIMED, status=JobStatus.RUNNING, detail=detail)
-            return lease
+        values = {"job_id": job_id, "owner": self.owner, "ttl": self._ttl_s, "actor": f"worker:{self.owner}"}
+        async with self._autocommit.connect() as conn:
+            row = (await conn.execute(_CLAIM, values)).one_or_none()
+        if row is None:
+            return None
+        return Lease(
+            job_id=job_id,
+            owner=self.owner,
+            attempt=row.attempt,
+            type=row.type,
+            params=row.params,
+            steps=tuple(
+                StepRow(order, name, StepStatus(status), attempts, detail)
+                for order, name, status, attempts, detail in row.steps
+            ),
+            state=row.state,
+            previous_owner=row.previous_owner,
+        )
 
-    async def _write(self, lease: Lease, statement: TextClause, **params: Any) -> None:
+    async def _write(self, lease: Lease, statement: _Fenced, events: list[dict[str, Any]], **params: Any) -> None:
         """Run one fenced write: a single statement, in its own implicit transaction (one round trip)."""
         values = {"job_id": lease.job_id, "attempt": lease.attempt, "owner": lease.owner, **params}
+        values["actor"] = f"worker:{lease.owner}"
+        for number, event in enumerate(events, start=1):
+            values.update({f"e{number}_{name}": value for name, value in event.items()})
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._ttl_s
         delay = 0.1
         while True:
             try:
                 async with self._autocommit.connect() as conn:
-                    held, cancel_requested_at = (await conn.execute(statement, values)).one()
+                    held, cancel_requested_at = (await conn.execute(statement.clause, values)).one()
                 break
             except Exception as exc:
                 if not database_unavailable(exc):
@@ -139,107 +126,191 @@ class Leases:
                 delay = min(delay * 2, 2.0)
         if not held:
             raise LeaseLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.owner}")
-        if cancel_requested_at is not None and statement in _CANCELLABLE:
+        if cancel_requested_at is not None and statement.cancellable:
             async with self._sessions() as session:
                 raise CancelRequested(await _cancel_reason(session, lease.job_id, cancel_requested_at))
 
-    def _event(self, lease: Lease, kind: EventKind, step: str | None = None, status: str | None = None,
-               detail: str | None = None) -> dict[str, Any]:  # fmt: skip
-        return {"kind": kind.value, "ev_step": step, "ev_status": status, "ev_detail": detail,
-                "actor": f"worker:{lease.owner}"}  # fmt: skip
+    async def _write_after(
+        self, lease: Lease, statements: _AfterDone, after: Finished | None, event: dict[str, Any], **params: Any
+    ) -> None:
+        """A write that first records `after`, the step that just finished, when there is one."""
+        if after is None:
+            await self._write(lease, statements.alone, [event], **params)
+            return
+        await self._write(lease, statements.after_done, [_done_event(after), event], **_done_params(after), **params)
 
     async def check(self, lease: Lease) -> None:
         """Raises LeaseLost or CancelRequested; writes nothing."""
-        await self._write(lease, _CHECK)
+        await self._write(lease, _CHECK, [])
 
     async def renew(self, lease: Lease) -> None:
-        await self._write(lease, _RENEW, ttl=self._ttl_s)
+        await self._write(lease, _RENEW, [], ttl=self._ttl_s)
 
-    async def release(self, lease: Lease, reason: str) -> None:
+    async def release(self, lease: Lease, reason: str, after: Finished | None = None) -> None:
         """Give the job back (worker stopping): pending again, so any worker may claim it at once; the step that
         was running is pending again and will run again."""
-        event = self._event(lease, EventKind.RELEASED, status=JobStatus.PENDING, detail=reason)
-        await self._write(lease, _RELEASE, detail=reason, **event)
+        event = _event(EventKind.RELEASED, status=JobStatus.PENDING, detail=reason)
+        await self._write_after(lease, _RELEASE, after, event, detail=reason)
 
-    async def start_step(self, lease: Lease, step: StepRow) -> None:
-        """Checks for a cancel request first: a cancelled job never starts another step."""
-        event = self._event(lease, EventKind.STEP, step=step.name, status=StepStatus.RUNNING)
-        await self._write(lease, _START_STEP, step_order=step.order, **event)
+    async def start_step(self, lease: Lease, step: StepRow, after: Finished | None = None) -> None:
+        """Checks for a cancel request first: a cancelled job never starts another step (`after` is recorded
+        all the same)."""
+        event = _event(EventKind.STEP, step=step.name, status=StepStatus.RUNNING)
+        await self._write_after(lease, _START_STEP, after, event, step_order=step.order)
 
     async def remember(self, lease: Lease, values: dict[str, Any]) -> None:
         """Merge `values` into the job's state (JSONB `||`), for later steps and for a resumed run."""
-        await self._write(lease, _REMEMBER, state=json.dumps(values))
+        await self._write(lease, _REMEMBER, [], state=json.dumps(values))
 
     async def progress(self, lease: Lease, step: StepRow, detail: str) -> None:
-        event = self._event(lease, EventKind.PROGRESS, step=step.name, detail=detail)
-        await self._write(lease, _PROGRESS, step_order=step.order, detail=detail, **event)
+        event = _event(EventKind.PROGRESS, step=step.name, detail=detail)
+        await self._write(lease, _PROGRESS, [event], step_order=step.order, detail=detail)
 
-    async def finish_step(self, lease: Lease, step: StepRow, status: StepStatus, detail: str | None) -> None:
-        event = self._event(lease, EventKind.STEP, step=step.name, status=status, detail=detail)
-        await self._write(lease, _FINISH_STEP, step_order=step.order, step_status=status.value, detail=detail, **event)
+    async def finish_step(self, lease: Lease, finished: Finished) -> None:
+        """Record a step's result on its own; usually it goes with the next write (`after`)."""
+        await self._write(lease, _FINISH_STEP, [_done_event(finished)], **_done_params(finished))
 
-    async def finish_job(self, lease: Lease, status: JobStatus, error: str | None = None) -> None:
-        event = self._event(lease, EventKind.FINISHED, status=status, detail=error)
-        await self._write(lease, _FINISH_JOB, job_status=status.value, error=error, **event)
+    async def finish_job(
+        self, lease: Lease, status: JobStatus, error: str | None = None, after: Finished | None = None
+    ) -> None:
+        event = _event(EventKind.FINISHED, status=status, detail=error)
+        await self._write_after(lease, _FINISH_JOB, after, event, job_status=status.value, error=error)
 
 
-def _fenced(writes: str = "", check_cancel: bool = False, event: bool = True) -> TextClause:
-    """One statement: lock the job row FOR SHARE on the fencing token (a takeover, which UPDATEs that row, waits for
-    it or makes it find nothing), make `writes` and the event only if the fence held (and, with `check_cancel`, no
-    cancel was requested), and say whether it held and whether a cancel was requested."""
-    cancel = "WHERE cancel_requested_at IS NULL" if check_cancel else ""
-    event_cte = (
-        ", event AS (INSERT INTO ops_job_event (job_id, kind, step, status, detail, attempt, actor)"
-        " SELECT :job_id, CAST(:kind AS text), CAST(:ev_step AS text), CAST(:ev_status AS text),"
-        " CAST(:ev_detail AS text), CAST(:attempt AS integer), CAST(:actor AS text) FROM go RETURNING 1)"
-        if event
-        else ""
+def _event(
+    kind: EventKind, step: str | None = None, status: str | None = None, detail: str | None = None
+) -> dict[str, Any]:
+    return {"kind": kind.value, "step": step, "status": status, "detail": detail}
+
+
+def _done_event(finished: Finished) -> dict[str, Any]:
+    return _event(EventKind.STEP, step=finished.step.name, status=finished.status, detail=finished.detail)
+
+
+def _done_params(finished: Finished) -> dict[str, Any]:
+    return {"done_order": finished.step.order, "done_status": finished.status.value, "done_detail": finished.detail}
+
+
+@dataclass(frozen=True)
+class _Fenced:
+    clause: TextClause
+    # Refused once a cancel is requested; the other writes record the cancel itself, or a hand-back.
+    cancellable: bool
+
+
+# The fence: the job row locked FOR SHARE on the fencing token. A takeover, which UPDATEs that row, waits for the
+# lock or makes the fence find nothing. `go` is the fence unless a cancel was requested (for cancellable writes).
+_HELD = "EXISTS (SELECT 1 FROM fence)"
+_GO = "EXISTS (SELECT 1 FROM go)"
+
+
+def _fenced(writes: str = "", events: tuple[str, ...] = (), cancellable: bool = False) -> _Fenced:
+    """One statement: lock the job row on the fencing token; make `writes` (CTEs, each guarded by `_HELD` or
+    `_GO`) and one event per entry of `events` (the guard it is written under, in order); and say whether the
+    fence held and whether a cancel was requested."""
+    cancel = "WHERE cancel_requested_at IS NULL" if cancellable else ""
+    event_cte = ""
+    if events:
+        rows = ", ".join(
+            f"({n}, CAST(:e{n}_kind AS text), CAST(:e{n}_step AS text), CAST(:e{n}_status AS text),"
+            f" CAST(:e{n}_detail AS text), {guard})"
+            for n, guard in enumerate(events, start=1)
+        )
+        event_cte = (
+            ", event AS (INSERT INTO ops_job_event (job_id, kind, step, status, detail, attempt, actor)"
+            " SELECT :job_id, e.kind, e.step, e.status, e.detail, CAST(:attempt AS integer), CAST(:actor AS text)"
+            f" FROM (VALUES {rows}) AS e (n, kind, step, status, detail, ok) WHERE e.ok ORDER BY e.n RETURNING 1)"
+        )
+    return _Fenced(
+        text(
+            "WITH fence AS (SELECT cancel_requested_at FROM ops_job WHERE job_id = :job_id"
+            " AND attempt = CAST(:attempt AS integer) AND lease_owner = :owner AND status = 'running' FOR SHARE),"
+            f" go AS (SELECT 1 FROM fence {cancel}){writes}{event_cte}"
+            f" SELECT {_HELD} AS held, (SELECT cancel_requested_at FROM fence) AS cancel_requested_at"
+        ),
+        cancellable,
     )
-    return text(
-        "WITH fence AS (SELECT cancel_requested_at FROM ops_job WHERE job_id = :job_id"
-        " AND attempt = CAST(:attempt AS integer) AND lease_owner = :owner AND status = 'running' FOR SHARE),"
-        f" go AS (SELECT 1 FROM fence {cancel}){writes}{event_cte}"
-        " SELECT EXISTS (SELECT 1 FROM fence) AS held, (SELECT cancel_requested_at FROM fence) AS cancel_requested_at"
+
+
+@dataclass(frozen=True)
+class _AfterDone:
+    alone: _Fenced
+    after_done: _Fenced
+
+
+# Records the step that just finished, as part of the write that follows it: under the fence only, so that it is
+# recorded even when a cancel request stops the next step from starting; and only once, so that recording it again
+# after a write whose outcome is unknown (an interrupted one) changes nothing.
+_DONE = (
+    ", done AS (UPDATE ops_job_step SET status = CAST(:done_status AS text), finished_at = now(),"
+    " detail = coalesce(CAST(:done_detail AS text), detail) WHERE job_id = :job_id"
+    f" AND step_order = CAST(:done_order AS integer) AND status IN ('pending', 'running') AND {_HELD} RETURNING 1)"
+)
+_DONE_GUARD = "EXISTS (SELECT 1 FROM done)"
+
+
+def _after_done(writes: str, guard: str, cancellable: bool = False) -> _AfterDone:
+    return _AfterDone(
+        _fenced(writes, (guard,), cancellable), _fenced(_DONE + writes, (_DONE_GUARD, guard), cancellable)
     )
 
 
-_IF_HELD = "EXISTS (SELECT 1 FROM go)"
-_STEP = f"job_id = :job_id AND step_order = CAST(:step_order AS integer) AND {_IF_HELD}"
-_CHECK = _fenced(check_cancel=True, event=False)
+_STEP = "job_id = :job_id AND step_order = CAST(:step_order AS integer)"
+_CHECK = _fenced(cancellable=True)
 _RENEW = _fenced(
     ", job AS (UPDATE ops_job SET lease_expires_at = now() + make_interval(secs => CAST(:ttl AS double precision))"
-    f" WHERE job_id = :job_id AND {_IF_HELD} RETURNING 1)",
-    check_cancel=True,
-    event=False,
+    f" WHERE job_id = :job_id AND {_GO} RETURNING 1)",
+    cancellable=True,
 )
-_RELEASE = _fenced(
+_RELEASE = _after_done(
     ", job AS (UPDATE ops_job SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL"
-    f" WHERE job_id = :job_id AND {_IF_HELD} RETURNING 1),"
+    f" WHERE job_id = :job_id AND {_HELD} RETURNING 1),"
     " steps AS (UPDATE ops_job_step SET status = 'pending', detail = CAST(:detail AS text)"
-    f" WHERE job_id = :job_id AND status = 'running' AND {_IF_HELD} RETURNING 1)"
+    f" WHERE job_id = :job_id AND status = 'running' AND {_HELD} RETURNING 1)",
+    _HELD,
 )
-_START_STEP = _fenced(
+_START_STEP = _after_done(
     ", step AS (UPDATE ops_job_step SET status = 'running', attempts = attempts + 1, started_at = now(),"
-    f" finished_at = NULL WHERE {_STEP} RETURNING 1)",
-    check_cancel=True,
+    f" finished_at = NULL WHERE {_STEP} AND {_GO} RETURNING 1)",
+    _GO,
+    cancellable=True,
 )
+_FINISH_STEP = _fenced(_DONE, (_DONE_GUARD,))
 _REMEMBER = _fenced(
-    f", job AS (UPDATE ops_job SET state = state || CAST(:state AS jsonb) WHERE job_id = :job_id AND {_IF_HELD}"
-    " RETURNING 1)",
-    event=False,
-)
-_PROGRESS = _fenced(f", step AS (UPDATE ops_job_step SET detail = CAST(:detail AS text) WHERE {_STEP} RETURNING 1)")
-_FINISH_STEP = _fenced(
-    ", step AS (UPDATE ops_job_step SET status = CAST(:step_status AS text), finished_at = now(),"
-    f" detail = coalesce(CAST(:detail AS text), detail) WHERE {_STEP} RETURNING 1)"
-)
-_FINISH_JOB = _fenced(
-    ", job AS (UPDATE ops_job SET status = CAST(:job_status AS text), error = CAST(:error AS text),"
-    f" finished_at = now(), lease_owner = NULL, lease_expires_at = NULL WHERE job_id = :job_id AND {_IF_HELD}"
+    f", job AS (UPDATE ops_job SET state = state || CAST(:state AS jsonb) WHERE job_id = :job_id AND {_HELD}"
     " RETURNING 1)"
 )
-# Writes that must not happen once a cancel is requested; the others record the cancel itself, or a hand-back.
-_CANCELLABLE = (_CHECK, _RENEW, _START_STEP)
+_PROGRESS = _fenced(
+    f", step AS (UPDATE ops_job_step SET detail = CAST(:detail AS text) WHERE {_STEP} AND {_HELD} RETURNING 1)",
+    (_HELD,),
+)
+_FINISH_JOB = _after_done(
+    ", job AS (UPDATE ops_job SET status = CAST(:job_status AS text), error = CAST(:error AS text),"
+    f" finished_at = now(), lease_owner = NULL, lease_expires_at = NULL WHERE job_id = :job_id AND {_HELD}"
+    " RETURNING 1)",
+    _HELD,
+)
+# The claim: the job row moves to this worker (a takeover only once the lease expired), the `claimed` event names
+# whose lease was taken over, and the job's type, params, state and steps come back, all in one statement.
+_CLAIM = text(
+    "WITH previous AS (SELECT lease_owner FROM ops_job WHERE job_id = :job_id),"
+    " job AS (UPDATE ops_job SET status = 'running', attempt = attempt + 1, lease_owner = CAST(:owner AS text),"
+    " lease_expires_at = now() + make_interval(secs => CAST(:ttl AS double precision)),"
+    " started_at = coalesce(started_at, now())"
+    " WHERE job_id = :job_id AND (status = 'pending' OR (status = 'running' AND lease_expires_at < now()))"
+    " RETURNING attempt, type, params, state),"
+    " event AS (INSERT INTO ops_job_event (job_id, kind, status, detail, attempt, actor)"
+    " SELECT :job_id, 'claimed', 'running', 'by ' || CAST(:owner AS text)"
+    " || coalesce('; took over from ' || previous.lease_owner || ', whose lease expired', ''),"
+    " job.attempt, CAST(:actor AS text) FROM job, previous RETURNING 1)"
+    " SELECT job.attempt, job.type, job.params, job.state, previous.lease_owner AS previous_owner,"
+    " (SELECT json_agg(json_build_array(step_order, name, status, attempts, detail) ORDER BY step_order)"
+    " FROM ops_job_step WHERE job_id = :job_id) AS steps"
+    " FROM job, previous"
+).columns(
+    column("attempt", Integer), column("type", Text), column("params", JSONB), column("state", JSONB),
+    column("previous_owner", Text), column("steps", JSONB),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -312,25 +383,3 @@ async def _cancel_reason(session: AsyncSession, job_id: str, requested_at: datet
         .limit(1)
     )
     return f"cancelled by {actor or 'an operator'} at {requested_at.isoformat(timespec='seconds')}"
-
-
-async def _event(
-    session: AsyncSession,
-    lease: Lease,
-    kind: EventKind,
-    *,
-    step: str | None = None,
-    status: str | None = None,
-    detail: str | None = None,
-) -> None:
-    await session.execute(
-        insert(Event).values(
-            job_id=lease.job_id,
-            kind=kind,
-            step=step,
-            status=status,
-            detail=detail,
-            attempt=lease.attempt,
-            actor=f"worker:{lease.owner}",
-        )
-    )

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import DateTime, Select, column, func, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -53,64 +53,84 @@ class Created:
     replayed: bool = False
 
 
+# Job, steps and `created` event in one statement (one round trip, its own transaction). A job with an
+# Idempotency-Key its actor already used is not inserted (no row comes back); a busy target raises a unique violation.
+_INSERT_JOB = text(
+    "WITH job AS (INSERT INTO ops_job (job_id, type, status, params, target, actor, source_ip, idempotency_key,"
+    " attempt) VALUES (:job_id, :type, 'pending', CAST(:params AS jsonb), :target, :actor, :source_ip, :key, 0)"
+    " ON CONFLICT (actor, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING job_id, created_at),"
+    " steps AS (INSERT INTO ops_job_step (job_id, step_order, name, status, attempts)"
+    " SELECT job.job_id, s.step_order, s.name, 'pending', 0"
+    " FROM job, unnest(CAST(:steps AS text[])) WITH ORDINALITY AS s (name, step_order) RETURNING 1),"
+    " event AS (INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)"
+    " SELECT job.job_id, 'created', 'pending', :actor, :source_ip FROM job RETURNING 1)"
+    " SELECT created_at FROM job"
+).columns(column("created_at", DateTime(timezone=True)))
+# An expired Idempotency-Key is freed for a new job; the old job keeps everything else.
+_FREE_EXPIRED_KEY = text(
+    "UPDATE ops_job SET idempotency_key = NULL WHERE actor = :actor AND idempotency_key = :key"
+    " AND created_at < now() - make_interval(secs => CAST(:window AS double precision)) RETURNING job_id"
+)
+
+
 async def create_job(
     session: AsyncSession, job_type: JobType[Any], params: BaseModel, caller: Caller, idempotency_key: str | None
 ) -> Created:
-    """Write the job, its planned steps and its `created` event in the session's transaction."""
-    if idempotency_key is not None:
-        earlier = await _idempotent_replay(session, job_type, params, caller, idempotency_key)
-        if earlier is not None:
-            return Created(earlier, replayed=True)
+    """Write the job, its planned steps and its `created` event, in one statement (`session` is best in
+    autocommit); or return the job the same Idempotency-Key created."""
+    values = params.model_dump(mode="json")
     job = Job(
         job_id=new_job_id(job_type.name),
         type=job_type.name,
         status=JobStatus.PENDING,
-        params=params.model_dump(mode="json"),
+        params=values,
         target=job_type.target(params),
         actor=caller.actor,
         source_ip=caller.source_ip,
-        idempotency_key=idempotency_key,
         attempt=0,
     )
     job.steps = [
-        Step(job_id=job.job_id, step_order=order, name=step.name, status=StepStatus.PENDING, attempts=0)
+        Step(name=step.name, step_order=order, status=StepStatus.PENDING, attempts=0)
         for order, step in enumerate(job_type.steps_for(params), start=1)
     ]
-    try:
-        # A savepoint, so that after a conflict the transaction can still say what is in the way.
-        async with session.begin_nested():
-            session.add(job)
-    except IntegrityError as exc:
-        if "uq_ops_job_active_target" in str(exc.orig):
+    row = {
+        "job_id": job.job_id, "type": job.type, "params": json.dumps(values), "target": job.target,
+        "actor": caller.actor, "source_ip": caller.source_ip, "key": idempotency_key,
+        "steps": [step.name for step in job.steps],
+    }  # fmt: skip
+    # Twice at most: a key whose job expired is freed, then the insert is tried again.
+    for _ in range(2):
+        try:
+            created_at = await session.scalar(_INSERT_JOB, row)
+        except IntegrityError as exc:
+            if "uq_ops_job_active_target" not in str(exc.orig):
+                raise
+            await session.rollback()
             raise await _target_busy(session, job.target) from None
-        if idempotency_key is not None and "uq_ops_job_actor_idempotency_key" in str(exc.orig):
-            # A concurrent request with the same key won the race: answer as it did.
-            earlier = await _idempotent_replay(session, job_type, params, caller, idempotency_key)
-            if earlier is not None:
-                return Created(earlier, replayed=True)
-        raise
-    # Added after the job's flush: the unit of work orders inserts by relationships, and events have none.
-    session.add(Event(job_id=job.job_id, kind=EventKind.CREATED, status=JobStatus.PENDING, **_caller_columns(caller)))
-    return Created(job)
+        if created_at is not None:
+            job.created_at = created_at
+            return Created(job)
+        assert idempotency_key is not None  # only a reused key inserts nothing
+        earlier = await _idempotent_replay(session, job_type, values, caller, idempotency_key)
+        if earlier is not None:
+            return Created(earlier, replayed=True)
+    raise Conflict(f"Idempotency-Key {idempotency_key!r} is being reused concurrently; try again")
 
 
 async def _idempotent_replay(
-    session: AsyncSession, job_type: JobType[Any], params: BaseModel, caller: Caller, key: str
+    session: AsyncSession, job_type: JobType[Any], values: dict[str, Any], caller: Caller, key: str
 ) -> Job | None:
-    """The job this actor created with `key` within the window, if the request is the same; else an error."""
+    """The job this actor created with `key` within the window, if the request is the same (else an error); None
+    when the key's job has expired, and the key is free again."""
+    window = IDEMPOTENCY_WINDOW.total_seconds()
+    if await session.scalar(_FREE_EXPIRED_KEY, {"actor": caller.actor, "key": key, "window": window}) is not None:
+        return None
     earlier = await session.scalar(
-        select(Job)
-        .where(Job.actor == caller.actor, Job.idempotency_key == key)
-        .options(selectinload(Job.steps))
-        .with_for_update()
+        select(Job).where(Job.actor == caller.actor, Job.idempotency_key == key).options(selectinload(Job.steps))
     )
     if earlier is None:
-        return None
-    if earlier.created_at < await _db_now(session) - IDEMPOTENCY_WINDOW:
-        earlier.idempotency_key = None  # expired: the key is free again
-        await session.flush()
-        return None
-    if earlier.type != job_type.name or earlier.params != params.model_dump(mode="json"):
+        return None  # freed meanwhile
+    if earlier.type != job_type.name or earlier.params != values:
         message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
         raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
     return earlier
@@ -250,14 +270,14 @@ async def list_jobs(
 ) -> tuple[list[Job], str | None]:
     """Newest first; one page plus the cursor of the next (None on the last page)."""
     query: Select[Job] = select(Job).options(selectinload(Job.steps))
-    for column, value in (
+    for attribute, value in (
         (Job.type, filters.type),
         (Job.status, filters.status),
         (Job.actor, filters.actor),
         (Job.target, filters.target),
     ):
         if value is not None:
-            query = query.where(column == value)
+            query = query.where(attribute == value)
     if filters.since is not None:
         query = query.where(Job.created_at >= filters.since)
     if cursor is not None:

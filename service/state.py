@@ -20,6 +20,8 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     sessions: Sessions
+    # Sessions whose every statement is its own transaction: for writes made in one statement.
+    autocommit: Sessions
     redis: ArqRedis
     registry: Registry
     keyring: KeyRing

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import create_engine, create_sessions
-from service.leases import LeaseLost, Leases
+from service.leases import Finished, LeaseLost, Leases
 from service.models import JobStatus, StepStatus
 from service.settings import Settings
 from tests.conftest import fetch_one, running_worker, submit, wait_for, wait_for_status
@@ -53,7 +53,7 @@ async def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off(
         old.renew(old_lease),
         old.start_step(old_lease, step),
         old.progress(old_lease, step, "still here"),
-        old.finish_step(old_lease, step, StepStatus.SUCCESS, "done"),
+        old.finish_step(old_lease, Finished(step, StepStatus.SUCCESS, "done")),
         old.finish_job(old_lease, JobStatus.SUCCESS),
     ):
         with pytest.raises(LeaseLost):

@@ -8,7 +8,7 @@ from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from service.db import create_engine, create_sessions
-from service.leases import Leases
+from service.leases import Finished, Leases
 from service.models import StepStatus
 from service.queue import delivery_id
 from service.settings import Settings
@@ -49,8 +49,7 @@ async def test_job_of_a_dead_worker_resumes_at_its_interrupted_step(
         assert lease is not None
         first, second, _ = lease.steps
         await dead.start_step(lease, first)
-        await dead.finish_step(lease, first, StepStatus.SUCCESS, "done before the crash")
-        await dead.start_step(lease, second)
+        await dead.start_step(lease, second, after=Finished(first, StepStatus.SUCCESS, "done before the crash"))
     finally:
         await engine.dispose()
     # The dead worker had taken the delivery off the queue; only the reaper can bring the job back.
@@ -90,7 +89,7 @@ async def test_job_state_remembered_on_one_worker_is_seen_where_the_job_resumes(
         learn, _ = lease.steps
         await dead.start_step(lease, learn)
         await dead.remember(lease, {"learned_by": "attempt 1"})
-        await dead.finish_step(lease, learn, StepStatus.SUCCESS, "learned")
+        await dead.finish_step(lease, Finished(learn, StepStatus.SUCCESS, "learned"))
     finally:
         await engine.dispose()
     await redis.delete(settings.queue_name)

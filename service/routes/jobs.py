@@ -39,7 +39,7 @@ async def submit_job(request: Request) -> JSONResponse:
     key = _idempotency_key(request)
     body = await _read_json_object(request, state.settings.max_body_bytes)
     params = _validate(job_type.params, body, context={"settings": state.settings})
-    async with state.sessions.begin() as session:
+    async with state.autocommit() as session:
         created = await create_job(session, job_type, params, _caller(request, principal), key)
     job = created.job
     if created.replayed:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import asyncpg
 from redis.asyncio import Redis
 
+from service.db import PING_AFTER_IDLE_S
 from service.settings import Settings
 from tests.conftest import api_client, free_port, headers
 
@@ -64,3 +66,22 @@ async def test_submit_while_postgres_is_down_is_503_and_writes_nothing(
     }
     assert await redis.zcard(settings.queue_name) == 0
     assert await db.fetchval("SELECT count(*) FROM ops_job") == 0
+
+
+async def test_requests_after_postgres_dropped_the_idle_connections_succeed(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """As after a PostgreSQL restart: the pool's connections are dead, and no request may fail for it."""
+    async with api_client(settings, headers=headers("writer")) as client:
+        created = await asyncio.gather(*(client.post("/ops/jobs/noop", json={"steps": 1}) for _ in range(3)))
+        dropped = await db.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'apiops-api'"
+        )
+        await asyncio.sleep(PING_AFTER_IDLE_S)
+        after = await asyncio.gather(*(client.get(f"/ops/jobs/{r.json()['job_id']}") for r in created))
+        submitted = await client.post("/ops/jobs/noop", json={"steps": 1})
+
+    assert dropped >= 1
+    assert [r.status_code for r in after] == [200, 200, 200]
+    assert submitted.status_code == 202

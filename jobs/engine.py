@@ -140,6 +140,8 @@ class _JobRun:
         # The result of the step that just ended, until the next write records it with itself (one statement
         # per transition). Recording it twice is harmless (see service.leases), so it is kept until a write is sure.
         self.unrecorded: Finished | None = None
+        # The step the claim started already, until it runs.
+        self.claim_started = lease.started_step
 
     async def run(self) -> str:
         try:
@@ -253,7 +255,10 @@ class _JobRun:
             return error
 
     async def _start(self, row: StepRow) -> None:
-        """Start a step, recording the one before it in the same statement."""
+        """Start a step, recording the one before it in the same statement (the claim started the first one)."""
+        if self.claim_started == row.order:
+            self.claim_started = None
+            return
         try:
             await self.leases.start_step(self.lease, row, after=self.unrecorded)
         except CancelRequested:

@@ -19,19 +19,23 @@ Sessions = async_sessionmaker[AsyncSession]
 PING_AFTER_IDLE_S = 1.0
 
 
-def create_engine(settings: Settings, role: str, pre_ping: bool = True) -> AsyncEngine:
+def create_engine(settings: Settings, role: str, pre_ping: bool = True, autocommit: bool = False) -> AsyncEngine:
     """An engine whose connections say `apiops-<role>` in `pg_stat_activity` and never wait forever.
 
     With `pre_ping`, a connection that sat idle in the pool for over PING_AFTER_IDLE_S is tested as it leaves it,
     so that a PostgreSQL restart (or an idle connection dropped in between) costs no failed request. Connections in
     steady use are not pinged: that round trip cost the API an eighth of its CPU under load (`make bench`), and
     a connection lost while busy is found by the request using it, which invalidates the whole pool. The worker
-    needs no ping: it retries a write whose connection turns out dead (service.leases)."""
+    needs no ping: it retries a write whose connection turns out dead (service.leases).
+
+    With `autocommit`, every statement is its own transaction; cheaper than switching a pooled connection to
+    autocommit for each use (see `autocommit()`), for a process whose every write is one statement (the worker)."""
     engine = create_async_engine(
         make_url(settings.database_url.get_secret_value()),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_timeout=settings.db_connect_timeout_s,
+        isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
             "timeout": settings.db_connect_timeout_s,
             "command_timeout": settings.db_command_timeout_s,

@@ -57,6 +57,8 @@ class Lease:
     state: dict[str, Any]
     # The worker whose expired lease this claim took over; None for a first or handed-back claim.
     previous_owner: str | None = None
+    # The step the claim started (its first unfinished one); None when a cancel was requested, or none was left.
+    started_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Leases:
         self._autocommit = autocommit(bind)
 
     async def claim(self, job_id: str) -> Lease | None:
-        """Take a pending job, or a running one whose lease expired; None when someone else holds it or it ended."""
+        """Take a pending job, or a running one whose lease expired, and start its first unfinished step; None
+        when someone else holds it or it ended."""
         values = {"job_id": job_id, "owner": self.owner, "ttl": self._ttl_s, "actor": f"worker:{self.owner}"}
         async with self._autocommit.connect() as conn:
             row = (await conn.execute(_CLAIM, values)).one_or_none()
@@ -100,6 +103,7 @@ class Leases:
             ),
             state=row.state,
             previous_owner=row.previous_owner,
+            started_step=row.started_step,
         )
 
     async def _write(self, lease: Lease, statement: _Fenced, events: list[dict[str, Any]], **params: Any) -> None:
@@ -290,26 +294,35 @@ _FINISH_JOB = _after_done(
     " RETURNING 1)",
     _HELD,
 )
-# The claim: the job row moves to this worker (a takeover only once the lease expired), the `claimed` event names
-# whose lease was taken over, and the job's type, params, state and steps come back, all in one statement.
+# The claim, in one statement: the job row moves to this worker (a takeover only once the lease expired); its first
+# unfinished step starts, unless a cancel was requested; the `claimed` event names whose lease was taken over; and
+# the job's type, params, state and steps (as they were before this statement) come back.
 _CLAIM = text(
     "WITH previous AS (SELECT lease_owner FROM ops_job WHERE job_id = :job_id),"
     " job AS (UPDATE ops_job SET status = 'running', attempt = attempt + 1, lease_owner = CAST(:owner AS text),"
     " lease_expires_at = now() + make_interval(secs => CAST(:ttl AS double precision)),"
     " started_at = coalesce(started_at, now())"
     " WHERE job_id = :job_id AND (status = 'pending' OR (status = 'running' AND lease_expires_at < now()))"
-    " RETURNING attempt, type, params, state),"
-    " event AS (INSERT INTO ops_job_event (job_id, kind, status, detail, attempt, actor)"
-    " SELECT :job_id, 'claimed', 'running', 'by ' || CAST(:owner AS text)"
-    " || coalesce('; took over from ' || previous.lease_owner || ', whose lease expired', ''),"
-    " job.attempt, CAST(:actor AS text) FROM job, previous RETURNING 1)"
+    " RETURNING attempt, type, params, state, cancel_requested_at),"
+    " first AS (SELECT step_order, name FROM ops_job_step WHERE job_id = :job_id"
+    " AND status NOT IN ('success', 'skipped') ORDER BY step_order LIMIT 1),"
+    " started AS (UPDATE ops_job_step SET status = 'running', attempts = attempts + 1, started_at = now(),"
+    " finished_at = NULL WHERE job_id = :job_id AND step_order = (SELECT step_order FROM first)"
+    " AND EXISTS (SELECT 1 FROM job WHERE cancel_requested_at IS NULL) RETURNING step_order),"
+    " event AS (INSERT INTO ops_job_event (job_id, kind, step, status, detail, attempt, actor)"
+    " SELECT :job_id, e.kind, e.step, 'running', e.detail, job.attempt, CAST(:actor AS text)"
+    " FROM job, previous, LATERAL (VALUES (1, 'claimed', NULL, 'by ' || CAST(:owner AS text)"
+    " || coalesce('; took over from ' || previous.lease_owner || ', whose lease expired', '')),"
+    " (2, 'step', (SELECT name FROM first), NULL)) AS e (n, kind, step, detail)"
+    " WHERE e.n = 1 OR EXISTS (SELECT 1 FROM started) ORDER BY e.n RETURNING 1)"
     " SELECT job.attempt, job.type, job.params, job.state, previous.lease_owner AS previous_owner,"
+    " (SELECT step_order FROM started) AS started_step,"
     " (SELECT json_agg(json_build_array(step_order, name, status, attempts, detail) ORDER BY step_order)"
     " FROM ops_job_step WHERE job_id = :job_id) AS steps"
     " FROM job, previous"
 ).columns(
     column("attempt", Integer), column("type", Text), column("params", JSONB), column("state", JSONB),
-    column("previous_owner", Text), column("steps", JSONB),
+    column("previous_owner", Text), column("started_step", Integer), column("steps", JSONB),
 )  # fmt: skip
 
 

@@ -109,9 +109,13 @@ class EventHub:
             delay = 0.2
             try:
                 await self._listen_on(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Lost before its termination listener was in place (while it was still starting to listen).
+                logger.warning("live events: listening connection lost (%s); reconnecting", exc)
             finally:
                 self.listening.clear()
-                await conn.close(timeout=1)
+                if not conn.is_closed():
+                    await conn.close(timeout=1)
 
     async def _listen_on(self, conn: asyncpg.Connection) -> None:
         lost = asyncio.Event()

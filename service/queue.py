@@ -11,6 +11,9 @@ import logging
 from enum import Enum
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -77,12 +80,26 @@ async def enqueue(
     """Put a job id on the queue. FAILED (logged) when Redis cannot take it: the job stays in PostgreSQL and
     the workers' reaper enqueues it once Redis is back. Duplicate deliveries are harmless: the claim in
     PostgreSQL lets only one run."""
+    delivery = delivery_id(job_id, attempt, round_)
+    now = timestamp_ms()
+    keys = (job_key_prefix + delivery, result_key_prefix + delivery, queue_name)
+    payload = serialize_job(RUN_JOB, (job_id,), {}, None, now, serializer=redis.job_serializer)
+    args = (redis.expires_extra_ms, payload, now, delivery)
     try:
         async with asyncio.timeout(timeout_s):
-            job = await redis.enqueue_job(
-                RUN_JOB, job_id, _job_id=delivery_id(job_id, attempt, round_), _queue_name=queue_name
-            )
+            queued = await redis.register_script(_ENQUEUE)(keys, args)
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("could not enqueue job %s (it stays pending until the reaper enqueues it): %s", job_id, exc)
         return Delivery.FAILED
-    return Delivery.QUEUED if job is not None else Delivery.ALREADY_QUEUED
+    return Delivery.QUEUED if queued else Delivery.ALREADY_QUEUED
+
+
+# What arq's `enqueue_job` does, as one atomic script: one round trip instead of three (WATCH, EXISTS, then
+# MULTI/EXEC). The job is queued, as arq would queue it, only if neither its key nor its result's key exists; it
+# expires as arq's do. KEYS: job key, result key, queue. ARGV: expiry in ms, arq's serialized job, score, job id.
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""

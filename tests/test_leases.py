@@ -63,7 +63,7 @@ async def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off(
     first_step = await fetch_one(
         db, "SELECT status, detail FROM ops_job_step WHERE job_id = $1 AND step_order = 1", job_id
     )
-    assert first_step == {"status": "pending", "detail": None}
+    assert first_step == {"status": "running", "detail": None}  # started again by the new claim
 
 
 async def test_stopping_a_worker_releases_its_job_for_another_at_once(

@@ -41,14 +41,15 @@ async def test_job_of_a_dead_worker_resumes_at_its_interrupted_step(
     client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection, redis: Redis
 ) -> None:
     job_id = (await client.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]
-    # A worker claims the job, finishes step 1, starts step 2 and dies (no release, nothing more written).
+    # A worker claims the job (which starts step 1), finishes step 1, starts step 2 and dies (no release, nothing
+    # more written).
     engine = create_engine(settings, "dead-worker")
     try:
         dead = Leases(create_sessions(engine), "dead-worker", ttl_s=1)
         lease = await dead.claim(job_id)
         assert lease is not None
+        assert lease.started_step == 1
         first, second, _ = lease.steps
-        await dead.start_step(lease, first)
         await dead.start_step(lease, second, after=Finished(first, StepStatus.SUCCESS, "done before the crash"))
     finally:
         await engine.dispose()
@@ -87,7 +88,6 @@ async def test_job_state_remembered_on_one_worker_is_seen_where_the_job_resumes(
         lease = await dead.claim(job_id)
         assert lease is not None and lease.state == {}
         learn, _ = lease.steps
-        await dead.start_step(lease, learn)
         await dead.remember(lease, {"learned_by": "attempt 1"})
         await dead.finish_step(lease, Finished(learn, StepStatus.SUCCESS, "learned"))
     finally:

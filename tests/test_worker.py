@@ -8,7 +8,7 @@ import asyncpg
 import httpx
 from arq.worker import Worker
 
-from service.queue import enqueue
+from service.queue import Delivery, enqueue
 from service.settings import Settings
 from tests import testjobs
 from tests.conftest import running_worker, wait_for_status
@@ -106,10 +106,16 @@ async def test_a_job_delivered_twice_runs_once(
 
     arq_redis = create_redis(settings)
     try:
-        for _ in range(3):
-            await enqueue(arq_redis, job_id, 0, queue_name=settings.queue_name, timeout_s=2)
+        # The API's own delivery again (round 0) is refused as a duplicate; three more rounds are new deliveries.
+        outcomes = [
+            await enqueue(arq_redis, job_id, 0, queue_name=settings.queue_name, timeout_s=2, round_=round_)
+            for round_ in range(4)
+        ]
+        queued = await arq_redis.zcard(settings.queue_name)
     finally:
         await arq_redis.aclose(close_connection_pool=True)
+    assert outcomes == [Delivery.ALREADY_QUEUED] + [Delivery.QUEUED] * 3
+    assert queued == 4
 
     # Two workers, four deliveries of the same job id.
     async with running_worker(settings), running_worker(settings):

@@ -26,7 +26,7 @@ import asyncpg
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from rich.console import Console
 
-from service.settings import DEV_API_KEY
+from service.settings import DEV_API_KEY, get_settings
 from tests.bench import scenarios, seed
 from tests.bench.floor import FloorClient
 from tests.bench.load import CpuMeter, HttpClient
@@ -84,7 +84,8 @@ class Bench:
         say(f"preparing database apiops_bench and Redis {self.stack.redis_url} (logs in {self.stack.logs})")
         await prepare(self.stack)
         db = await asyncpg.connect(self.stack.dsn)
-        pool = await asyncpg.create_pool(self.stack.dsn, min_size=1, max_size=20)
+        # The floor's client holds as many connections as the service's API does.
+        pool = await asyncpg.create_pool(self.stack.dsn, min_size=1, max_size=get_settings().db_pool_size)
         redis = await create_pool(RedisSettings.from_dsn(self.stack.redis_url), default_queue_name=FLOOR_QUEUE)
         http = HttpClient("127.0.0.1", self.stack.api_port, DEV_API_KEY, scenarios.CONCURRENCY)
         try:

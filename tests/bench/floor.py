@@ -136,8 +136,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = await asyncpg.create_pool(
         asyncpg_dsn(settings.database_url.get_secret_value()),
         min_size=1,
-        # The service's engine: pool_size plus as many overflow connections.
-        max_size=settings.db_pool_size * 2,
+        # As many connections as the service's engine holds.
+        max_size=settings.db_pool_size,
         command_timeout=settings.db_command_timeout_s,
     )
     ctx["owner"] = f"floor:{os.getpid()}"

@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                     settings=settings,
                     engine=engine,
                     sessions=sessions,
-                    autocommit=create_sessions(autocommit(engine)),
+                    autocommit=autocommit(engine),
                     redis=redis,
                     registry=registry,
                     keyring=KeyRing.from_settings(settings),

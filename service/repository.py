@@ -17,12 +17,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator
 from sqlalchemy import DateTime, Select, column, func, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
-from service.models import Event, EventKind, Job, JobStatus, Step, StepStatus
+from service.models import Event, EventKind, Job, JobStatus, StepStatus
+from service.schemas import JobOut, StepOut
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -48,7 +49,7 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 @dataclass(frozen=True)
 class Created:
-    job: Job
+    job: JobOut
     # True when the Idempotency-Key named an earlier job, which is returned instead of a new one.
     replayed: bool = False
 
@@ -74,66 +75,80 @@ _FREE_EXPIRED_KEY = text(
 
 
 async def create_job(
-    session: AsyncSession, job_type: JobType[Any], params: BaseModel, caller: Caller, idempotency_key: str | None
+    conn: AsyncConnection, job_type: JobType[Any], params: BaseModel, caller: Caller, idempotency_key: str | None
 ) -> Created:
-    """Write the job, its planned steps and its `created` event, in one statement (`session` is best in
-    autocommit); or return the job the same Idempotency-Key created."""
+    """Write the job, its planned steps and its `created` event in one statement (`conn` is best in autocommit),
+    and return the new job as the API shows it; or return the job the same Idempotency-Key created."""
     values = params.model_dump(mode="json")
-    job = Job(
-        job_id=new_job_id(job_type.name),
-        type=job_type.name,
-        status=JobStatus.PENDING,
-        params=values,
-        target=job_type.target(params),
-        actor=caller.actor,
-        source_ip=caller.source_ip,
-        attempt=0,
-    )
-    job.steps = [
-        Step(name=step.name, step_order=order, status=StepStatus.PENDING, attempts=0)
-        for order, step in enumerate(job_type.steps_for(params), start=1)
-    ]
+    job_id, target = new_job_id(job_type.name), job_type.target(params)
+    steps = [step.name for step in job_type.steps_for(params)]
     row = {
-        "job_id": job.job_id, "type": job.type, "params": json.dumps(values), "target": job.target,
-        "actor": caller.actor, "source_ip": caller.source_ip, "key": idempotency_key,
-        "steps": [step.name for step in job.steps],
+        "job_id": job_id, "type": job_type.name, "params": json.dumps(values), "target": target,
+        "actor": caller.actor, "source_ip": caller.source_ip, "key": idempotency_key, "steps": steps,
     }  # fmt: skip
     # Twice at most: a key whose job expired is freed, then the insert is tried again.
     for _ in range(2):
         try:
-            created_at = await session.scalar(_INSERT_JOB, row)
+            created_at = await conn.scalar(_INSERT_JOB, row)
         except IntegrityError as exc:
             if "uq_ops_job_active_target" not in str(exc.orig):
                 raise
-            await session.rollback()
-            raise await _target_busy(session, job.target) from None
+            await conn.rollback()
+            raise await _target_busy(conn, target) from None
         if created_at is not None:
-            job.created_at = created_at
-            return Created(job)
+            return Created(
+                JobOut(
+                    job_id=job_id,
+                    type=job_type.name,
+                    status=JobStatus.PENDING,
+                    params=values,
+                    target=target,
+                    actor=caller.actor,
+                    source_ip=caller.source_ip,
+                    attempt=0,
+                    error=None,
+                    created_at=created_at,
+                    started_at=None,
+                    finished_at=None,
+                    steps=[
+                        StepOut(
+                            name=name,
+                            step_order=order,
+                            status=StepStatus.PENDING,
+                            detail=None,
+                            attempts=0,
+                            started_at=None,
+                            finished_at=None,
+                        )
+                        for order, name in enumerate(steps, start=1)
+                    ],  # fmt: skip
+                )
+            )
         assert idempotency_key is not None  # only a reused key inserts nothing
-        earlier = await _idempotent_replay(session, job_type, values, caller, idempotency_key)
+        earlier = await _idempotent_replay(conn, job_type, values, caller, idempotency_key)
         if earlier is not None:
             return Created(earlier, replayed=True)
     raise Conflict(f"Idempotency-Key {idempotency_key!r} is being reused concurrently; try again")
 
 
 async def _idempotent_replay(
-    session: AsyncSession, job_type: JobType[Any], values: dict[str, Any], caller: Caller, key: str
-) -> Job | None:
+    conn: AsyncConnection, job_type: JobType[Any], values: dict[str, Any], caller: Caller, key: str
+) -> JobOut | None:
     """The job this actor created with `key` within the window, if the request is the same (else an error); None
     when the key's job has expired, and the key is free again."""
     window = IDEMPOTENCY_WINDOW.total_seconds()
-    if await session.scalar(_FREE_EXPIRED_KEY, {"actor": caller.actor, "key": key, "window": window}) is not None:
+    if await conn.scalar(_FREE_EXPIRED_KEY, {"actor": caller.actor, "key": key, "window": window}) is not None:
         return None
-    earlier = await session.scalar(
-        select(Job).where(Job.actor == caller.actor, Job.idempotency_key == key).options(selectinload(Job.steps))
-    )
-    if earlier is None:
-        return None  # freed meanwhile
-    if earlier.type != job_type.name or earlier.params != values:
-        message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
-        raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
-    return earlier
+    async with AsyncSession(bind=conn) as session:
+        earlier = await session.scalar(
+            select(Job).where(Job.actor == caller.actor, Job.idempotency_key == key).options(selectinload(Job.steps))
+        )
+        if earlier is None:
+            return None  # freed meanwhile
+        if earlier.type != job_type.name or earlier.params != values:
+            message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
+            raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
+        return JobOut.model_validate(earlier)
 
 
 async def _db_now(session: AsyncSession) -> datetime:
@@ -205,7 +220,7 @@ def _caller_columns(caller: Caller) -> dict[str, Any]:
     return {"actor": caller.actor, "source_ip": caller.source_ip}
 
 
-async def _target_busy(session: AsyncSession, target: str | None) -> Conflict:
+async def _target_busy(session: AsyncSession | AsyncConnection, target: str | None) -> Conflict:
     blocking = await session.scalar(
         select(Job.job_id).where(Job.target == target, Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]))
     )

@@ -20,8 +20,8 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     sessions: Sessions
-    # Sessions whose every statement is its own transaction: for writes made in one statement.
-    autocommit: Sessions
+    # The engine in autocommit, for writes made in one statement (each its own transaction).
+    autocommit: AsyncEngine
     redis: ArqRedis
     registry: Registry
     keyring: KeyRing

@@ -25,7 +25,7 @@ from service.repository import (
     list_jobs,
     retry_job,
 )
-from service.schemas import JobPage, event_json, job_json, job_type_json
+from service.schemas import JobOut, JobPage, event_json, job_json, job_type_json
 from service.settings import Scope
 from service.state import AppState
 
@@ -39,14 +39,15 @@ async def submit_job(request: Request) -> JSONResponse:
     key = _idempotency_key(request)
     body = await _read_json_object(request, state.settings.max_body_bytes)
     params = _validate(job_type.params, body, context={"settings": state.settings})
-    async with state.autocommit() as session:
-        created = await create_job(session, job_type, params, _caller(request, principal), key)
+    async with state.autocommit.connect() as conn:
+        created = await create_job(conn, job_type, params, _caller(request, principal), key)
     job = created.job
+    headers = {"Location": f"/ops/jobs/{job.job_id}"}
     if created.replayed:
-        return JSONResponse(job_json(job), status_code=200, headers={"Location": f"/ops/jobs/{job.job_id}"})
+        return JSONResponse(job.model_dump(mode="json"), status_code=200, headers=headers)
     # Only after the commit: a worker must never receive an id whose row it cannot see yet.
     await _enqueue(state, job)
-    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/ops/jobs/{job.job_id}"})
+    return JSONResponse(job.model_dump(mode="json"), status_code=202, headers=headers)
 
 
 async def read_job(request: Request) -> JSONResponse:
@@ -92,7 +93,7 @@ def _caller(request: Request, principal: Principal) -> Caller:
     return Caller(principal.name, client_ip(request, AppState.of(request).settings.trusted_proxies))
 
 
-async def _enqueue(state: AppState, job: Job) -> None:
+async def _enqueue(state: AppState, job: Job | JobOut) -> None:
     await enqueue(
         state.redis,
         job.job_id,

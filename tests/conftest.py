@@ -53,6 +53,11 @@ KEYS: dict[str, tuple[str, frozenset[KeyScope]]] = {
 
 TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
 
+# Importing jobs.worker installs uvloop's policy, for the loop arq creates in a worker process (the tests that
+# start `arq jobs.worker.WorkerSettings` as a process run on it). The tests' own loops stay asyncio's: under
+# uvloop, a daemon started by a subprocess (tmux's server) keeps the subprocess's pipes open.
+asyncio.set_event_loop_policy(None)
+
 
 def key_entries() -> tuple[ApiKeyEntry, ...]:
     return tuple(ApiKeyEntry(name=name, sha256=hash_key(key), scopes=scopes) for name, (key, scopes) in KEYS.items())

@@ -24,6 +24,7 @@ from arq.worker import func
 from sqlalchemy.engine import make_url
 
 from jobs.noop import NoopParams
+from jobs.worker import install_event_loop
 from service.repository import new_job_id
 from service.settings import get_settings
 from tests.bench.stack import FLOOR_QUEUE, FLOOR_SCHEMA
@@ -150,6 +151,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 _settings = get_settings()
+# The event loop the service's processes run on, for the floor's too (its worker, and the bench process that
+# submits its jobs): the floor differs from the service only in what the service does.
+install_event_loop()
 
 
 class FloorWorkerSettings:

@@ -73,7 +73,7 @@ def require(request: Request, scope: Scope) -> Principal:
 def client_ip(request: Request, trusted: Sequence[IpNetwork]) -> str | None:
     """The peer address, unless the peer is a trusted proxy: then the nearest untrusted `X-Forwarded-For` hop."""
     peer = request.client.host if request.client else None
-    if peer is None or not _is_trusted(peer, trusted):
+    if peer is None or not trusted or not _is_trusted(peer, trusted):
         return peer
     hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
     for hop in reversed(hops):

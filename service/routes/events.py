@@ -49,7 +49,9 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
             return
         while True:
             try:
-                item = await asyncio.wait_for(live.get(), keepalive)
+                # Not wait_for: that wraps every wait in a task of its own, for each watcher at each event.
+                async with asyncio.timeout(keepalive):
+                    item = await live.get()
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue

@@ -9,7 +9,6 @@ connection drops, every watcher is told to re-read what it may have missed once 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from service.db import Sessions
 from service.models import Event
-from service.schemas import event_json
+from service.schemas import EventOut
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,8 @@ class Message:
 
     @classmethod
     def of(cls, event: Event) -> Message:
-        text = f"id: {event.event_id}\nevent: {event.kind}\ndata: {json.dumps(event_json(event))}\n\n"
+        data = EventOut.model_validate(event).model_dump_json()
+        text = f"id: {event.event_id}\nevent: {event.kind}\ndata: {data}\n\n"
         return cls(event.event_id, event.kind, text)
 
 

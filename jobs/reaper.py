@@ -14,7 +14,7 @@ from arq.connections import ArqRedis
 from service.db import Sessions
 from service.leases import due_for_delivery, record_redelivered
 from service.metrics import WorkerMetrics
-from service.queue import Delivery, enqueue
+from service.queue import Delivery, enqueue_many
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -26,20 +26,16 @@ async def reap_once(
     sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
 ) -> int:
     """Enqueue every job due for a delivery; returns how many were actually put back on the queue."""
-    delivered = []
-    for due in await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH):
-        outcome = await enqueue(
-            redis,
-            due.job_id,
-            due.attempt,
-            queue_name=settings.queue_name,
-            timeout_s=settings.enqueue_timeout_s,
-            round_=int(due.waited_s // settings.redeliver_after_s),
-        )
-        if outcome is Delivery.QUEUED:
-            delivered.append(due)
+    due = await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH)
+    outcomes = await enqueue_many(
+        redis,
+        [(job.job_id, job.attempt, int(job.waited_s // settings.redeliver_after_s)) for job in due],
+        queue_name=settings.queue_name,
+        timeout_s=settings.enqueue_timeout_s,
+    )
+    delivered = [job for job, outcome in zip(due, outcomes, strict=True) if outcome is Delivery.QUEUED]
     if metrics is not None:
-        metrics.redelivered(due.status for due in delivered)
+        metrics.redelivered(job.status for job in delivered)
     if delivered:
         await record_redelivered(sessions, delivered, reaper)
     return len(delivered)

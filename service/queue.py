@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from enum import Enum
 
 from arq.connections import ArqRedis, RedisSettings
@@ -80,18 +81,44 @@ async def enqueue(
     """Put a job id on the queue. FAILED (logged) when Redis cannot take it: the job stays in PostgreSQL and
     the workers' reaper enqueues it once Redis is back. Duplicate deliveries are harmless: the claim in
     PostgreSQL lets only one run."""
-    delivery = delivery_id(job_id, attempt, round_)
-    now = timestamp_ms()
-    keys = (job_key_prefix + delivery, result_key_prefix + delivery, queue_name)
-    payload = serialize_job(RUN_JOB, (job_id,), {}, None, now, serializer=redis.job_serializer)
-    args = (redis.expires_extra_ms, payload, now, delivery)
     try:
         async with asyncio.timeout(timeout_s):
-            queued = await redis.register_script(_ENQUEUE)(keys, args)
+            queued = await redis.register_script(_ENQUEUE)(*_script_input(redis, job_id, attempt, round_, queue_name))
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("could not enqueue job %s (it stays pending until the reaper enqueues it): %s", job_id, exc)
         return Delivery.FAILED
     return Delivery.QUEUED if queued else Delivery.ALREADY_QUEUED
+
+
+async def enqueue_many(
+    redis: ArqRedis, deliveries: Sequence[tuple[str, int, int]], *, queue_name: str, timeout_s: float
+) -> list[Delivery]:
+    """`enqueue` for each (job id, attempt, round), in one pipeline: two round trips (the pipeline checks that
+    Redis has the script) however many jobs the reaper finds due, as after a Redis outage or behind a backlog."""
+    if not deliveries:
+        return []
+    script = redis.register_script(_ENQUEUE)
+    try:
+        async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
+            for job_id, attempt, round_ in deliveries:
+                await script(*_script_input(redis, job_id, attempt, round_, queue_name), client=pipe)
+            results = await pipe.execute()
+    except (RedisError, OSError, TimeoutError) as exc:
+        logger.warning("could not enqueue %d due job(s) (retried at the next pass): %s", len(deliveries), exc)
+        return [Delivery.FAILED] * len(deliveries)
+    return [Delivery.QUEUED if queued else Delivery.ALREADY_QUEUED for queued in results]
+
+
+def _script_input(
+    redis: ArqRedis, job_id: str, attempt: int, round_: int, queue_name: str
+) -> tuple[tuple[str, str, str], tuple[int, bytes, int, str]]:
+    """The script's KEYS and ARGV for one delivery, as arq would write it."""
+    delivery = delivery_id(job_id, attempt, round_)
+    now = timestamp_ms()
+    payload = serialize_job(RUN_JOB, (job_id,), {}, None, now, serializer=redis.job_serializer)
+    return (job_key_prefix + delivery, result_key_prefix + delivery, queue_name), (
+        redis.expires_extra_ms, payload, now, delivery,
+    )  # fmt: skip
 
 
 # What arq's `enqueue_job` does, as one atomic script: one round trip instead of three (WATCH, EXISTS, then

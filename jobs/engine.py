@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.jobtypes import Registry, Step
+from pydantic import ValidationError
+
+from service.jobtypes import Registry, Step, UnknownJobType
 from service.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from service.logs import log_context
 from service.metrics import WorkerMetrics
@@ -120,12 +122,30 @@ async def run_job(runtime: Runtime, job_id: str) -> str:
             if lease.previous_owner is not None:
                 runtime.metrics.lease_taken_over(lease.type)
             started = time.perf_counter()
-            outcome = await _JobRun(runtime, lease).run()
+            try:
+                job_run = _JobRun(runtime, lease)
+            except (UnknownJobType, ValidationError) as exc:
+                outcome = await _refuse(runtime, lease, exc)
+            else:
+                outcome = await job_run.run()
             runtime.metrics.job_ran(lease.type, outcome, time.perf_counter() - started)
             logger.info("job %s: %s", job_id, outcome)
             return outcome
     finally:
         runtime.running.pop(task, None)
+
+
+async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | ValidationError) -> str:
+    """Fail a job this worker cannot run: its type is unknown here (a worker older than the API that took it), or
+    its stored params no longer validate (a changed params model, or settings such as the allowed Kubernetes
+    contexts). Delivering it again would only repeat this every lease TTL; the error says what to fix, and a
+    retry runs it once it is fixed."""
+    error = f"this worker cannot run it: {_describe(exc)}"
+    logger.error("job %s: %s", lease.job_id, error)
+    first = next((row for row in lease.steps if row.order == lease.started_step), None)
+    after = Finished(first, StepStatus.FAILED, f"error: {error}") if first is not None else None
+    await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
+    return "failed"
 
 
 class _JobRun:

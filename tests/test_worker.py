@@ -6,6 +6,7 @@ import asyncio
 
 import asyncpg
 import httpx
+import pytest
 from arq.worker import Worker
 
 from service.queue import Delivery, enqueue
@@ -46,6 +47,31 @@ async def test_failing_step_fails_the_job_and_leaves_later_steps_pending(
     assert steps["step-2"]["detail"] == "error: NoopFailure: failed on purpose at step 2"
     assert steps["step-2"]["finished_at"] is not None
     assert steps["step-3"]["status"] == "pending" and steps["step-3"]["attempts"] == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ("type = 'retired'", "UnknownJobType: unknown job type 'retired'"),
+        ('params = \'{"steps": "many"}\'', "ValidationError: 1 validation error for NoopParams"),
+    ],
+)
+async def test_a_job_this_worker_cannot_run_fails_at_once_saying_why(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection, change: str, error: str
+) -> None:
+    """A type the worker does not know (an older worker), or params that no longer validate (a changed model):
+    failed with the reason, instead of delivered again every lease TTL."""
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 2})).json()["job_id"]
+    await db.execute(f"UPDATE ops_job SET {change} WHERE job_id = $1", job_id)
+
+    async with running_worker(settings):
+        job = await wait_for_status(client, job_id, "success", "failed", within=3)
+
+    assert job["status"] == "failed" and job["attempt"] == 1
+    assert job["error"].startswith(f"this worker cannot run it: {error}")
+    first, second = job["steps"]
+    assert first["status"] == "failed" and first["detail"] == f"error: {job['error']}"
+    assert second["status"] == "pending" and second["attempts"] == 0
 
 
 async def test_progress_is_visible_while_a_step_runs(client: httpx.AsyncClient, worker: Worker) -> None:

@@ -6,7 +6,9 @@ Order of the run (each side on an otherwise idle stack; the other side's process
    steady load of half the service's own 2-worker throughput; `GET /ops/jobs/{id}` at 200/s;
 3. memory: the API's and the workers' RSS after the first and the second half of 10,000 more jobs;
 4. the floor, steps 1-2 again with asyncpg + arq, at the same load;
-5. a million jobs of history, then list pages (first and deep, with and without a filter) for both.
+5. end to end, for the reported figures: batches of the service and of the floor in turn (each with its own
+   workers started for it), so that both meet the same state of the machine, which drifts by 10-15% over minutes;
+6. a million jobs of history, then list pages (first and deep, with and without a filter) for both.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Sizes:
     deep_offset: int
     list_repeats: int
     warmup: int
-    # End-to-end batches per figure, the median reported: on a small VM one batch's rate varies by 15% or more.
+    # End-to-end batches per side and figure, in turn with the other side's; the median is reported.
     batch_repeats: int
 
 
@@ -98,6 +100,7 @@ class Bench:
             await self.memory(service, db, redis, api)
             floor = scenarios.FloorSide(FloorClient(pool, redis))
             await self.jobs(floor, db, redis, None)
+            await self.end_to_end([service, floor], db, redis, api)
             await self.lists(db, [service, floor])
         finally:
             http.close()
@@ -133,11 +136,9 @@ class Bench:
             if workers == 2:
                 meter.workers.append(await self._worker(side, redis, 2))
                 await scenarios.batch(side, db, sizes.warmup)
-            say(f"{side.name}: {sizes.batch:,} jobs end to end, {workers} worker(s), {sizes.batch_repeats} time(s)")
-            meter = CpuMeter(api, meter.workers)
-            with meter.measure() as spent:
-                out[f"batch_{workers}w"] = await scenarios.median_batch(side, db, sizes.batch, sizes.batch_repeats)
-            cpu[f"{side.name} batch {workers}w"] = spent
+            # A first measure, for the load of the pickups below; the reported one is taken by end_to_end().
+            say(f"{side.name}: {sizes.batch:,} jobs end to end, {workers} worker(s)")
+            out[f"batch_{workers}w"] = await scenarios.batch(side, db, sizes.batch)
         # Both sides get the same load: half of what the service did with two workers.
         rate = round(self.results["service"]["batch_2w"]["jobs_per_s"] / 2, 1)
         say(f"{side.name}: pickups under {rate:g} jobs/s for {sizes.loaded_s:g}s, 2 workers")
@@ -154,6 +155,29 @@ class Bench:
         if side.name == "floor":
             out["memory"] = {"worker_peak_mb": round(max(w.memory_kb()[0] for w in meter.workers) / 1024, 1)}
             stop(meter.workers)
+
+    async def end_to_end(self, sides: list[scenarios.Side], db: asyncpg.Connection, redis: ArqRedis, api: Proc) -> None:
+        """Each side's batches with 1, then 2 workers, in turn with the other side's: the median of each side's
+        `batch_repeats` batches is reported, with every batch's rate and the CPU of the median one."""
+        sizes = self.sizes
+        for workers in (1, 2):
+            runs: dict[str, list[tuple[dict[str, Any], dict[str, float]]]] = {side.name: [] for side in sides}
+            for repeat in range(1, sizes.batch_repeats + 1):
+                for side in sides:
+                    say(f"{side.name}: {sizes.batch:,} jobs end to end, {workers} worker(s), {repeat} of "
+                        f"{sizes.batch_repeats}")  # fmt: skip
+                    procs = [await self._worker(side, redis, number) for number in range(1, workers + 1)]
+                    await scenarios.batch(side, db, sizes.warmup)
+                    meter = CpuMeter(api if side.name == "service" else None, procs)
+                    with meter.measure() as spent:
+                        runs[side.name].append((await scenarios.batch(side, db, sizes.batch), spent))
+                    stop(procs)
+            for side in sides:
+                ordered = sorted(runs[side.name], key=lambda run: run[0]["jobs_per_s"])
+                median, spent = ordered[len(ordered) // 2]
+                rates = [run["jobs_per_s"] for run, _ in runs[side.name]]
+                self.results[side.name][f"end_to_end_{workers}w"] = {**median, "runs_jobs_per_s": rates}
+                self.results["cpu"][f"{side.name} end to end {workers}w"] = spent
 
     async def memory(self, side: scenarios.Side, db: asyncpg.Connection, redis: ArqRedis, api: Proc) -> None:
         """RSS of the API and the workers after each half of `memory_jobs` more jobs; then the workers stop."""

@@ -54,7 +54,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     repeats = results["sizes"]["batch_repeats"]
     median = f", median of {repeats}" if repeats > 1 else ""
     for workers in (1, 2):
-        key = f"batch_{workers}w"
+        key = f"end_to_end_{workers}w"
         out.append(
             Figure(f"jobs_per_s_{workers}w", f"2-step jobs end to end, {workers} worker{'s' * (workers > 1)}{median}",
                    "jobs/s", s[key]["jobs_per_s"], f[key]["jobs_per_s"])

@@ -178,12 +178,6 @@ async def batch(side: Side, db: asyncpg.Connection, count: int) -> dict[str, Any
     }
 
 
-async def median_batch(side: Side, db: asyncpg.Connection, count: int, repeats: int) -> dict[str, Any]:
-    """`repeats` batches: the one of median throughput, with every batch's rate."""
-    runs = sorted([await batch(side, db, count) for _ in range(repeats)], key=lambda run: run["jobs_per_s"])
-    return {**runs[len(runs) // 2], "runs_jobs_per_s": [run["jobs_per_s"] for run in runs]}
-
-
 async def idle_pickups(side: Side, db: asyncpg.Connection, count: int) -> dict[str, Any]:
     """One job at a time, each submitted 100-200 ms after the last one ended (a random gap, so that submissions
     land anywhere in the workers' poll cycle)."""

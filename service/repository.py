@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator
 from sqlalchemy import DateTime, Select, column, func, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload, selectinload
 
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
@@ -231,7 +231,9 @@ async def _target_busy(session: AsyncSession | AsyncConnection, target: str | No
 
 
 async def get_job(session: AsyncSession, job_id: str) -> Job:
-    job = await session.scalar(select(Job).where(Job.job_id == job_id).options(selectinload(Job.steps)))
+    """The job and its steps in one statement (a join): one round trip, and one snapshot of both."""
+    query = select(Job).where(Job.job_id == job_id).options(joinedload(Job.steps))
+    job = (await session.scalars(query)).unique().one_or_none()
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return job

@@ -37,6 +37,7 @@ from tests.bench.stack import (
     FLOOR_QUEUE,
     Proc,
     Stack,
+    checkpoint,
     make_stack,
     prepare,
     start_api,
@@ -160,6 +161,7 @@ class Bench:
         """Each side's batches with 1, then 2 workers, in turn with the other side's: the median of each side's
         `batch_repeats` batches is reported, with every batch's rate and the CPU of the median one."""
         sizes = self.sizes
+        await checkpoint(db)
         for workers in (1, 2):
             runs: dict[str, list[tuple[dict[str, Any], dict[str, float]]]] = {side.name: [] for side in sides}
             for repeat in range(1, sizes.batch_repeats + 1):

@@ -87,15 +87,11 @@ async def _create_database(settings: Settings) -> None:
     import asyncpg
     from sqlalchemy.engine import make_url
 
-    url = make_url(settings.database_url.get_secret_value())
-    maintenance = await asyncpg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password,
-        database="postgres",
-        timeout=settings.db_connect_timeout_s,
-    )
+    from service.db import asyncpg_dsn
+
+    database_url = settings.database_url.get_secret_value()
+    url = make_url(database_url)
+    maintenance = await asyncpg.connect(asyncpg_dsn(database_url, "postgres"), timeout=settings.db_connect_timeout_s)
     try:
         exists = await maintenance.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
         if not exists:

@@ -69,6 +69,15 @@ def _ping_after_idle(engine: AsyncEngine, idle_s: float) -> None:
             raise InvalidatePoolError(f"connection idle for {time.monotonic() - idle_since:.0f}s is gone") from exc
 
 
+def asyncpg_dsn(database_url: str, database: str | None = None) -> str:
+    """SQLAlchemy's URL (`postgresql+asyncpg://...`) as a DSN asyncpg itself takes; of `database` when given
+    (`postgres`, the maintenance database, to create or drop one)."""
+    url = make_url(database_url).set(drivername="postgresql")
+    if database is not None:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """A failure to reach PostgreSQL (worth retrying, or a 503), as opposed to an error in what was asked of it."""
     if isinstance(exc, OSError | TimeoutError | OperationalError | InterfaceError):

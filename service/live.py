@@ -17,9 +17,8 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
-from service.db import Sessions
+from service.db import Sessions, asyncpg_dsn
 from service.models import Event
 from service.schemas import EventOut
 from service.settings import Settings
@@ -51,8 +50,7 @@ Item = Message | None
 
 class EventHub:
     def __init__(self, settings: Settings, sessions: Sessions) -> None:
-        url = make_url(settings.database_url.get_secret_value()).set(drivername="postgresql")
-        self._dsn = url.render_as_string(hide_password=False)
+        self._dsn = asyncpg_dsn(settings.database_url.get_secret_value())
         self._connect_timeout = settings.db_connect_timeout_s
         self._sessions = sessions
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = {}

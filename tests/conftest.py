@@ -33,6 +33,7 @@ from jobs import noop, pg_rebuild
 from jobs.worker import WorkerSettings
 from service.app import create_app
 from service.auth import hash_key
+from service.db import asyncpg_dsn
 from service.jobtypes import Registry
 from service.queue import redis_settings
 from service.settings import ApiKeyEntry, Settings
@@ -67,12 +68,8 @@ def headers(who: str = "writer") -> dict[str, str]:
     return {"X-API-Key": KEYS[who][0]}
 
 
-def _asyncpg_url(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 async def _admin() -> asyncpg.Connection:
-    return await asyncpg.connect(_asyncpg_url(ADMIN_URL), timeout=5)
+    return await asyncpg.connect(asyncpg_dsn(ADMIN_URL), timeout=5)
 
 
 def _db_url(name: str) -> str:
@@ -167,7 +164,7 @@ def settings(database_url: str, redis: Redis) -> Settings:
 @pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     """A plain connection to the test's database, for asserting on rows."""
-    conn = await asyncpg.connect(_asyncpg_url(settings.database_url.get_secret_value()))
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url.get_secret_value()))
     yield conn
     await conn.close()
 

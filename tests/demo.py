@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from service.db import asyncpg_dsn
 from service.settings import DEV_API_KEY, get_settings
 
 DEMO_DATABASE = "apiops_demo"
@@ -58,12 +59,9 @@ def wait_http(url: str, within: float, process: subprocess.Popen[bytes]) -> None
 
 async def recreate_database(url: str) -> None:
     """A fresh demo database each run: no job of an earlier demo can hold the cluster's target."""
-    parsed = make_url(url)
-    admin = await asyncpg.connect(
-        host=parsed.host, port=parsed.port, user=parsed.username, password=parsed.password, database="postgres"
-    )
+    admin = await asyncpg.connect(asyncpg_dsn(url, "postgres"))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
     finally:
         await admin.close()
 

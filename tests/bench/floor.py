@@ -21,10 +21,10 @@ from typing import Any
 import asyncpg
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
-from sqlalchemy.engine import make_url
 
 from jobs.noop import NoopParams
 from jobs.worker import install_event_loop
+from service.db import asyncpg_dsn
 from service.repository import new_job_id
 from service.settings import get_settings
 from tests.bench.stack import FLOOR_QUEUE, FLOOR_SCHEMA
@@ -62,10 +62,6 @@ JOB_COLUMNS = (
     "job_id, type, status, params, target, actor, source_ip, attempt, error, created_at, started_at, finished_at"
 )
 STEP_COLUMNS = "job_id, name, step_order, status, detail, attempts, started_at, finished_at"
-
-
-def asyncpg_dsn(database_url: str) -> str:
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class FloorClient:

@@ -20,6 +20,7 @@ import httpx
 from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
+from service.db import asyncpg_dsn
 from service.settings import get_settings
 from service.workers import live_workers
 
@@ -53,7 +54,7 @@ class Stack:
     @property
     def dsn(self) -> str:
         """The same database for asyncpg, which does not know SQLAlchemy's `+asyncpg` driver suffix."""
-        return make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        return asyncpg_dsn(self.database_url)
 
     @property
     def api_url(self) -> str:
@@ -86,9 +87,7 @@ async def prepare(stack: Stack) -> None:
     """A fresh database, migrated by the service's own command, plus the floor's schema; an empty Redis db."""
     url = make_url(stack.database_url)
     assert url.database == BENCH_DATABASE, "the benchmark only ever drops its own database"
-    admin = await asyncpg.connect(
-        host=url.host, port=url.port, user=url.username, password=url.password, database="postgres"
-    )
+    admin = await asyncpg.connect(asyncpg_dsn(stack.database_url, "postgres"))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
     finally:

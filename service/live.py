@@ -38,9 +38,8 @@ class Message:
     text: str
 
     @classmethod
-    def of(cls, event: Event) -> Message:
-        data = EventOut.model_validate(event).model_dump_json()
-        text = f"id: {event.event_id}\nevent: {event.kind}\ndata: {data}\n\n"
+    def of(cls, event: EventOut) -> Message:
+        text = f"id: {event.event_id}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
         return cls(event.event_id, event.kind, text)
 
 
@@ -147,7 +146,7 @@ class EventHub:
                 self._resync_everyone()
                 continue
             for event in events:
-                message = Message.of(event)
+                message = Message.of(EventOut.model_validate(event))
                 for queue in self._watchers.get(event.job_id, ()):
                     queue.put_nowait(message)
 

@@ -11,7 +11,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.jobtypes import Registry
 from service.models import JobStatus
-from service.schemas import EventOut, JobOut, JobPage, JobTypeOut
+from service.schemas import EventOut, JobOut, JobPage, JobTypeOut, JobWithEvents
 
 REF = "#/components/schemas/{model}"
 
@@ -74,7 +74,9 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 def openapi_document(registry: Registry) -> dict[str, Any]:
-    models: list[type[BaseModel]] = [JobOut, JobPage, EventOut, JobTypeOut, *(t.params for t in registry)]
+    models: list[type[BaseModel]] = [
+        JobOut, JobWithEvents, JobPage, EventOut, JobTypeOut, *(t.params for t in registry)
+    ]  # fmt: skip
     _, definitions = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = {**definitions.get("$defs", {}), "Error": _ERROR_SCHEMA}
     job = _ref("JobOut")
@@ -133,7 +135,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
     paths["/ops/jobs/{job_id}"] = {
         "get": _operation(
             "A job with its ordered steps",
-            _ok("the job", job),
+            _ok("the job; with `include=events`, its history too", {"anyOf": [job, _ref("JobWithEvents")]}),
             401,
             403,
             404,

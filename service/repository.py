@@ -1,12 +1,14 @@
 """All reads and writes of the API side: create a job with its steps, fetch one, list them with keyset pagination.
 
-The worker's fenced writes live in `service.leases`; both go through an `AsyncSession` per unit of work.
+Reads are single statements on an autocommit connection and return the response models; writes that need a
+transaction (cancel, retry) go through an `AsyncSession`. The worker's fenced writes live in `service.leases`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import secrets
 import time
@@ -15,15 +17,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator
-from sqlalchemy import DateTime, Select, column, func, select, text, tuple_
+from sqlalchemy import DateTime, Select, bindparam, column, func, select, text, tuple_
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import selectinload
+from sqlalchemy.sql.elements import KeyedColumnElement
+from sqlalchemy.sql.sqltypes import NullType
 
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
-from service.models import Event, EventKind, Job, JobStatus, StepStatus
-from service.schemas import JobOut, StepOut
+from service.models import Base, Event, EventKind, Job, JobStatus, Step, StepStatus
+from service.schemas import EventOut, JobOut, JobPage, StepOut
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -230,20 +235,55 @@ async def _target_busy(session: AsyncSession | AsyncConnection, target: str | No
     )
 
 
-async def get_job(session: AsyncSession, job_id: str) -> Job:
-    """The job and its steps in one statement (a join): one round trip, and one snapshot of both."""
-    query = select(Job).where(Job.job_id == job_id).options(joinedload(Job.steps))
-    job = (await session.scalars(query)).unique().one_or_none()
-    if job is None:
+def _columns(entity: type[Base], model: type[BaseModel]) -> list[KeyedColumnElement[Any]]:
+    """The table columns a response model shows, by field name."""
+    return [entity.__table__.c[name] for name in model.model_fields if name in entity.__table__.c]
+
+
+_STEP_COLUMNS = _columns(Step, StepOut)
+_STEP_FIELDS = tuple(column.key for column in _STEP_COLUMNS)
+# Jobs as their responses show them, the steps as an array of row values in step order: one statement, no ORM
+# objects (building them was over 40% of the API CPU a page cost), and no second query for the steps.
+_JOBS_OUT = select(
+    *_columns(Job, JobOut),
+    # NullType: asyncpg itself decodes an array of anonymous records, into tuples of Python values.
+    select(func.array_agg(aggregate_order_by(tuple_(*_STEP_COLUMNS), Step.step_order), type_=NullType()))
+    .where(Step.job_id == Job.job_id)
+    .scalar_subquery()
+    .label("steps"),
+)
+
+
+async def _read_jobs(
+    conn: AsyncConnection, query: Select[Any], params: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run a `_JOBS_OUT` query; each job as a dict that `JobOut` validates."""
+    return [
+        {**row._mapping, "steps": [dict(zip(_STEP_FIELDS, step, strict=True)) for step in row.steps or ()]}
+        for row in await conn.execute(query, params)
+    ]
+
+
+# Built once, parameters bound at each call: a statement built per call costs its cache key every time.
+_GET_JOB = _JOBS_OUT.where(Job.job_id == bindparam("job_id"))
+_GET_EVENTS = (
+    select(*_columns(Event, EventOut))
+    .where(Event.job_id == bindparam("job_id"), Event.event_id > bindparam("after"))
+    .order_by(Event.event_id)
+)
+
+
+async def get_job(conn: AsyncConnection, job_id: str) -> JobOut:
+    """The job and its steps in one statement: one round trip, and one snapshot of both."""
+    jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
+    if not jobs:
         raise NotFound(f"no job {job_id!r}")
-    return job
+    return JobOut.model_validate(jobs[0])
 
 
-async def get_events(session: AsyncSession, job_id: str, after: int = 0) -> list[Event]:
-    rows = await session.scalars(
-        select(Event).where(Event.job_id == job_id, Event.event_id > after).order_by(Event.event_id)
-    )
-    return list(rows)
+async def get_events(conn: AsyncConnection, job_id: str, after: int = 0) -> list[EventOut]:
+    rows = await conn.execute(_GET_EVENTS, {"job_id": job_id, "after": after})
+    return [EventOut.model_validate(row, from_attributes=True) for row in rows]
 
 
 def _iso8601(value: object) -> object:
@@ -265,8 +305,8 @@ class ListFilter(BaseModel):
     since: Annotated[datetime, BeforeValidator(_iso8601)] | None = None
 
 
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.job_id]).encode()
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -282,24 +322,26 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         ) from None
 
 
-async def list_jobs(
-    session: AsyncSession, filters: ListFilter, limit: int, cursor: str | None
-) -> tuple[list[Job], str | None]:
+async def list_jobs(conn: AsyncConnection, filters: ListFilter, limit: int, cursor: str | None) -> JobPage:
     """Newest first; one page plus the cursor of the next (None on the last page)."""
-    query: Select[Job] = select(Job).options(selectinload(Job.steps))
-    for attribute, value in (
-        (Job.type, filters.type),
-        (Job.status, filters.status),
-        (Job.actor, filters.actor),
-        (Job.target, filters.target),
-    ):
-        if value is not None:
-            query = query.where(attribute == value)
-    if filters.since is not None:
-        query = query.where(Job.created_at >= filters.since)
+    params: dict[str, Any] = {name: value for name, value in filters if value is not None}
     if cursor is not None:
-        created_at, job_id = _decode_cursor(cursor)
-        query = query.where(tuple_(Job.created_at, Job.job_id) < tuple_(created_at, job_id))
-    rows = list(await session.scalars(query.order_by(Job.created_at.desc(), Job.job_id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    return page, encode_cursor(page[-1]) if len(rows) > limit else None
+        params["after_created_at"], params["after_job_id"] = _decode_cursor(cursor)
+    jobs = await _read_jobs(conn, _list_query(frozenset(params)), {**params, "limit": limit + 1})
+    page = jobs[:limit]
+    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["job_id"]) if len(jobs) > limit else None
+    return JobPage.model_validate({"jobs": page, "next_cursor": next_cursor})
+
+
+@functools.cache
+def _list_query(given: frozenset[str]) -> Select[Any]:
+    """The page query for one set of given filters (and cursor), built once (see `_GET_JOB`)."""
+    query = _JOBS_OUT
+    for name in sorted(given - {"since", "after_created_at", "after_job_id"}):
+        query = query.where(Job.__table__.c[name] == bindparam(name))
+    if "since" in given:
+        query = query.where(Job.created_at >= bindparam("since"))
+    if "after_created_at" in given:
+        after = tuple_(bindparam("after_created_at", type_=Job.created_at.type), bindparam("after_job_id"))
+        query = query.where(tuple_(Job.created_at, Job.job_id) < after)
+    return query.order_by(Job.created_at.desc(), Job.job_id.desc()).limit(bindparam("limit"))

@@ -1,4 +1,4 @@
-"""The JSON the API returns, as pydantic models built from the ORM rows."""
+"""The JSON the API returns, as pydantic models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
 from service.jobtypes import JobType
-from service.models import Event, Job
+from service.models import Job
 
 
 class StepOut(BaseModel):
@@ -56,6 +56,12 @@ class EventOut(BaseModel):
     created_at: datetime
 
 
+class JobWithEvents(JobOut):
+    """`GET /ops/jobs/{id}?include=events`: the job and its history."""
+
+    events: list[EventOut]
+
+
 class JobPage(BaseModel):
     jobs: list[JobOut]
     next_cursor: str | None
@@ -81,14 +87,6 @@ class ModelResponse(Response):
 
 def job_out(job: Job) -> JobOut:
     return JobOut.model_validate(job)
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    return JobOut.model_validate(job).model_dump(mode="json")
-
-
-def event_json(event: Event) -> dict[str, Any]:
-    return EventOut.model_validate(event).model_dump(mode="json")
 
 
 def job_type_json(job_type: JobType[Any]) -> dict[str, Any]:

@@ -83,6 +83,16 @@ async def test_list_is_newest_first_and_pages_with_a_cursor(client: httpx.AsyncC
     assert pages == 3
 
 
+async def test_a_job_reads_the_same_in_its_submit_response_its_get_and_a_list(client: httpx.AsyncClient) -> None:
+    submitted = [(await client.post("/ops/jobs/noop", json={"steps": n})).json() for n in (12, 3)]
+
+    listed = (await client.get("/ops/jobs")).json()["jobs"]
+    read = [(await client.get(f"/ops/jobs/{job['job_id']}")).json() for job in submitted]
+
+    assert listed == list(reversed(submitted)) == list(reversed(read))
+    assert [s["step_order"] for s in listed[1]["steps"]] == list(range(1, 13))
+
+
 async def test_list_filters_by_type_status_actor_and_target(client: httpx.AsyncClient) -> None:
     mine = (await client.post("/ops/jobs/noop", json={"target": "db/a"})).json()["job_id"]
     admin_job = (await client.post("/ops/jobs/noop", json={}, headers=headers("admin"))).json()["job_id"]

@@ -27,8 +27,8 @@ async def job_events(request: Request) -> StreamingResponse:
     require(request, Scope.READ)
     job_id = request.path_params["job_id"]
     after = _resume_point(request)
-    async with state.sessions() as session:
-        await get_job(session, job_id)  # a 404 before the stream starts
+    async with state.autocommit.connect() as conn:
+        await get_job(conn, job_id)  # a 404 before the stream starts
     return StreamingResponse(
         _stream(state, job_id, after),
         media_type="text/event-stream",
@@ -77,9 +77,9 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
 async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list[Message]]:
     """Whether the job has finished, and its events after `after`. The status is read first: if it is final, the
     `finished` event was committed before and is in the list."""
-    async with state.sessions() as session:
-        status = JobStatus((await get_job(session, job_id)).status)
-        return status.finished, [Message.of(event) for event in await get_events(session, job_id, after)]
+    async with state.autocommit.connect() as conn:
+        status = JobStatus((await get_job(conn, job_id)).status)
+        return status.finished, [Message.of(event) for event in await get_events(conn, job_id, after)]
 
 
 def _resume_point(request: Request) -> int:

@@ -6,7 +6,6 @@ import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,7 +25,7 @@ from service.repository import (
     list_jobs,
     retry_job,
 )
-from service.schemas import JobOut, JobPage, ModelResponse, event_json, job_json, job_out, job_type_json
+from service.schemas import JobOut, JobWithEvents, ModelResponse, job_out, job_type_json
 from service.settings import Scope
 from service.state import AppState
 
@@ -56,13 +55,12 @@ async def read_job(request: Request) -> Response:
     require(request, Scope.READ)
     query = _validate(ReadQuery, dict(request.query_params))
     # In autocommit: each read is one statement, so no BEGIN and ROLLBACK round trips around it.
-    async with state.autocommit.connect() as conn, AsyncSession(bind=conn) as session:
-        job = await get_job(session, request.path_params["name"])
+    async with state.autocommit.connect() as conn:
+        job = await get_job(conn, request.path_params["name"])
         if query.include != "events":
-            return ModelResponse(job_out(job))
-        body = job_json(job)
-        body["events"] = [event_json(e) for e in await get_events(session, job.job_id)]
-    return JSONResponse(body)
+            return ModelResponse(job)
+        events = await get_events(conn, job.job_id)
+    return ModelResponse(JobWithEvents(**dict(job), events=events))
 
 
 async def cancel(request: Request) -> Response:
@@ -128,9 +126,8 @@ async def list_job_page(request: Request) -> Response:
     require(request, Scope.READ)
     query = _validate(ListQuery, dict(request.query_params))
     filters = ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields)))
-    async with state.sessions() as session:
-        jobs, next_cursor = await list_jobs(session, filters, query.limit, query.cursor)
-    page = JobPage.model_validate({"jobs": jobs, "next_cursor": next_cursor}, from_attributes=True)
+    async with state.autocommit.connect() as conn:
+        page = await list_jobs(conn, filters, query.limit, query.cursor)
     return ModelResponse(page)
 
 

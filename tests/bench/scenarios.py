@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from service.models import Job
 from service.repository import encode_cursor
 from tests.bench.floor import FloorClient
 from tests.bench.load import HttpClient, Run, closed_loop, open_loop, percentile
@@ -68,7 +67,7 @@ class ServiceSide:
             query.append(f"status={status}")
         if cursor is not None:
             # The service's own cursor format, built by its own function.
-            query.append(f"cursor={encode_cursor(Job(created_at=cursor[0], job_id=cursor[1]))}")
+            query.append(f"cursor={encode_cursor(*cursor)}")
         code, body = await self.http.request("GET", f"/ops/jobs?{'&'.join(query)}")
         if code != 200:
             raise RuntimeError(f"GET /ops/jobs: {code} {body[:200]!r}")

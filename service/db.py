@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
@@ -19,17 +20,14 @@ Sessions = async_sessionmaker[AsyncSession]
 PING_AFTER_IDLE_S = 1.0
 
 
-def create_engine(settings: Settings, role: str, pre_ping: bool = True, autocommit: bool = False) -> AsyncEngine:
+def create_engine(settings: Settings, role: str, pre_ping: bool = True) -> AsyncEngine:
     """An engine whose connections say `apiops-<role>` in `pg_stat_activity` and never wait forever.
 
     With `pre_ping`, a connection that sat idle in the pool for over PING_AFTER_IDLE_S is tested as it leaves it,
     so that a PostgreSQL restart (or an idle connection dropped in between) costs no failed request. Connections in
     steady use are not pinged: that round trip cost the API an eighth of its CPU under load (`make bench`), and
     a connection lost while busy is found by the request using it, which invalidates the whole pool. The worker
-    needs no ping: it retries a write whose connection turns out dead (service.leases).
-
-    With `autocommit`, every statement is its own transaction; cheaper than switching a pooled connection to
-    autocommit for each use (see `autocommit()`), for a process whose every write is one statement (the worker)."""
+    needs no ping: it retries a write whose connection turns out dead (service.leases)."""
     engine = create_async_engine(
         make_url(settings.database_url.get_secret_value()),
         # A fixed pool: a burst waits for a connection (a statement takes about a millisecond) instead of opening
@@ -38,7 +36,6 @@ def create_engine(settings: Settings, role: str, pre_ping: bool = True, autocomm
         pool_size=settings.db_pool_size,
         max_overflow=0,
         pool_timeout=settings.db_connect_timeout_s,
-        isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
             "timeout": settings.db_connect_timeout_s,
             "command_timeout": settings.db_command_timeout_s,
@@ -78,9 +75,24 @@ def asyncpg_dsn(database_url: str, database: str | None = None) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# A failure to reach PostgreSQL: SQLAlchemy's, or what asyncpg itself raises (statements sent straight to the driver,
+# see service.leases) for a connection lost, or a server shutting down or starting up.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    OperationalError,
+    InterfaceError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """A failure to reach PostgreSQL (worth retrying, or a 503), as opposed to an error in what was asked of it."""
-    if isinstance(exc, OSError | TimeoutError | OperationalError | InterfaceError):
+    if isinstance(exc, _UNAVAILABLE):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 

@@ -1,4 +1,5 @@
-"""A stopping worker hands jobs back; a worker that lost its lease stops working on the job."""
+"""A stopping worker hands jobs back; a worker that lost its lease stops working on the job; one that lost its
+connections to PostgreSQL goes on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 import asyncpg
 import httpx
+import pytest
 
 from jobs.worker import begin_shutdown
 from service.settings import Settings
@@ -89,3 +91,27 @@ async def test_worker_that_loses_its_lease_stops_the_job(
     assert row == {"status": "running", "lease_owner": "thief"}
     step = await fetch_one(db, "SELECT status, detail FROM ops_job_step WHERE job_id = $1 AND step_order = 1", job_id)
     assert step == {"status": "running", "detail": "sleeping 3s"}, "the old worker wrote after losing its lease"
+
+
+async def test_a_job_goes_on_after_postgres_dropped_the_workers_connections(
+    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As after a PostgreSQL restart while steps run: the worker's pooled connections are dead. Its next writes
+    retry on new ones, and the job ends as if nothing had happened. A dead connection is dropped, not tried again:
+    each costs one retry at most."""
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": 0.5})).json()["job_id"]
+
+    async with running_worker(settings):
+        await wait_for_status(client, job_id, "running")
+        dropped = await db.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'apiops-worker'"
+        )
+        job = await wait_for_status(client, job_id, "success", "failed", within=5)
+
+    assert dropped >= 1
+    assert job["status"] == "success"
+    assert job["attempt"] == 1, "the worker kept its lease"
+    assert [s["attempts"] for s in job["steps"]] == [1, 1, 1]
+    retries = [r for r in caplog.records if r.name == "service.leases" and "unreachable" in r.getMessage()]
+    assert len(retries) <= dropped

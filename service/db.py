@@ -39,7 +39,8 @@ def create_engine(settings: Settings, role: str, pre_ping: bool = True) -> Async
         connect_args={
             "timeout": settings.db_connect_timeout_s,
             "command_timeout": settings.db_command_timeout_s,
-            "server_settings": {"application_name": f"apiops-{role}"},
+            # UTC: the times PostgreSQL renders itself (in JSON) then read like those asyncpg decodes.
+            "server_settings": {"application_name": f"apiops-{role}", "timezone": "UTC"},
         },
     )
     if pre_ping:

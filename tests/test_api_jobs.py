@@ -6,10 +6,11 @@ import asyncio
 
 import asyncpg
 import httpx
+from arq.worker import Worker
 from redis.asyncio import Redis
 
 from service.settings import Settings
-from tests.conftest import fetch_one, headers
+from tests.conftest import fetch_one, headers, wait_for_status
 
 
 async def test_submit_writes_job_steps_and_event_then_enqueues(
@@ -91,6 +92,16 @@ async def test_a_job_reads_the_same_in_its_submit_response_its_get_and_a_list(cl
 
     assert listed == list(reversed(submitted)) == list(reversed(read))
     assert [s["step_order"] for s in listed[1]["steps"]] == list(range(1, 13))
+
+
+async def test_a_job_that_ran_reads_the_same_in_its_get_and_a_list(client: httpx.AsyncClient, worker: Worker) -> None:
+    job_id = (await client.post("/ops/jobs/noop", json={"steps": 2})).json()["job_id"]
+    job = await wait_for_status(client, job_id, "success", "failed")
+
+    listed = (await client.get("/ops/jobs")).json()["jobs"]
+
+    assert listed == [job]
+    assert all(step["started_at"].endswith("Z") and step["finished_at"].endswith("Z") for step in job["steps"])
 
 
 async def test_list_filters_by_type_status_actor_and_target(client: httpx.AsyncClient) -> None:

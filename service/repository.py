@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator
-from sqlalchemy import DateTime, Select, bindparam, column, func, literal_column, select, text, tuple_
+from pydantic import BaseModel, BeforeValidator, TypeAdapter
+from sqlalchemy import DateTime, Select, Text, bindparam, cast, column, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -144,16 +144,14 @@ async def _idempotent_replay(
     window = IDEMPOTENCY_WINDOW.total_seconds()
     if await conn.scalar(_FREE_EXPIRED_KEY, {"actor": caller.actor, "key": key, "window": window}) is not None:
         return None
-    async with AsyncSession(bind=conn) as session:
-        earlier = await session.scalar(
-            select(Job).where(Job.actor == caller.actor, Job.idempotency_key == key).options(selectinload(Job.steps))
-        )
-        if earlier is None:
-            return None  # freed meanwhile
-        if earlier.type != job_type.name or earlier.params != values:
-            message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
-            raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
-        return JobOut.model_validate(earlier)
+    jobs = await _read_jobs(conn, _KEYED_JOB, {"actor": caller.actor, "key": key})
+    if not jobs:
+        return None  # freed meanwhile
+    earlier = jobs[0]
+    if earlier.type != job_type.name or earlier.params != values:
+        message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
+        raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
+    return earlier
 
 
 async def _db_now(session: AsyncSession) -> datetime:
@@ -240,38 +238,39 @@ def _columns(entity: type[Base], model: type[BaseModel]) -> list[KeyedColumnElem
     return [entity.__table__.c[name] for name in model.model_fields if name in entity.__table__.c]
 
 
-# Jobs as their responses show them, each with its steps as a JSON array in step order: one statement, no ORM
-# objects (building them was over 40% of the API CPU a page cost), and no second query for the steps. JSON, not an
-# array of rows: asyncpg decodes those too, but looks up their type on each new connection first (15 ms).
-_JOBS_OUT = select(
-    *_columns(Job, JobOut),
+def _json_object(columns: list[KeyedColumnElement[Any]], **more: Any) -> Any:
+    """`json_build_object` of the columns (keyed by their names) and of `more`."""
+    pairs: list[tuple[Any, Any]] = [(literal_column(f"'{column.key}'"), column) for column in columns]
+    pairs += [(literal_column(f"'{name}'"), value) for name, value in more.items()]
+    return func.json_build_object(*itertools.chain.from_iterable(pairs))
+
+
+# Each job as its response shows it, steps in step order, rendered as JSON by PostgreSQL in one statement and
+# parsed by pydantic: no ORM objects (building them was over 40% of the API CPU a page cost), no second query for
+# the steps, and no JSON decoded in Python. (Not an array of rows: asyncpg decodes those too, but looks up their
+# type on each new connection first, 15 ms.) Times are UTC: the connections' time zone (service.db).
+_STEPS_JSON = (
     select(
-        func.json_agg(
-            aggregate_order_by(
-                func.json_build_object(
-                    *itertools.chain.from_iterable(
-                        (literal_column(f"'{column.key}'"), column) for column in _columns(Step, StepOut)
-                    )
-                ),
-                Step.step_order,
-            )
+        func.coalesce(
+            func.json_agg(aggregate_order_by(_json_object(_columns(Step, StepOut)), Step.step_order)),
+            literal_column("'[]'::json"),
         )
     )
     .where(Step.job_id == Job.job_id)
     .scalar_subquery()
-    .label("steps"),
 )
+_JOBS_OUT = select(cast(_json_object(_columns(Job, JobOut), steps=_STEPS_JSON), Text))
+_JOB_LIST = TypeAdapter(list[JobOut])
 
 
-async def _read_jobs(
-    conn: AsyncConnection, query: Select[Any], params: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """Run a `_JOBS_OUT` query; each job as a dict that `JobOut` validates."""
-    return [{**row._mapping, "steps": row.steps or []} for row in await conn.execute(query, params)]
+async def _read_jobs(conn: AsyncConnection, query: Select[Any], params: dict[str, Any] | None = None) -> list[JobOut]:
+    rendered = (await conn.execute(query, params)).scalars().all()
+    return _JOB_LIST.validate_json(f"[{','.join(rendered)}]")
 
 
 # Built once, parameters bound at each call: a statement built per call costs its cache key every time.
 _GET_JOB = _JOBS_OUT.where(Job.job_id == bindparam("job_id"))
+_KEYED_JOB = _JOBS_OUT.where(Job.actor == bindparam("actor"), Job.idempotency_key == bindparam("key"))
 _GET_EVENTS = (
     select(*_columns(Event, EventOut))
     .where(Event.job_id == bindparam("job_id"), Event.event_id > bindparam("after"))
@@ -284,7 +283,7 @@ async def get_job(conn: AsyncConnection, job_id: str) -> JobOut:
     jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
     if not jobs:
         raise NotFound(f"no job {job_id!r}")
-    return JobOut.model_validate(jobs[0])
+    return jobs[0]
 
 
 async def get_events(conn: AsyncConnection, job_id: str, after: int = 0) -> list[EventOut]:
@@ -335,8 +334,8 @@ async def list_jobs(conn: AsyncConnection, filters: ListFilter, limit: int, curs
         params["after_created_at"], params["after_job_id"] = _decode_cursor(cursor)
     jobs = await _read_jobs(conn, _list_query(frozenset(params)), {**params, "limit": limit + 1})
     page = jobs[:limit]
-    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["job_id"]) if len(jobs) > limit else None
-    return JobPage.model_validate({"jobs": page, "next_cursor": next_cursor})
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].job_id) if len(jobs) > limit else None
+    return JobPage(jobs=page, next_cursor=next_cursor)
 
 
 @functools.cache

@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         engine = create_engine(settings, "api")
         sessions = create_sessions(engine)
         redis = create_redis(settings)
-        hub = EventHub(settings, sessions)
+        in_autocommit = autocommit(engine)
+        hub = EventHub(settings, in_autocommit)
         # Everything loaded so far lives as long as the process: keep it out of the cyclic collector's full passes,
         # which otherwise stall requests by up to ~200 ms (measured by `make bench`).
         gc.freeze()
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                     settings=settings,
                     engine=engine,
                     sessions=sessions,
-                    autocommit=autocommit(engine),
+                    autocommit=in_autocommit,
                     redis=redis,
                     registry=registry,
                     keyring=KeyRing.from_settings(settings),

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import Sessions, asyncpg_dsn
-from service.models import Event
+from service.db import asyncpg_dsn
+from service.repository import events_by_id
 from service.schemas import EventOut
 from service.settings import Settings
 
@@ -48,10 +48,11 @@ Item = Message | None
 
 
 class EventHub:
-    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+    def __init__(self, settings: Settings, db: AsyncEngine) -> None:
+        """`db`: the engine in autocommit (`service.db.autocommit`), to read announced events."""
         self._dsn = asyncpg_dsn(settings.database_url.get_secret_value())
         self._connect_timeout = settings.db_connect_timeout_s
-        self._sessions = sessions
+        self._db = db
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = {}
         self._announced: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self._running: asyncio.Task[None] | None = None
@@ -137,17 +138,15 @@ class EventHub:
             if not ids:
                 continue
             try:
-                async with self._sessions() as session:
-                    events = list(
-                        await session.scalars(select(Event).where(Event.event_id.in_(ids)).order_by(Event.event_id))
-                    )
+                async with self._db.connect() as conn:
+                    events = await events_by_id(conn, ids)
             except Exception as exc:  # the database is down: the watchers re-read once it answers
                 logger.warning("live events: cannot read announced events: %s", exc)
                 self._resync_everyone()
                 continue
-            for event in events:
-                message = Message.of(EventOut.model_validate(event))
-                for queue in self._watchers.get(event.job_id, ()):
+            for job_id, event in events:
+                message = Message.of(event)
+                for queue in self._watchers.get(job_id, ()):
                     queue.put_nowait(message)
 
     def _resync_everyone(self) -> None:

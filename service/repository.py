@@ -271,9 +271,15 @@ async def _read_jobs(conn: AsyncConnection, query: Select[Any], params: dict[str
 # Built once, parameters bound at each call: a statement built per call costs its cache key every time.
 _GET_JOB = _JOBS_OUT.where(Job.job_id == bindparam("job_id"))
 _KEYED_JOB = _JOBS_OUT.where(Job.actor == bindparam("actor"), Job.idempotency_key == bindparam("key"))
+_EVENT_COLUMNS = _columns(Event, EventOut)
 _GET_EVENTS = (
-    select(*_columns(Event, EventOut))
+    select(*_EVENT_COLUMNS)
     .where(Event.job_id == bindparam("job_id"), Event.event_id > bindparam("after"))
+    .order_by(Event.event_id)
+)
+_EVENTS_BY_ID = (
+    select(Event.job_id, *_EVENT_COLUMNS)
+    .where(Event.event_id.in_(bindparam("ids", expanding=True)))
     .order_by(Event.event_id)
 )
 
@@ -289,6 +295,12 @@ async def get_job(conn: AsyncConnection, job_id: str) -> JobOut:
 async def get_events(conn: AsyncConnection, job_id: str, after: int = 0) -> list[EventOut]:
     rows = await conn.execute(_GET_EVENTS, {"job_id": job_id, "after": after})
     return [EventOut.model_validate(row, from_attributes=True) for row in rows]
+
+
+async def events_by_id(conn: AsyncConnection, event_ids: list[int]) -> list[tuple[str, EventOut]]:
+    """These events in order, each with its job's id."""
+    rows = await conn.execute(_EVENTS_BY_ID, {"ids": event_ids})
+    return [(row.job_id, EventOut.model_validate(row, from_attributes=True)) for row in rows]
 
 
 def _iso8601(value: object) -> object:

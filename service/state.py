@@ -20,7 +20,7 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     sessions: Sessions
-    # The engine in autocommit, for writes made in one statement (each its own transaction).
+    # The engine in autocommit, for reads and writes made in one statement (each its own transaction).
     autocommit: AsyncEngine
     redis: ArqRedis
     registry: Registry

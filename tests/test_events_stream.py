@@ -115,6 +115,24 @@ async def test_each_change_reaches_a_watcher_within_200ms(settings: Settings) ->
     assert max(delays) < 0.2, f"slowest delivery {max(delays) * 1000:.0f} ms"
 
 
+async def test_each_stream_carries_its_own_jobs_events_exactly_as_its_history(settings: Settings) -> None:
+    """Two jobs run side by side: each watcher gets every event of its job, and none of the other's, with the
+    same content as the job's stored history."""
+    async with live_api(settings) as base:
+        job_ids = [await _submit(base, steps=3, sleep_s=0.1) for _ in range(2)]
+        async with stream(base, job_ids[0]) as first, stream(base, job_ids[1]) as second, running_worker(settings):
+            streamed = await asyncio.wait_for(asyncio.gather(first.all(), second.all()), 10)
+        async with httpx.AsyncClient(base_url=base, headers=headers("reader")) as http:
+            histories = [
+                (await http.get(f"/ops/jobs/{job_id}", params={"include": "events"})).json()["events"]
+                for job_id in job_ids
+            ]
+
+    for messages, history in zip(streamed, histories, strict=True):
+        assert [m.data for m in messages] == history
+        assert history[-1]["kind"] == "finished"
+
+
 async def test_reconnecting_with_last_event_id_resumes_without_gap_or_repeat(settings: Settings) -> None:
     async with live_api(settings) as base:
         job_id = await _submit(base, steps=3, sleep_s=0.2)

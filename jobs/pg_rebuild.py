@@ -19,19 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from jobs.kube import (
-    PROFILES,
-    Kube,
-    KubeClients,
-    KubeNotConfigured,
-    PodView,
-    Profile,
-    ProfileName,
-    PvcView,
-    StatefulSetView,
-)
-from jobs.kube import lifespan as kube_lifespan
-from jobs.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
+from jobs.pgkube.kube import Kube, KubeClients, KubeNotConfigured, PodView, PvcView, StatefulSetView
+from jobs.pgkube.kube import lifespan as kube_lifespan
+from jobs.pgkube.profiles import PROFILES, Profile, ProfileName
+from jobs.pgkube.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
 from service.jobtypes import JobType, Step, StepContext
 from service.settings import Settings, get_settings
 

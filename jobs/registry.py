@@ -1,4 +1,6 @@
-"""Every job type the service offers. Adding a job type: write its module, add it to this list."""
+"""Every job type the service offers: the composition root, imported by the API app and the worker themselves.
+
+Adding a job type: write its module, add it to this list."""
 
 from __future__ import annotations
 

@@ -20,16 +20,17 @@ from typing import Any
 
 from arq.worker import Retry, func
 
-from jobs.engine import HANDED_BACK, RELEASE_TIMEOUT_S, Runtime, run_job
-from jobs.reaper import reap_forever
+from jobs.registry import REGISTRY
+from jobs.runtime.engine import HANDED_BACK, RELEASE_TIMEOUT_S, Runtime, run_job
+from jobs.runtime.leases import Leases
+from jobs.runtime.metrics import MetricsServer, WorkerMetrics
+from jobs.runtime.reaper import reap_forever
 from service.db import create_engine, create_sessions
-from service.jobtypes import Registry, default_registry
-from service.leases import Leases
+from service.heartbeats import beat_forever
+from service.jobtypes import Registry
 from service.logs import configure_logging
-from service.metrics import MetricsServer, WorkerMetrics
 from service.queue import RUN_JOB, redis_settings
 from service.settings import Settings, get_settings
-from service.workers import beat_forever
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def worker_id() -> str:
 async def startup(ctx: dict[str, Any]) -> None:
     # Tests pass their own settings and registry in arq's initial ctx; the CLI reads the environment.
     settings: Settings = ctx.setdefault("settings", get_settings())
-    registry: Registry = ctx.setdefault("registry", default_registry())
+    registry: Registry = ctx.setdefault("registry", REGISTRY)
     configure_logging(settings)
     engine = create_engine(settings, "worker", pre_ping=False)
     # Each job type's per-process resources (a Kubernetes ApiClient, ...), closed at shutdown.

@@ -27,7 +27,7 @@ def create_engine(settings: Settings, role: str, pre_ping: bool = True) -> Async
     so that a PostgreSQL restart (or an idle connection dropped in between) costs no failed request. Connections in
     steady use are not pinged: that round trip cost the API an eighth of its CPU under load (`make bench`), and
     a connection lost while busy is found by the request using it, which invalidates the whole pool. The worker
-    needs no ping: it retries a write whose connection turns out dead (service.leases)."""
+    needs no ping: it retries a write whose connection turns out dead (jobs.runtime.leases)."""
     engine = create_async_engine(
         make_url(settings.database_url.get_secret_value()),
         # A fixed pool: a burst waits for a connection (a statement takes about a millisecond) instead of opening
@@ -77,7 +77,7 @@ def asyncpg_dsn(database_url: str, database: str | None = None) -> str:
 
 
 # A failure to reach PostgreSQL: SQLAlchemy's, or what asyncpg itself raises (statements sent straight to the driver,
-# see service.leases) for a connection lost, or a server shutting down or starting up.
+# see jobs.runtime.leases) for a connection lost, or a server shutting down or starting up.
 _UNAVAILABLE = (
     OSError,
     TimeoutError,

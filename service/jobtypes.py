@@ -1,7 +1,8 @@
 """What a job type is: a params model, a target, and ordered steps with their timeouts and retry policy.
 
-A job type is declared in one module under `jobs/` and listed in `jobs/registry.py`. The HTTP layer and the
-worker only ever see it through a `Registry`, so adding a job type touches nothing here.
+A job type is declared in one module under `jobs/` and listed in `jobs/registry.py`, which the API app and the
+worker import themselves. Both only ever see job types through a `Registry`, so adding one touches nothing here.
+This module is the job author's SDK: it imports neither the API nor the worker runtime.
 """
 
 from __future__ import annotations
@@ -113,10 +114,3 @@ class Registry:
 
     def __iter__(self) -> Iterator[JobType[Any]]:
         return iter(self._types.values())
-
-
-def default_registry() -> Registry:
-    """The built-in job types. Imported late: `jobs` depends on `service`, never the other way at import time."""
-    from jobs.registry import REGISTRY
-
-    return REGISTRY

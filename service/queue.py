@@ -1,6 +1,6 @@
 """The only module that knows arq: the Redis client, the queued function's name, and how a job id is enqueued.
 
-arq only delivers job ids; PostgreSQL decides who runs what (see `service.leases`). Keeping arq behind this
+arq only delivers job ids; PostgreSQL decides who runs what (see `jobs.runtime.leases`). Keeping arq behind this
 module means it could be swapped without touching the API or the engine.
 
 Enqueueing writes what arq's own `enqueue_job` writes (its key prefixes, `serialize_job`, its expiry), in one

@@ -5,6 +5,7 @@ Nothing else in the project reads `os.environ`; everything that is configurable 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from enum import StrEnum
@@ -33,6 +34,11 @@ class ApiKeyEntry(BaseModel):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+
+def hash_key(key: str) -> str:
+    """How a key is stored: its SHA-256, in hex. The key itself is never kept."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 DEV_API_KEY = "dev-api-key-12345"

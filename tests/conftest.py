@@ -31,12 +31,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from alembic import command
 from jobs import noop, pg_rebuild
 from jobs.worker import WorkerSettings
-from service.app import create_app
-from service.auth import hash_key
+from service.api.app import create_app
 from service.db import asyncpg_dsn
 from service.jobtypes import Registry
 from service.queue import redis_settings
-from service.settings import ApiKeyEntry, Settings
+from service.settings import ApiKeyEntry, Settings, hash_key
 from service.settings import Scope as KeyScope
 from tests import testjobs
 from tests.kube_sim import KubeSim

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.client import ApiClient, ApiError, JobEvent
+from service.cli.client import ApiClient, ApiError, JobEvent
 from service.settings import Settings
 from tests.conftest import KEYS, free_port, headers, live_api, running_worker, wait_for_status
 

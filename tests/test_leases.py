@@ -10,8 +10,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from jobs.runtime.leases import Finished, LeaseLost, Leases
 from service.db import create_engine, create_sessions
-from service.leases import Finished, LeaseLost, Leases
 from service.models import JobStatus, StepStatus
 from service.settings import Settings
 from tests.conftest import fetch_one, running_worker, submit, wait_for, wait_for_status

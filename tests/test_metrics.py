@@ -13,10 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from starlette.routing import Match, Route
 
-from service.app import create_app
+from jobs.runtime.leases import Leases
+from jobs.runtime.metrics import MetricsServer, WorkerMetrics
+from service.api.app import create_app
+from service.api.metrics import UNMATCHED
 from service.db import create_engine, create_sessions
-from service.leases import Leases
-from service.metrics import UNMATCHED, MetricsServer, WorkerMetrics
 from service.settings import Settings
 from tests.conftest import (
     TEST_REGISTRY,

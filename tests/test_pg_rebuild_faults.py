@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from jobs import pg_rebuild
-from jobs.kube import lifespan
+from jobs.pgkube.kube import lifespan
 from service.settings import Settings
 from tests.conftest import running_worker, wait_for, wait_for_status
 from tests.kube_sim import KubeSim

@@ -7,8 +7,8 @@ import httpx
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
+from jobs.runtime.leases import Finished, Leases
 from service.db import create_engine, create_sessions
-from service.leases import Finished, Leases
 from service.models import StepStatus
 from service.queue import delivery_id
 from service.settings import Settings

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.auth import hash_key
-from service.settings import Scope, Settings
+from service.settings import Scope, Settings, hash_key
 
 
 def test_prod_without_any_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,5 +113,5 @@ async def test_a_job_goes_on_after_postgres_dropped_the_workers_connections(
     assert job["status"] == "success"
     assert job["attempt"] == 1, "the worker kept its lease"
     assert [s["attempts"] for s in job["steps"]] == [1, 1, 1]
-    retries = [r for r in caplog.records if r.name == "service.leases" and "unreachable" in r.getMessage()]
+    retries = [r for r in caplog.records if r.name == "jobs.runtime.leases" and "unreachable" in r.getMessage()]
     assert len(retries) <= dropped

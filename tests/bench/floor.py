@@ -24,8 +24,8 @@ from arq.worker import func
 
 from jobs.noop import NoopParams
 from jobs.worker import install_event_loop
+from service.api.repository import new_job_id
 from service.db import asyncpg_dsn
-from service.repository import new_job_id
 from service.settings import get_settings
 from tests.bench.stack import FLOOR_QUEUE, FLOOR_SCHEMA
 

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
 from service.db import asyncpg_dsn
+from service.heartbeats import live_workers
 from service.settings import get_settings
-from service.workers import live_workers
 
 BENCH_DATABASE = "apiops_bench"
 # Tests use db 13; the benchmark flushes only this one (FLUSHDB on its own index).
@@ -198,9 +198,9 @@ def _start(stack: Stack, name: str, command: list[str], queue: str) -> Proc:
 
 
 def start_api(stack: Stack) -> Proc:
-    # What `apiops serve` runs (service/cli.py), started directly so that its pid is uvicorn's own.
+    # What `apiops serve` runs (service/cli/main.py), started directly so that its pid is uvicorn's own.
     command = [
-        sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+        sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--host", "127.0.0.1",
         "--port", str(stack.api_port), "--no-proxy-headers", "--no-access-log",
     ]  # fmt: skip
     return _start(stack, "api", command, SERVICE_QUEUE)

@@ -9,23 +9,24 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from service.auth import KeyRing
+from jobs.registry import REGISTRY
+from service.api.auth import KeyRing
+from service.api.error_handlers import EXCEPTION_HANDLERS
+from service.api.event_hub import EventHub
+from service.api.metrics import ApiMetrics
+from service.api.middleware import RequestContext
+from service.api.routes import docs, events, health, jobs, workers
+from service.api.state import AppState
 from service.db import autocommit, create_engine, create_sessions
-from service.errors import EXCEPTION_HANDLERS
-from service.jobtypes import Registry, default_registry
-from service.live import EventHub
+from service.jobtypes import Registry
 from service.logs import configure_logging
-from service.metrics import ApiMetrics
-from service.middleware import RequestContext
 from service.queue import create_redis
-from service.routes import docs, events, health, jobs, workers
 from service.settings import Settings, get_settings
-from service.state import AppState
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
     settings = settings or get_settings()
-    registry = registry or default_registry()
+    registry = registry or REGISTRY
     metrics = ApiMetrics()
 
     @asynccontextmanager

@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service.api.state import AppState
 from service.errors import DependencyUnavailable
-from service.state import AppState
 
 
 async def livez(request: Request) -> JSONResponse:

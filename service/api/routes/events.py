@@ -13,13 +13,13 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from service.auth import require
+from service.api.auth import require
+from service.api.event_hub import Message
+from service.api.repository import get_events, get_job
+from service.api.state import AppState
 from service.errors import InvalidParams
-from service.live import Message
 from service.models import EventKind, JobStatus
-from service.repository import get_events, get_job
 from service.settings import Scope
-from service.state import AppState
 
 
 async def job_events(request: Request) -> StreamingResponse:

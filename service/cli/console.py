@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from service.client import ApiClient, JobEvent
+from service.cli.client import ApiClient, JobEvent
 
 FINISHED = ("success", "failed", "cancelled")
 STEP_DONE = ("success", "failed", "cancelled", "skipped")

@@ -6,8 +6,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.openapi import openapi_document
-from service.state import AppState
+from service.api.openapi import openapi_document
+from service.api.state import AppState
 
 
 async def openapi(request: Request) -> JSONResponse:

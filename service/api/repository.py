@@ -1,7 +1,7 @@
 """All reads and writes of the API side: create a job with its steps, fetch one, list them with keyset pagination.
 
 Reads are single statements on an autocommit connection and return the response models; writes that need a
-transaction (cancel, retry) go through an `AsyncSession`. The worker's fenced writes live in `service.leases`.
+transaction (cancel, retry) go through an `AsyncSession`. The worker's fenced writes live in `jobs.runtime.leases`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 from sqlalchemy.sql.elements import KeyedColumnElement
 
+from service.api.schemas import EventOut, JobOut, JobPage, StepOut
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
 from service.models import Base, Event, EventKind, Job, JobStatus, Step, StepStatus
-from service.schemas import EventOut, JobOut, JobPage, StepOut
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 

@@ -8,11 +8,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.auth import require
+from service.api.auth import require
+from service.api.state import AppState
 from service.errors import DependencyUnavailable
+from service.heartbeats import live_workers
 from service.settings import Scope
-from service.state import AppState
-from service.workers import live_workers
 
 
 async def list_workers(request: Request) -> JSONResponse:

@@ -8,10 +8,10 @@ from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
-from service.auth import KeyRing
+from service.api.auth import KeyRing
+from service.api.event_hub import EventHub
 from service.db import Sessions
 from service.jobtypes import Registry
-from service.live import EventHub
 from service.settings import Settings
 
 

@@ -11,9 +11,9 @@ import logging
 
 from arq.connections import ArqRedis
 
+from jobs.runtime.leases import due_for_delivery, record_redelivered
+from jobs.runtime.metrics import WorkerMetrics
 from service.db import Sessions
-from service.leases import due_for_delivery, record_redelivered
-from service.metrics import WorkerMetrics
 from service.queue import Delivery, enqueue_many
 from service.settings import Settings
 

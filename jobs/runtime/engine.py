@@ -21,10 +21,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobs.runtime.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
+from jobs.runtime.metrics import WorkerMetrics
 from service.jobtypes import Registry, Step, UnknownJobType
-from service.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from service.logs import log_context
-from service.metrics import WorkerMetrics
 from service.models import JobStatus, StepStatus
 from service.settings import Settings
 
@@ -157,8 +157,8 @@ class _JobRun:
         self.params = self.job_type.params.model_validate(lease.params, context={"settings": runtime.settings})
         self.current: _Context | None = None
         self.state = dict(lease.state)
-        # The result of the step that just ended, until the next write records it with itself (one statement
-        # per transition). Recording it twice is harmless (see service.leases), so it is kept until a write is sure.
+        # The result of the step that just ended, until the next write records it with itself (one statement per
+        # transition). Recording it twice is harmless (see jobs.runtime.leases): it is kept until a write is sure.
         self.unrecorded: Finished | None = None
         # The step the claim started already, until it runs.
         self.claim_started = lease.started_step

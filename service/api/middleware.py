@@ -11,8 +11,8 @@ import time
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.metrics import ApiMetrics
 from service.logs import log_context
-from service.metrics import ApiMetrics
 
 logger = logging.getLogger("service.access")
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from jobs.kube import PodView
+from jobs.pgkube.kube import PodView
 from service.jobtypes import StepContext, TransientError
 
 T = TypeVar("T")

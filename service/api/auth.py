@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from service.errors import Forbidden, Unauthorized
-from service.settings import DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings
+from service.settings import DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ class Principal:
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes or Scope.ADMIN in self.scopes
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeyRing:

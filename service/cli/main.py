@@ -5,7 +5,7 @@ apiops serve               the API alone (uvicorn)
 apiops db upgrade          create the database if it is missing, then migrate it to the latest revision
 apiops keys new NAME --scopes jobs:read,jobs:write
 apiops submit TYPE key=value ... [--watch]; get ID; list; cancel ID; retry ID; watch ID
-                           the API's client (service/client.py), at APIOPS_URL with APIOPS_API_KEY
+                           the API's client (service/cli/client.py), at APIOPS_URL with APIOPS_API_KEY
 
 The client's two settings are read here, not by `Settings`: they belong to whoever runs the command, not to the
 service.
@@ -28,11 +28,11 @@ from typing import Any
 
 import httpx
 
-from service import console
-from service.client import ApiClient, ApiError, Unreachable
-from service.settings import Scope, Settings, get_settings
+from service.cli import console
+from service.cli.client import ApiClient, ApiError, Unreachable
+from service.settings import Scope, Settings, get_settings, hash_key
 
-# asyncpg, SQLAlchemy and service.auth (which brings the server's stack) are imported where they are used: the
+# asyncpg, SQLAlchemy and service.api.auth (which brings the server's stack) are imported where they are used: the
 # client commands, which need none of them, then start in half the time.
 
 # The worker's own grace period plus time to hand its jobs back.
@@ -42,7 +42,7 @@ STOP_EXTRA_S = 10.0
 def _serve_command(settings: Settings) -> list[str]:
     # The service decides itself which forwarded addresses to believe (APIOPS_TRUSTED_PROXIES).
     return [
-        sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+        sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app",
         "--host", settings.host, "--port", str(settings.port), "--no-proxy-headers", "--no-access-log",
     ]  # fmt: skip
 
@@ -120,8 +120,6 @@ def db_upgrade(settings: Settings) -> int:
 
 
 def keys_new(name: str, scopes: str) -> int:
-    from service.auth import hash_key
-
     try:
         chosen = sorted({Scope(s.strip()) for s in scopes.split(",") if s.strip()})
     except ValueError as exc:

@@ -1,60 +1,49 @@
-"""Prometheus metrics: the API's `/metrics` and each worker's own.
+"""The API's Prometheus metrics (`/metrics`): its own HTTP requests, and the job counts and queue depth.
 
-Counts of jobs come from PostgreSQL and the queue depth from Redis, read when the API's `/metrics` is scraped:
-every API replica reports the same figures, right however many workers come and go or die. What only a worker
-sees (how long jobs and steps take, lease takeovers, reaper redeliveries) it counts itself and serves on
-`APIOPS_WORKER_METRICS_PORT`; Prometheus sums the workers. The API also measures its own HTTP requests.
+Counts of jobs come from PostgreSQL and the queue depth from Redis, read when `/metrics` is scraped: every API
+replica reports the same figures, right however many workers come and go or die. What only a worker sees (how
+long jobs and steps take, lease takeovers, reaper redeliveries) it counts and serves itself
+(`jobs.runtime.metrics`).
 
-Every app and every worker has a registry of its own, never prometheus_client's global one, so that several
-apps and workers can live in one process (the tests make many).
+Every app has a registry of its own, never prometheus_client's global one, so that several apps can live in one
+process (the tests make many).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Scope
 
+from service.api.state import AppState
 from service.models import Job, JobStatus
-from service.state import AppState
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# From a no-op step (milliseconds) to a pg-rebuild waiting for a replica to re-clone (an hour).
-JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # Any other method becomes "other": a client choosing label values must not be able to grow the series count.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # The route label of a request no route matched (a 404, a slash redirect). Real routes all start with "/".
 UNMATCHED = "unmatched"
-_FINISHED = frozenset(s.value for s in JobStatus if s.finished)
-_REDELIVERY_REASONS = {JobStatus.PENDING: "pending_not_queued", JobStatus.RUNNING: "lease_expired"}
 
 
-def _render(collector: Collector) -> Response:
+def render(collector: Collector) -> Response:
     return Response(generate_latest(collector), media_type=CONTENT_TYPE_PLAIN_0_0_4)
-
-
-# The API.
 
 
 class ApiMetrics:
@@ -91,7 +80,7 @@ class ApiMetrics:
 
     async def endpoint(self, request: Request) -> Response:
         families = await read_sources(AppState.of(request))
-        return _render(_Scrape(self.registry, families))
+        return render(_Scrape(self.registry, families))
 
 
 class _Scrape:
@@ -175,114 +164,3 @@ def job_families(counts: Iterable[tuple[str, str, int]], known_types: Iterable[s
     for job_type, count in sorted(created.items()):
         created_total.add_metric([job_type], count)
     return [jobs, created_total]
-
-
-# The worker.
-
-
-class WorkerMetrics:
-    """What one worker observes of the jobs it runs. Counts are this worker's since it started."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
-        self.job_duration = Histogram(
-            "apiops_job_duration_seconds",
-            "Time from claim to end of the job runs this worker finished, by type and final status",
-            ["type", "status"],
-            buckets=JOB_BUCKETS,
-            registry=self.registry,
-        )
-        self.step_duration = Histogram(
-            "apiops_step_duration_seconds",
-            "Time a step took, retries included, by type, step and outcome (success or failed)",
-            ["type", "step", "status"],
-            buckets=JOB_BUCKETS,
-            registry=self.registry,
-        )
-        self.lease_takeovers = Counter(
-            "apiops_lease_takeovers",
-            "Jobs this worker claimed from a worker whose lease had expired, by type",
-            ["type"],
-            registry=self.registry,
-        )
-        self.redeliveries = Counter(
-            "apiops_reaper_redeliveries",
-            "Jobs this worker's reaper put back on the queue: pending_not_queued or lease_expired",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in _REDELIVERY_REASONS.values():
-            self.redeliveries.labels(reason)
-
-    def job_ran(self, job_type: str, outcome: str, seconds: float) -> None:
-        """Only runs that finished the job count; one that lost its lease or was handed back ends elsewhere."""
-        if outcome in _FINISHED:
-            self.job_duration.labels(job_type, outcome).observe(seconds)
-
-    def step_ran(self, job_type: str, step: str, failed: bool, seconds: float) -> None:
-        self.step_duration.labels(job_type, step, "failed" if failed else "success").observe(seconds)
-
-    def lease_taken_over(self, job_type: str) -> None:
-        self.lease_takeovers.labels(job_type).inc()
-
-    def redelivered(self, statuses: Iterable[JobStatus]) -> None:
-        for status in statuses:
-            self.redeliveries.labels(_REDELIVERY_REASONS.get(status, status.value)).inc()
-
-
-class _LoopServer(uvicorn.Server):
-    """uvicorn as one more task of the worker's loop. The worker handles SIGINT/SIGTERM itself (a graceful
-    drain), so uvicorn must not install its own handlers over them."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class MetricsServer:
-    """A worker's `/metrics`, served over HTTP by uvicorn inside the worker's event loop (no thread)."""
-
-    STARTUP_TIMEOUT_S = 5.0
-
-    def __init__(self, server: _LoopServer, task: asyncio.Task[None]) -> None:
-        self._server = server
-        self._task = task
-
-    @classmethod
-    async def start(cls, registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
-        async def endpoint(request: Request) -> Response:
-            return _render(registry)
-
-        app = Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
-        # Bound here rather than by uvicorn, which answers a port in use with sys.exit: the worker's start-up
-        # fails with the OSError instead.
-        family = (await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][0]
-        sock = socket.create_server((host, port), family=family)
-        config = uvicorn.Config(
-            app, log_config=None, lifespan="off", ws="none", access_log=False, timeout_graceful_shutdown=1
-        )
-        server = _LoopServer(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="apiops-worker-metrics")
-        try:
-            async with asyncio.timeout(cls.STARTUP_TIMEOUT_S):
-                while not server.started:
-                    if task.done():
-                        task.result()
-                        raise RuntimeError("the metrics server stopped during start-up")
-                    await asyncio.sleep(0.01)
-        except BaseException:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            sock.close()
-            raise
-        logger.info("worker metrics on http://%s:%d/metrics", host, port)
-        return cls(server, task)
-
-    async def stop(self) -> None:
-        self._server.should_exit = True
-        try:
-            async with asyncio.timeout(5):
-                await self._task
-        except TimeoutError:
-            logger.warning("the metrics server did not stop within 5s")

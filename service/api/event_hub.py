@@ -18,9 +18,9 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.api.repository import events_by_id
+from service.api.schemas import EventOut
 from service.db import asyncpg_dsn
-from service.repository import events_by_id
-from service.schemas import EventOut
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from service.api.schemas import EventOut, JobOut, JobPage, JobTypeOut, JobWithEvents
 from service.jobtypes import Registry
 from service.models import JobStatus
-from service.schemas import EventOut, JobOut, JobPage, JobTypeOut, JobWithEvents
 
 REF = "#/components/schemas/{model}"
 

@@ -11,11 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.auth import Principal, client_ip, require
-from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
-from service.models import Job
-from service.queue import enqueue
-from service.repository import (
+from service.api.auth import Principal, client_ip, require
+from service.api.repository import (
     Caller,
     ListFilter,
     cancel_job,
@@ -25,9 +22,12 @@ from service.repository import (
     list_jobs,
     retry_job,
 )
-from service.schemas import JobOut, JobWithEvents, ModelResponse, job_out, job_type_json
+from service.api.schemas import JobOut, JobWithEvents, ModelResponse, job_out, job_type_json
+from service.api.state import AppState
+from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+from service.models import Job
+from service.queue import enqueue
 from service.settings import Scope
-from service.state import AppState
 
 M = TypeVar("M", bound=BaseModel)
 

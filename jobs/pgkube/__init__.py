@@ -1,0 +1,7 @@
+"""PostgreSQL on Kubernetes: what every `pg-*` job type shares.
+
+- `kube`: one kubernetes-asyncio ApiClient per context per worker process, and typed views of what it reads;
+- `profiles`: the label conventions of the operators (Zalando/Spilo, CloudNativePG, Patroni, PGO, StackGres);
+- `waiting`: cooperative waits that say what they wait for and fail fast on what will not heal;
+- `settings`: their settings (`APIOPS_KUBE_*`).
+"""

@@ -35,6 +35,9 @@ from service.settings import Scope, Settings, get_settings, hash_key
 # asyncpg, SQLAlchemy and service.api.auth (which brings the server's stack) are imported where they are used: the
 # client commands, which need none of them, then start in half the time.
 
+# The project's alembic.ini (its `script_location` is relative to it): service/cli/main.py -> the project's root.
+ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"
+
 # The worker's own grace period plus time to hand its jobs back.
 STOP_EXTRA_S = 10.0
 
@@ -114,7 +117,7 @@ def db_upgrade(settings: Settings) -> int:
         url = make_url(settings.database_url.get_secret_value())
         print(f"apiops: cannot reach PostgreSQL at {url.host}:{url.port or 5432}: {exc}", file=sys.stderr)
         return 1
-    config = Config(str(Path(__file__).resolve().parent.parent / "alembic.ini"))
+    config = Config(str(ALEMBIC_INI))
     command.upgrade(config, "head")
     return 0
 

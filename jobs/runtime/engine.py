@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from jobs.runtime.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from jobs.runtime.metrics import WorkerMetrics
+from jobs.runtime.outcome import Outcome
 from service.backoff import Backoff
 from service.jobtypes import Registry, Step, UnknownJobType
 from service.logs import log_context
@@ -37,7 +38,6 @@ CANCEL_POLL_S = 0.5
 # A failed lease check or renewal is tried again at the next poll, until the lease could have expired.
 LEASE_RETRIES = Backoff(initial_s=CANCEL_POLL_S, factor=1.0)
 RELEASE_TIMEOUT_S = 5.0
-HANDED_BACK = "handed back: worker stopping"
 
 
 class Draining(Exception):
@@ -107,14 +107,14 @@ class _Failure:
     error: str
 
 
-async def run_job(runtime: Runtime, job_id: str) -> str:
+async def run_job(runtime: Runtime, job_id: str) -> Outcome:
     """The arq job: returns what happened, for arq's own log line."""
     if runtime.draining.is_set():
-        return "not claimed: worker stopping"
+        return Outcome.NOT_CLAIMED_STOPPING
     lease = await runtime.leases.claim(job_id)
     if lease is None:
         logger.info("job %s is finished, cancelled or held by another worker; nothing to do", job_id)
-        return "not claimed"
+        return Outcome.NOT_CLAIMED
     task = asyncio.current_task()
     assert task is not None
     runtime.running[task] = job_id
@@ -137,7 +137,7 @@ async def run_job(runtime: Runtime, job_id: str) -> str:
         runtime.running.pop(task, None)
 
 
-async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | ValidationError) -> str:
+async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | ValidationError) -> Outcome:
     """Fail a job this worker cannot run: its type is unknown here (a worker older than the API that took it), or
     its stored params no longer validate (a changed params model, or settings such as the allowed Kubernetes
     contexts). Delivering it again would only repeat this every lease TTL; the error says what to fix, and a
@@ -147,7 +147,7 @@ async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | Validati
     first = next((row for row in lease.steps if row.order == lease.started_step), None)
     after = Finished(first, StepStatus.FAILED, f"error: {error}") if first is not None else None
     await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
-    return "failed"
+    return Outcome.FAILED
 
 
 class _JobRun:
@@ -165,27 +165,27 @@ class _JobRun:
         # The step the claim started already, until it runs.
         self.claim_started = lease.started_step
 
-    async def run(self) -> str:
+    async def run(self) -> Outcome:
         try:
             failure = await self._steps_with_keeper()
         except LeaseLost as exc:
             logger.warning("stopped: %s", exc)
-            return "lease lost"
+            return Outcome.LEASE_LOST
         except CancelRequested as exc:
             await self._record_cancel(exc)
-            return "cancelled"
+            return Outcome.CANCELLED
         except Draining:
             await self._release("worker stopping; the job continues on another worker")
-            return HANDED_BACK
+            return Outcome.HANDED_BACK
         except asyncio.CancelledError:
             await self._release("worker stopped; the interrupted step will run again")
             raise
         if failure is None:
             await self.leases.finish_job(self.lease, JobStatus.SUCCESS, after=self.unrecorded)
-            return "success"
+            return Outcome.SUCCESS
         error = f"step {failure.step} failed: {failure.error}"
         await self.leases.finish_job(self.lease, JobStatus.FAILED, error, after=self.unrecorded)
-        return "failed"
+        return Outcome.FAILED
 
     async def _steps_with_keeper(self) -> _Failure | None:
         try:

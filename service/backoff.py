@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Backoff:
+    """A retry policy: the wait after each failure in a row, and when to stop trying."""
+
     initial_s: float
     cap_s: float = math.inf
     factor: float = 2.0
@@ -46,7 +48,7 @@ class Backoff:
     give_up_after_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.initial_s < 0 or self.cap_s < self.initial_s or self.factor < 1 or not 0 <= self.jitter <= 1:
+        if self.initial_s < 0 or self.cap_s < 0 or self.factor < 1 or not 0 <= self.jitter <= 1:
             raise ValueError(f"not a backoff: {self}")
 
     def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:

@@ -25,6 +25,7 @@ def test_delays_grow_by_the_factor_up_to_the_cap() -> None:
     assert [policy.delay(n) for n in range(1, 8)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
     assert [Backoff(initial_s=2.0, cap_s=16.0, factor=3.0).delay(n) for n in (1, 2, 3)] == [2.0, 6.0, 16.0]
     assert Backoff(initial_s=0.5, factor=1.0).delay(1000) == 0.5  # a fixed delay
+    assert Backoff(initial_s=15.0, cap_s=10.0).delay(1) == 10.0  # a start beyond the cap is capped too
 
 
 def test_a_loop_that_fails_for_ever_stays_at_the_cap() -> None:
@@ -107,7 +108,7 @@ async def test_deadlines_are_on_the_event_loops_clock() -> None:
     "bad",
     [
         {"initial_s": -1.0},
-        {"initial_s": 2.0, "cap_s": 1.0},
+        {"initial_s": 1.0, "cap_s": -1.0},
         {"initial_s": 1.0, "factor": 0.5},
         {"initial_s": 1.0, "jitter": 1.5},
     ],

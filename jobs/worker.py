@@ -21,9 +21,10 @@ from typing import Any
 from arq.worker import Retry, func
 
 from jobs.registry import REGISTRY
-from jobs.runtime.engine import HANDED_BACK, RELEASE_TIMEOUT_S, Runtime, run_job
+from jobs.runtime.engine import RELEASE_TIMEOUT_S, Runtime, run_job
 from jobs.runtime.leases import Leases
 from jobs.runtime.metrics import MetricsServer, WorkerMetrics
+from jobs.runtime.outcome import Outcome
 from jobs.runtime.reaper import reap_forever
 from service.db import create_engine, create_sessions
 from service.heartbeats import beat_forever
@@ -130,9 +131,9 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
         # Back to the queue for a worker that is not stopping; this one will not claim it.
         raise Retry(defer=1)
     outcome = await run_job(runtime, job_id)
-    if outcome == HANDED_BACK:
+    if outcome is Outcome.HANDED_BACK:
         raise Retry(defer=0)  # queued again at once, for another worker to resume
-    return outcome
+    return outcome.value  # arq logs its repr: `'success'`, not `<Outcome.SUCCESS: 'success'>`
 
 
 _settings = get_settings()

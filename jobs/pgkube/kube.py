@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from service.backoff import Backoff
 from service.jobtypes import TransientError
 from service.settings import Settings
 
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRY_AFTER_MAX_S = 10.0
-RETRY_AFTER_TRIES = 3
+# A 429's Retry-After is waited out here when it is short: the server says how long (`initial_s` is not used).
+RETRY_AFTER = Backoff(initial_s=0.0, cap_s=10.0, max_attempts=3)
 DEFAULT_CONTEXT = ""  # the key of the kubeconfig's current context (or the in-cluster config)
 
 
@@ -247,20 +248,22 @@ class Kube:
         import aiohttp
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        for attempt in range(1, RETRY_AFTER_TRIES + 1):
+        retries = RETRY_AFTER.retries()
+        while True:
             try:
                 return await method(*args, _request_timeout=self.timeout_s, **kwargs)
             except ApiException as exc:
                 wait = _retry_after(exc)
-                if wait is not None and attempt < RETRY_AFTER_TRIES:
-                    logger.info("Kubernetes asks to retry after %gs (HTTP %s)", wait, exc.status)
-                    await asyncio.sleep(wait)
-                    continue
+                if wait is not None:
+                    retries.failed(asked_s=wait)
+                    if not retries.exhausted:
+                        logger.info("Kubernetes asks to retry after %gs (HTTP %s)", wait, exc.status)
+                        await asyncio.sleep(wait)
+                        continue
                 raise _translate(exc) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # A request timeout here is aiohttp's, never the step's deadline (that surfaces as cancellation).
                 raise TransientError(f"Kubernetes API unreachable: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")
 
 
 def _retry_after(exc: ApiException) -> float | None:
@@ -270,7 +273,7 @@ def _retry_after(exc: ApiException) -> float | None:
         seconds = float(exc.headers.get("Retry-After", ""))
     except ValueError:
         return None
-    return seconds if 0 <= seconds <= RETRY_AFTER_MAX_S else None
+    return seconds if seconds >= 0 else None
 
 
 def _translate(exc: ApiException) -> Exception:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from jobs.pgkube.kube import PodView
+from service.backoff import Backoff
 from service.jobtypes import StepContext, TransientError
 
 T = TypeVar("T")
@@ -34,8 +35,8 @@ FATAL_WAITING_REASONS = frozenset(
 )
 # Restarts seen during one wait before "the restart count is climbing" is a failure of its own.
 MAX_RESTARTS_WHILE_WAITING = 3
-MAX_API_ERRORS_IN_A_ROW = 8
-API_ERROR_BACKOFF_MAX_S = 10.0
+# API errors in a row are retried from the poll interval on (`initial_s` at least), up to `max_attempts`.
+API_ERROR_RETRIES = Backoff(initial_s=0.2, cap_s=10.0, max_attempts=8)
 
 
 class WontHeal(Exception):
@@ -61,7 +62,7 @@ async def wait_until(
     interval_s: float,
 ) -> T:
     last = "nothing yet"
-    errors = 0
+    retries = replace(API_ERROR_RETRIES, initial_s=max(interval_s, API_ERROR_RETRIES.initial_s)).retries()
     deadline = asyncio.timeout(timeout_s)
     try:
         async with deadline:
@@ -69,13 +70,13 @@ async def wait_until(
                 try:
                     seen = await probe()
                 except TransientError as exc:
-                    errors += 1
-                    if errors >= MAX_API_ERRORS_IN_A_ROW:
+                    delay = retries.failed()
+                    if retries.exhausted:
                         raise
                     await ctx.progress(f"{what}; API error ({exc}), retrying; last seen: {last}")
-                    await asyncio.sleep(min(API_ERROR_BACKOFF_MAX_S, max(interval_s, 0.2) * 2 ** (errors - 1)))
+                    await asyncio.sleep(delay)
                     continue
-                errors = 0
+                retries.succeeded()
                 if seen.result is not None:
                     return seen.result
                 last = seen.text

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from pydantic import ValidationError
 
 from jobs.runtime.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from jobs.runtime.metrics import WorkerMetrics
+from jobs.runtime.outcome import Outcome
+from service.backoff import Backoff
 from service.jobtypes import Registry, Step, UnknownJobType
 from service.logs import log_context
 from service.models import JobStatus, StepStatus
@@ -30,12 +31,13 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_BASE_S = 0.5
-BACKOFF_MAX_S = 30.0
+# A step's transient errors, retried within its deadline and its `max_attempts`.
+STEP_RETRIES = Backoff(initial_s=0.5, cap_s=30.0, jitter=0.5)
 # How often a running job looks for a cancel request: the bound on cancel latency.
 CANCEL_POLL_S = 0.5
+# A failed lease check or renewal is tried again at the next poll, until the lease could have expired.
+LEASE_RETRIES = Backoff(initial_s=CANCEL_POLL_S, factor=1.0)
 RELEASE_TIMEOUT_S = 5.0
-HANDED_BACK = "handed back: worker stopping"
 
 
 class Draining(Exception):
@@ -105,14 +107,14 @@ class _Failure:
     error: str
 
 
-async def run_job(runtime: Runtime, job_id: str) -> str:
+async def run_job(runtime: Runtime, job_id: str) -> Outcome:
     """The arq job: returns what happened, for arq's own log line."""
     if runtime.draining.is_set():
-        return "not claimed: worker stopping"
+        return Outcome.NOT_CLAIMED_STOPPING
     lease = await runtime.leases.claim(job_id)
     if lease is None:
         logger.info("job %s is finished, cancelled or held by another worker; nothing to do", job_id)
-        return "not claimed"
+        return Outcome.NOT_CLAIMED
     task = asyncio.current_task()
     assert task is not None
     runtime.running[task] = job_id
@@ -135,7 +137,7 @@ async def run_job(runtime: Runtime, job_id: str) -> str:
         runtime.running.pop(task, None)
 
 
-async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | ValidationError) -> str:
+async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | ValidationError) -> Outcome:
     """Fail a job this worker cannot run: its type is unknown here (a worker older than the API that took it), or
     its stored params no longer validate (a changed params model, or settings such as the allowed Kubernetes
     contexts). Delivering it again would only repeat this every lease TTL; the error says what to fix, and a
@@ -145,7 +147,7 @@ async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | Validati
     first = next((row for row in lease.steps if row.order == lease.started_step), None)
     after = Finished(first, StepStatus.FAILED, f"error: {error}") if first is not None else None
     await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
-    return "failed"
+    return Outcome.FAILED
 
 
 class _JobRun:
@@ -163,27 +165,27 @@ class _JobRun:
         # The step the claim started already, until it runs.
         self.claim_started = lease.started_step
 
-    async def run(self) -> str:
+    async def run(self) -> Outcome:
         try:
             failure = await self._steps_with_keeper()
         except LeaseLost as exc:
             logger.warning("stopped: %s", exc)
-            return "lease lost"
+            return Outcome.LEASE_LOST
         except CancelRequested as exc:
             await self._record_cancel(exc)
-            return "cancelled"
+            return Outcome.CANCELLED
         except Draining:
             await self._release("worker stopping; the job continues on another worker")
-            return HANDED_BACK
+            return Outcome.HANDED_BACK
         except asyncio.CancelledError:
             await self._release("worker stopped; the interrupted step will run again")
             raise
         if failure is None:
             await self.leases.finish_job(self.lease, JobStatus.SUCCESS, after=self.unrecorded)
-            return "success"
+            return Outcome.SUCCESS
         error = f"step {failure.step} failed: {failure.error}"
         await self.leases.finish_job(self.lease, JobStatus.FAILED, error, after=self.unrecorded)
-        return "failed"
+        return Outcome.FAILED
 
     async def _steps_with_keeper(self) -> _Failure | None:
         try:
@@ -202,18 +204,21 @@ class _JobRun:
         ttl = self.runtime.settings.lease_ttl_s
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()
+        retries = LEASE_RETRIES.retries(deadline=renewed_at + ttl)
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
                 if loop.time() - renewed_at >= ttl / 3:
                     await self.leases.renew(self.lease)
                     renewed_at = loop.time()
+                    retries.succeeded(deadline=renewed_at + ttl)
                 else:
                     await self.leases.check(self.lease)
             except (LeaseLost, CancelRequested):
                 raise
             except Exception as exc:
-                if loop.time() - renewed_at >= ttl:
+                retries.failed()
+                if retries.exhausted:
                     raise LeaseLost(f"could not renew the lease for {ttl:g}s: {exc}") from exc
                 logger.warning("lease check failed, retrying: %s", exc)
 
@@ -240,9 +245,8 @@ class _JobRun:
         row = ctx.row
         loop = asyncio.get_running_loop()
         deadline = loop.time() + step.timeout_s
-        tries = 0
+        retries = STEP_RETRIES.retries(deadline=deadline, max_attempts=step.max_attempts)
         while True:
-            tries += 1
             await self._start(row)
             deadline_cm = asyncio.timeout_at(deadline)
             try:
@@ -255,8 +259,9 @@ class _JobRun:
                     waiting = f"; last seen: {ctx.last_detail}" if ctx.last_detail else ""
                     error = f"StepTimeout: no result within {step.timeout_s:g}s{waiting}"
             except step.retry_on as exc:
-                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
-                if tries >= step.max_attempts or loop.time() + delay >= deadline:
+                delay = retries.failed()
+                tries = retries.failures
+                if retries.exhausted:
                     error = f"{_describe(exc)} (gave up after {tries} tries)"
                 else:
                     logger.warning("step %s try %d failed, retrying in %.1fs: %s", row.name, tries, delay, exc)

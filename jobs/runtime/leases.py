@@ -26,10 +26,14 @@ from sqlalchemy import TextClause, func, insert, or_, select, text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from service.backoff import Backoff
 from service.db import Sessions, database_unavailable
 from service.models import Event, EventKind, Job, JobStatus, StepStatus
 
 logger = logging.getLogger(__name__)
+
+# A write is tried again while PostgreSQL is unreachable, for as long as the lease could still be ours.
+WRITE_RETRIES = Backoff(initial_s=0.1, cap_s=2.0)
 
 
 class LeaseLost(Exception):
@@ -130,9 +134,7 @@ class Leases:
         values["actor"] = f"worker:{lease.owner}"
         for number, event in enumerate(events, start=1):
             values.update({f"e{number}_{name}": value for name, value in event.items()})
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self._ttl_s
-        delay = 0.1
+        retries = WRITE_RETRIES.retries(deadline=asyncio.get_running_loop().time() + self._ttl_s)
         while True:
             try:
                 row = await self._fetchrow(statement.statement, values)
@@ -140,11 +142,11 @@ class Leases:
             except Exception as exc:
                 if not database_unavailable(exc):
                     raise
-                if loop.time() + delay >= give_up_at:
+                delay = retries.failed()
+                if retries.exhausted:
                     raise LeaseLost(f"PostgreSQL unreachable for {self._ttl_s:g}s: {exc}") from exc
                 logger.warning("PostgreSQL unreachable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
         assert row is not None  # the statement's last SELECT has no FROM: always one row
         if not row["held"]:
             raise LeaseLost(f"job {lease.job_id} attempt {lease.attempt} is no longer held by {lease.owner}")

@@ -22,13 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from jobs.runtime.outcome import Outcome
 from service.models import JobStatus
 
 logger = logging.getLogger(__name__)
 
 # From a no-op step (milliseconds) to a pg-rebuild waiting for a replica to re-clone (an hour).
 JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-_FINISHED = frozenset(s.value for s in JobStatus if s.finished)
 _REDELIVERY_REASONS = {JobStatus.PENDING: "pending_not_queued", JobStatus.RUNNING: "lease_expired"}
 
 
@@ -67,10 +67,10 @@ class WorkerMetrics:
         for reason in _REDELIVERY_REASONS.values():
             self.redeliveries.labels(reason)
 
-    def job_ran(self, job_type: str, outcome: str, seconds: float) -> None:
+    def job_ran(self, job_type: str, outcome: Outcome, seconds: float) -> None:
         """Only runs that finished the job count; one that lost its lease or was handed back ends elsewhere."""
-        if outcome in _FINISHED:
-            self.job_duration.labels(job_type, outcome).observe(seconds)
+        if outcome.status is not None:
+            self.job_duration.labels(job_type, outcome.status.value).observe(seconds)
 
     def step_ran(self, job_type: str, step: str, failed: bool, seconds: float) -> None:
         self.step_duration.labels(job_type, step, "failed" if failed else "success").observe(seconds)

@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 
 from jobs.runtime.leases import due_for_delivery, record_redelivered
 from jobs.runtime.metrics import WorkerMetrics
+from service.backoff import Backoff
 from service.db import Sessions
 from service.queue import Delivery, enqueue_many
 from service.settings import Settings
@@ -20,6 +21,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 BATCH = 500
+# A reaper that cannot run (PostgreSQL down) waits longer between tries: in reaper intervals, doubling.
+REAP_RETRIES = Backoff(initial_s=2.0, cap_s=16.0)
 
 
 async def reap_once(
@@ -44,16 +47,18 @@ async def reap_once(
 async def reap_forever(
     sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
 ) -> None:
-    failures = 0
+    retries = REAP_RETRIES.retries()
+    intervals = 1.0
     while True:
-        await asyncio.sleep(settings.reaper_interval_s * min(2**failures, 16))
+        await asyncio.sleep(settings.reaper_interval_s * intervals)
         try:
             async with asyncio.timeout(settings.db_command_timeout_s):
                 count = await reap_once(sessions, redis, settings, reaper, metrics)
         except Exception as exc:  # PostgreSQL down: back off, keep going
-            failures += 1
+            intervals = retries.failed()
             logger.warning("reaper could not run (retrying with backoff): %s", exc)
             continue
-        failures = 0
+        retries.succeeded()
+        intervals = 1.0
         if count:
             logger.info("reaper delivered %d job(s) again", count)

@@ -20,13 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.repository import events_by_id
 from service.api.schemas import EventOut
+from service.backoff import Backoff
 from service.db import asyncpg_dsn
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "apiops_job_events"
-RECONNECT_MAX_S = 5.0
+RECONNECT = Backoff(initial_s=0.2, cap_s=5.0)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class EventHub:
             await self._listen()
 
     async def _listen(self) -> None:
-        delay = 0.2
+        retries = RECONNECT.retries()
         while True:
             try:
                 conn = await asyncpg.connect(
@@ -100,11 +101,11 @@ class EventHub:
                     server_settings={"application_name": "apiops-api-listen"},
                 )
             except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                delay = retries.failed()
                 logger.warning("live events: cannot listen (retrying in %.1fs): %s", delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            delay = 0.2
+            retries.succeeded()
             try:
                 await self._listen_on(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

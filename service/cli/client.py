@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -19,11 +18,13 @@ from urllib.parse import quote
 
 import httpx
 
+from service.backoff import Backoff
+
 REQUEST_TIMEOUT_S = 10.0
 # The server sends a keep-alive at least every 15 s: two missed ones mean the connection is dead.
 STREAM_READ_TIMEOUT_S = 35.0
-# How long `follow` keeps reconnecting without getting through before it gives up.
-RECONNECT_FOR_S = 60.0
+# How `follow` reconnects, and for how long without getting through before it gives up.
+RECONNECT = Backoff(initial_s=0.2, cap_s=5.0, give_up_after_s=60.0)
 
 
 class ApiError(Exception):
@@ -135,30 +136,29 @@ class ApiClient:
     async def follow(self, job_id: str, last_event_id: int | None = None) -> AsyncGenerator[JobEvent, None]:
         """The events after `last_event_id` up to and including the first `finished`, across reconnects.
 
-        A dropped connection (or a 5xx from a restarting server) is retried with backoff, resuming after the
-        last event seen, for up to RECONNECT_FOR_S without getting through; other API errors end it at once."""
-        failing_since: float | None = None
-        backoff = 0.2
+        A dropped connection (or a 5xx from a restarting server) is retried with backoff (RECONNECT), resuming
+        after the last event seen, until it has failed for too long without getting through; other API errors end
+        it at once."""
+        retries = RECONNECT.retries()
         while True:
             try:
                 async with aclosing(self.events(job_id, last_event_id)) as events:
                     async for event in events:
-                        failing_since, backoff = None, 0.2
+                        retries.succeeded()
                         last_event_id = event.event_id
                         yield event
                         if event.kind == "finished":
                             return
-                # The server ended the stream before the job's end (it was restarted, say): resume.
-                failing_since = None
+                # The server ended the stream before the job's end (it was restarted, say): resume. An answer does
+                # not end the follow, but one that carried no event still backs off.
+                delay = retries.failed()
             except (Unreachable, ApiError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500:
                     raise
-                now = time.monotonic()
-                failing_since = failing_since if failing_since is not None else now
-                if now - failing_since > RECONNECT_FOR_S:
+                delay = retries.failed()
+                if retries.exhausted:
                     raise
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(delay)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:

@@ -288,3 +288,63 @@ async def test_watch_on_a_terminal_redraws_the_table_in_place(url: str, tmp_path
         assert len(re.findall(rf"^step-{n}\b", final, re.M)) == 1, final
         assert re.search(rf"^step-{n}\s+success\s+\d+\.\ds\s+slept 0.3s$", final, re.M), final
     assert re.search(r"^noop-\S+ \(noop\) success in \d+\.\ds$", final, re.M), final
+
+
+async def test_list_says_when_nothing_matches_when_more_pages_exist_and_when_a_type_is_unknown(
+    url: str, api: httpx.AsyncClient
+) -> None:
+    first = await apiops(url, "submit", "noop", "steps=1")
+    second = await apiops(url, "submit", "noop", "steps=1")
+    await wait_for_status(api, second.out.strip(), "success")
+    one_page, nothing, unknown, since = await asyncio.gather(
+        apiops(url, "list", "--limit", "1"),
+        apiops(url, "list", "--since", "2999-01-01T00:00:00Z"),
+        apiops(url, "list", "--type", "nope"),
+        apiops(url, "list", "--since", "2000-01-01T00:00:00Z", "-o", "json"),
+    )
+    assert one_page.code == 0 and len(one_page.lines) == 2, one_page
+    assert one_page.err == "apiops: more jobs match than these 1; --all lists them all\n"
+    assert nothing.code == 0 and nothing.out == "" and nothing.err == "apiops: no jobs match\n"
+    assert unknown.code == 2 and unknown.out == ""
+    assert unknown.err.startswith("apiops: unknown job type 'nope'; known types: ") and "noop" in unknown.err
+    assert [job["job_id"] for job in json.loads(since.out)] == [second.out.strip(), first.out.strip()]
+
+
+async def test_global_options_go_before_or_after_the_command_and_get_shows_json_params_and_utc_times(
+    url: str, api: httpx.AsyncClient
+) -> None:
+    job_id = (await apiops(url, "submit", "noop", "steps=1", "target=db/y")).out.strip()
+    await wait_for_status(api, job_id, "success")
+    no_scheme = url.removeprefix("http://")
+    before = await apiops("http://127.0.0.1:1", "--url", no_scheme, "-o", "json", "get", job_id)
+    assert before.code == 0, before
+    assert json.loads(before.out)["job_id"] == job_id
+    shown = await apiops(url, "get", job_id)
+    params = next(line for line in shown.lines if line.startswith("params:"))
+    assert json.loads(params.removeprefix("params:")) == {
+        "steps": 1,
+        "sleep_s": 0,
+        "fail_at_step": None,
+        "target": "db/y",
+    }
+    assert re.search(r"^created:\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$", shown.out, re.M), shown.out
+    listed = await apiops(url, "list")
+    assert re.search(rf"^{job_id}\s.*\s\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ$", listed.out, re.M), listed.out
+
+
+async def test_a_dry_run_is_marked_in_list_and_get(url: str) -> None:
+    params = ["namespace=db", "cluster=pg", "pod=pg-1", "dry_run=true"]
+    job_id = (await apiops(url, "submit", "pg-rebuild", *params)).out.strip()
+    listed, shown = await asyncio.gather(apiops(url, "list"), apiops(url, "get", job_id))
+    assert re.search(rf"^{job_id}\s+pg-rebuild \(dry run\)\s", listed.out, re.M), listed.out
+    assert "type:     pg-rebuild (dry run: changes nothing)" in shown.lines
+
+
+async def test_job_types_lists_each_type_with_its_params_and_steps(url: str) -> None:
+    text, as_json = await asyncio.gather(apiops(url, "job-types"), apiops(url, "job-types", "-o", "json"))
+    assert text.code == 0, text
+    assert any(line.startswith("noop: ") for line in text.lines)
+    assert "  param steps (default 2); how many steps the job has" in text.lines
+    assert "  param namespace (required); the cluster's namespace" in text.lines
+    rebuild = next(t for t in json.loads(as_json.out) if t["name"] == "pg-rebuild")
+    assert f"  steps: {', '.join(rebuild['steps'])}" in text.lines

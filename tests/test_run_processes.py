@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from service.settings import Settings
-from tests.conftest import KEYS, free_port, key_entries
+from tests.conftest import KEYS, free_port, headers, key_entries, wait_for
 
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
@@ -59,3 +61,183 @@ async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> N
     assert process.returncode == 0, stderr.decode()[-2000:]
     log = stderr.decode()
     assert "claimed job" in log and "SIGTERM: taking no more jobs" in log
+
+
+# Stops, as a supervisor, a container runtime and a person at a terminal make them.
+
+
+def _env(settings: Settings, port: int) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")},
+        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
+        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "APIOPS_QUEUE_NAME": settings.queue_name,
+        "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
+        "APIOPS_PORT": str(port),
+    }
+
+
+async def _ready(port: int, within: float = 30) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
+
+        async def answers() -> bool:
+            try:
+                return (await probe.get("/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(answers, within=within, interval=0.05)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited; only its parent's (init's) reaping is left
+
+
+async def _lines_until(stream: asyncio.StreamReader, fragment: str, seen: list[str], within: float = 30) -> None:
+    async with asyncio.timeout(within):
+        while fragment not in (line := (await stream.readline()).decode()):
+            assert line, f"the process ended before printing {fragment!r}; it printed: {''.join(seen)[-2000:]}"
+            seen.append(line)
+        seen.append(line)
+
+
+async def test_sigterm_stops_apiops_serve_gracefully_and_frees_the_port(settings: Settings) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        APIOPS, "serve", env=_env(settings, port), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await _ready(port)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert "Application shutdown complete" in stderr.decode() and "Traceback" not in stderr.decode()
+    assert _refused(port)
+
+
+async def test_an_open_event_stream_ends_when_the_api_stops_and_does_not_hold_the_stop(settings: Settings) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        APIOPS, "serve", env=_env(settings, port), stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        await _ready(port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
+            job_id = (await api.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]  # no worker: pending
+            async with api.stream("GET", f"/ops/jobs/{job_id}/events", timeout=30) as stream:
+                lines = stream.aiter_lines()
+                assert (await anext(lines)).startswith("id: ")
+                process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(10):  # uvicorn itself would wait for the stream for ever
+                    rest = [line async for line in lines]
+        assert not any(line.startswith("id: ") for line in rest)  # it ended, with nothing new to say
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _run(settings: Settings, port: int) -> asyncio.subprocess.Process:
+    # A session of its own, as in a terminal: Ctrl-C is SIGINT to the whole foreground process group.
+    return await asyncio.create_subprocess_exec(
+        APIOPS, "run", env=_env(settings, port), stderr=asyncio.subprocess.PIPE, start_new_session=True
+    )
+
+
+async def test_ctrl_c_on_apiops_run_gives_the_running_step_its_grace(settings: Settings) -> None:
+    port = free_port()
+    process = await _run(settings, port)
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        await _ready(port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
+            job_id = (await api.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 2})).json()["job_id"]
+            await _lines_until(process.stderr, f"claimed job {job_id}", seen)
+            os.killpg(process.pid, signal.SIGINT)
+            await _lines_until(process.stderr, f"job {job_id}: success", seen)
+        async with asyncio.timeout(30):
+            seen.append((await process.stderr.read()).decode())
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    log = "".join(seen)
+    assert "SIGTERM: taking no more jobs; 1 running job(s)" in log
+    assert "again" not in log and "Traceback" not in log
+
+
+async def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_hands_the_job_back(
+    settings: Settings, db: Any
+) -> None:
+    port = free_port()
+    process = await _run(settings, port)
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        await _ready(port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
+            job_id = (await api.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 60})).json()["job_id"]
+            await _lines_until(process.stderr, f"claimed job {job_id}", seen)
+            os.killpg(process.pid, signal.SIGINT)
+            await _lines_until(process.stderr, "taking no more jobs", seen)
+            os.killpg(process.pid, signal.SIGINT)
+        async with asyncio.timeout(10):  # not the 20 s grace, nor the step's 60 s
+            seen.append((await process.stderr.read()).decode())
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    log = "".join(seen)
+    assert "apiops: stopping now" in log and "SIGTERM again: stopping now" in log
+    assert "Traceback" not in log
+    job = await db.fetchrow("SELECT status, lease_owner FROM ops_job WHERE job_id = $1", job_id)
+    assert (job["status"], job["lease_owner"]) == ("pending", None)  # handed back for another worker
+
+
+async def test_children_of_apiops_run_die_with_it_even_on_sigkill(settings: Settings) -> None:
+    port = free_port()
+    process = await _run(settings, port)
+    try:
+        await _ready(port)
+        children = _children(process.pid)
+        assert len(children) == 2
+        process.kill()
+        await process.wait()
+
+        async def all_gone() -> bool:
+            return all(_gone(child) for child in children)
+
+        await wait_for(all_gone, within=30, interval=0.05)
+        assert _refused(port)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for child in _children(process.pid) if not _gone(process.pid) else []:
+            os.kill(child, signal.SIGKILL)

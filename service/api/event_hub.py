@@ -44,8 +44,16 @@ class Message:
         return cls(event.event_id, event.kind, text)
 
 
-# A watcher's queue carries messages, or None: "you may have missed some; read the history after your last id".
-Item = Message | None
+class Closing:
+    """Put in every watcher's queue when the API process begins to stop: end the stream now, so that the server's
+    graceful stop need not wait for it; the client resumes elsewhere with `Last-Event-ID`."""
+
+
+CLOSING = Closing()
+
+# A watcher's queue carries messages; None: "you may have missed some; read the history after your last id";
+# or CLOSING.
+Item = Message | Closing | None
 
 
 class EventHub:
@@ -58,6 +66,7 @@ class EventHub:
         self._announced: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self._running: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
+        self.closing = False
 
     async def close(self) -> None:
         if self._running is not None:
@@ -72,6 +81,8 @@ class EventHub:
             # committed before the listening starts are caught up by the resync that follows it.
             self._running = asyncio.create_task(self.run(), name="apiops-live-events")
         queue: asyncio.Queue[Item] = asyncio.Queue()
+        if self.closing:
+            queue.put_nowait(CLOSING)
         self._watchers.setdefault(job_id, set()).add(queue)
         try:
             yield queue
@@ -80,6 +91,13 @@ class EventHub:
             watchers.discard(queue)
             if not watchers:
                 self._watchers.pop(job_id, None)
+
+    def end_streams(self) -> None:
+        """Tell every stream, now and from now on, to end: the process is stopping."""
+        self.closing = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(CLOSING)
 
     @property
     def watcher_count(self) -> int:

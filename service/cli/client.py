@@ -103,11 +103,18 @@ class ApiClient:
         type: str | None = None,
         actor: str | None = None,
         target: str | None = None,
+        since: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        query = {"status": status, "type": type, "actor": actor, "target": target, "limit": limit, "cursor": cursor}
+        query = {
+            "status": status, "type": type, "actor": actor, "target": target, "since": since, "limit": limit,
+            "cursor": cursor,
+        }  # fmt: skip
         return await self._call("GET", "/ops/jobs", params={k: v for k, v in query.items() if v is not None})
+
+    async def job_types(self) -> dict[str, Any]:
+        return await self._call("GET", "/ops/job-types")
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/ops/jobs/{_segment(job_id)}/cancel")

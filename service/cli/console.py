@@ -6,6 +6,7 @@ place (rich); otherwise one plain line per event (`12.3s step-2 running: sleepin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -180,13 +181,13 @@ def print_job(job: dict[str, Any], out: TextIO) -> None:
     finished = _time(job["finished_at"])
     fields = [
         ("job", job["job_id"]),
-        ("type", job["type"]),
+        ("type", job["type"] + (" (dry run: changes nothing)" if _dry_run(job) else "")),
         ("status", job["status"] + (f" in {_seconds(created, finished)}" if finished else "")),
         ("target", job["target"] or "-"),
         ("actor", job["actor"]),
         ("attempt", str(job["attempt"])),
-        ("created", job["created_at"]),
-        ("params", ", ".join(f"{k}={v}" for k, v in job["params"].items()) or "-"),
+        ("created", _utc(created)),
+        ("params", json.dumps(job["params"])),
     ]
     if job["error"]:
         fields.append(("error", job["error"]))
@@ -210,10 +211,35 @@ def print_jobs(jobs: Iterable[dict[str, Any]], out: TextIO) -> None:
     rows = []
     for job in jobs:
         done = sum(1 for step in job["steps"] if step["status"] in ("success", "skipped"))
-        created = datetime.fromisoformat(job["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        created = _utc(datetime.fromisoformat(job["created_at"]))
         steps = f"{done}/{len(job['steps'])}"
-        rows.append([job["job_id"], job["type"], job["status"], steps, job["actor"], job["target"] or "-", created])
+        kind = job["type"] + (" (dry run)" if _dry_run(job) else "")
+        rows.append([job["job_id"], kind, job["status"], steps, job["actor"], job["target"] or "-", created])
     print_columns(out, ["JOB", "TYPE", "STATUS", "STEPS", "ACTOR", "TARGET", "CREATED"], rows)
+
+
+def print_job_types(job_types: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """`apiops job-types`: each type, its params (with their defaults) and its steps."""
+    for number, job_type in enumerate(job_types):
+        if number:
+            print(file=out)
+        print(f"{job_type['name']}: {job_type['description']}", file=out)
+        schema = job_type["params_schema"]
+        required = set(schema.get("required", []))
+        for name, spec in schema.get("properties", {}).items():
+            default = "required" if name in required else f"default {json.dumps(spec.get('default'))}"
+            about = f"; {spec['description']}" if spec.get("description") else ""
+            print(f"  param {name} ({default}){about}", file=out)
+        print(f"  steps: {', '.join(job_type['steps'])}", file=out)
+
+
+def _dry_run(job: dict[str, Any]) -> bool:
+    return job["params"].get("dry_run") is True
+
+
+def _utc(moment: datetime) -> str:
+    """`2026-12-01 08:00:00Z`: to the second, in UTC, saying so."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def print_columns(out: TextIO, header: list[str], rows: list[list[str]]) -> None:

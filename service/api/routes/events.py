@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from service.api.auth import require
-from service.api.event_hub import Message
+from service.api.event_hub import CLOSING, Message
 from service.api.repository import get_events, get_job
 from service.api.state import AppState
 from service.errors import InvalidParams
@@ -61,7 +61,7 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
             if None in items:  # the hub may have missed announcements: catch up from the database
                 finished, messages = await _history(state, job_id, last)
             else:
-                messages = [m for m in items if m is not None]
+                messages = [m for m in items if isinstance(m, Message)]
                 finished = any(m.kind == EventKind.FINISHED for m in messages)
             chunk = []
             for message in messages:
@@ -70,7 +70,9 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
                     last = message.event_id
             if chunk:
                 yield "".join(chunk)
-            if finished:
+            # CLOSING: the process is stopping. What came before it has gone out; the client resumes with
+            # Last-Event-ID, on another replica or once this one is back.
+            if finished or CLOSING in items:
                 return
 
 

@@ -1,0 +1,211 @@
+"""The client commands (`submit`, `get`, `list`, `cancel`, `retry`, `watch`, `job-types`): the API over HTTP, with
+one-line errors and exit statuses a script can branch on.
+
+Their two settings, APIOPS_URL and APIOPS_API_KEY, are read here, not by `Settings`: they belong to whoever runs
+the command, not to the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.cli import console
+from service.cli.client import ApiClient, ApiError, Unreachable
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+CLIENT_EPILOG = f"""\
+exit status of the client commands (submit, get, list, cancel, retry, watch, job-types): 0 done; 3 the API
+refused (its error is printed as one line: status, code, message) or could not be reached; 2 a usage error.
+`watch` and `submit --watch`: 0 the job ended success, 1 failed, 2 cancelled, 3 the API refused or could not be
+reached, 130 interrupted (Ctrl-C; the job goes on).
+
+environment: APIOPS_URL (default {DEFAULT_URL}; the scheme may be left out: localhost:8080) and APIOPS_API_KEY;
+--url and --api-key, before or after the command, override them.
+"""
+
+CLIENT_COMMANDS = ("submit", "get", "list", "cancel", "retry", "watch", "job-types")
+USAGE = 2
+API_FAILED = 3
+INTERRUPTED = 130
+WATCH_EXIT = {"success": 0, "failed": 1, "cancelled": 2}
+
+
+class UsageError(Exception):
+    """What the user typed cannot work; the message says why (exit status 2)."""
+
+
+def base_url(raw: str) -> str:
+    """The API's base URL; `localhost:8080` means `http://localhost:8080`."""
+    url = raw.strip()
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"bad URL {raw!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UsageError(f"bad URL {raw!r}: expected http://HOST:PORT or https://HOST:PORT")
+    return url
+
+
+def parse_params(pairs: Sequence[str], raw_json: str | None) -> dict[str, Any]:
+    """`--json` (inline, `@file` or `@-`), then each `key=value` on top; a value is JSON if it parses as JSON
+    (`5`, `true`, `0.5`, `null`, `[1,2]`), a string otherwise (`db/x`)."""
+    params: dict[str, Any] = {}
+    if raw_json is not None:
+        if raw_json.startswith("@"):
+            source = raw_json[1:]
+            raw_json = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        loaded = json.loads(raw_json)
+        if not isinstance(loaded, dict):
+            raise ValueError("--json must be a JSON object")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{pair!r} is not key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+async def _client_command(api: ApiClient, args: argparse.Namespace, params: dict[str, Any]) -> int:
+    as_json = args.output == "json"
+    if args.command == "submit":
+        job = await api.submit(args.type, params, args.idempotency_key)
+        _print_json(job) if as_json else print(job["job_id"], flush=True)
+        if not args.watch:
+            return 0
+        return await _watch(api, job["job_id"])
+    if args.command == "watch":
+        return await _watch(api, args.job_id)
+    if args.command == "get":
+        job = await api.get(args.job_id)
+        _print_json(job) if as_json else console.print_job(job, sys.stdout)
+        return 0
+    if args.command == "list":
+        return await _list(api, args, as_json)
+    if args.command == "job-types":
+        types = (await api.job_types())["job_types"]
+        _print_json(types) if as_json else console.print_job_types(types, sys.stdout)
+        return 0
+    job = await (api.cancel(args.job_id) if args.command == "cancel" else api.retry(args.job_id))
+    if as_json:
+        _print_json(job)
+    elif args.command == "retry":
+        print(f"{job['job_id']}: {job['status']} again, from its first unfinished step")
+    elif job["status"] == "cancelled":
+        print(f"{job['job_id']}: cancelled")
+    else:
+        print(f"{job['job_id']}: cancel requested; the running step stops within a second")
+    return 0
+
+
+async def _list(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
+    filters = {"status": args.status, "type": args.type, "actor": args.actor, "target": args.target}
+    jobs: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = await api.list(**filters, since=args.since, limit=args.limit, cursor=cursor)
+        jobs.extend(page["jobs"])
+        cursor = page.get("next_cursor")
+        if not args.all or not cursor:
+            break
+    if not jobs and args.type is not None:
+        # The API lists the jobs of any type name, so a typo would list nothing, silently.
+        known = sorted(t["name"] for t in (await api.job_types())["job_types"])
+        if args.type not in known:
+            raise UsageError(f"unknown job type {args.type!r}; known types: {', '.join(known)}")
+    if as_json:
+        _print_json(jobs)
+        return 0
+    if not jobs:
+        print("apiops: no jobs match", file=sys.stderr)
+        return 0
+    console.print_jobs(jobs, sys.stdout)
+    if cursor:
+        print(f"apiops: more jobs match than these {len(jobs)}; --all lists them all", file=sys.stderr)
+    return 0
+
+
+async def _watch(api: ApiClient, job_id: str) -> int:
+    status = await console.watch(api, job_id, sys.stdout, live=sys.stdout.isatty())
+    return WATCH_EXIT.get(status, API_FAILED)
+
+
+def client_main(args: argparse.Namespace) -> int:
+    """A client command, with its one-line errors: never a traceback for what the API or the network says."""
+    try:
+        params = parse_params(args.params, args.json) if args.command == "submit" else {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"submit: {exc}") from None
+    url = base_url(args.url or os.environ.get("APIOPS_URL") or DEFAULT_URL)
+    api_key = args.api_key or os.environ.get("APIOPS_API_KEY")
+
+    async def go() -> int:
+        async with ApiClient(url, api_key) as api:
+            return await _client_command(api, args, params)
+
+    try:
+        return asyncio.run(go())
+    except ApiError as exc:
+        hint = " (set APIOPS_API_KEY or --api-key)" if exc.status == 401 and not api_key else ""
+        print(f"apiops: {exc}{hint}", file=sys.stderr)
+    except Unreachable as exc:
+        print(f"apiops: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        watching = args.command == "watch" or getattr(args, "watch", False)
+        print("apiops: interrupted" + ("; the job goes on" if watching else ""), file=sys.stderr)
+        return INTERRUPTED
+    return API_FAILED
+
+
+def add_client_parsers(commands: Any, connection: argparse.ArgumentParser) -> None:
+    """The client commands' parsers; `connection` holds the options every one of them takes (and the top level
+    too, so that they may stand before or after the command)."""
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(  # type: ignore[no-any-return]
+            name,
+            help=help,
+            description=help,
+            parents=[connection],
+            epilog=CLIENT_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    submit = add("submit", "submit a job and print its id")
+    submit.add_argument("type", help="the job type (`apiops job-types` lists them)")
+    submit.add_argument("params", nargs="*", metavar="key=value", help="a param; the value is JSON if it parses")
+    submit.add_argument("--json", metavar="JSON|@FILE", help="params as a JSON object (@- reads stdin)")
+    submit.add_argument("--idempotency-key", metavar="KEY", help="the same key within 24 h returns the same job")
+    submit.add_argument("--watch", action="store_true", help="then watch the job until it ends")
+    add("get", "show a job and its steps").add_argument("job_id")
+    jobs = add("list", "list jobs, newest first")
+    jobs.add_argument("--status", choices=["pending", "running", "success", "failed", "cancelled"])
+    jobs.add_argument("--type")
+    jobs.add_argument("--actor")
+    jobs.add_argument("--target")
+    jobs.add_argument("--since", metavar="TIME", help="created at or after TIME (ISO 8601, e.g. 2026-12-01T08:00Z)")
+    jobs.add_argument("--limit", type=int, help="jobs per page (1-200; the API's default is 50)")
+    jobs.add_argument("--all", action="store_true", help="every page, not just the first")
+    add("cancel", "cancel a pending or running job").add_argument("job_id")
+    add("retry", "run a failed or cancelled job again from its first unfinished step").add_argument("job_id")
+    add("watch", "show a job's steps live until it ends; the exit status says how it ended").add_argument("job_id")
+    add("job-types", "list the job types with their steps and params")

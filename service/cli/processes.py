@@ -1,0 +1,168 @@
+"""The commands that run the service itself: `run` (API and a worker), `serve` (the API), `db upgrade` (create and
+migrate the database) and `keys new` (mint an API key). They read the service's `Settings`; the client commands
+(`service.cli.commands`) never do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.logs import configure_logging
+from service.settings import Scope, Settings, hash_key
+
+# asyncpg, SQLAlchemy and alembic are imported where they are used: the client commands, which need none of them,
+# then start in half the time.
+
+# The project's alembic.ini (its `script_location` is relative to it): service/cli/main.py -> the project's root.
+ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"
+
+# The worker's own grace period plus time to hand its jobs back.
+STOP_EXTRA_S = 10.0
+
+
+def _serve_command() -> list[str]:
+    return [sys.executable, "-m", "service.cli", "serve"]
+
+
+def _worker_command() -> list[str]:
+    return [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"]
+
+
+def serve(settings: Settings) -> int:
+    """The API under uvicorn, in this process: a signal sent to `apiops serve` (by a supervisor, a container
+    runtime, Ctrl-C) reaches the server itself, also as PID 1 (uvicorn installs its handlers explicitly, and PID 1
+    gets no default ones). The first SIGTERM or SIGINT stops it gracefully, a second SIGINT at once."""
+    import uvicorn
+
+    # The service decides itself which forwarded addresses to believe (APIOPS_TRUSTED_PROXIES).
+    config = uvicorn.Config(
+        "service.api.app:create_app", factory=True, host=settings.host, port=settings.port,
+        proxy_headers=False, access_log=False, log_config=None,
+    )  # fmt: skip
+    # Until uvicorn installs its own handlers, and again after its graceful stop (when it raises the signal once
+    # more for the handlers it found), a stop signal ends the process quietly: exit 0, neither a KeyboardInterrupt
+    # traceback nor a death by SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_quietly)
+    configure_logging(settings)  # from the first line on, in the configured format
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _die_with_parent() -> None:
+    """In a child of `apiops run`, before it runs: the kernel sends it SIGTERM when `apiops run` dies, however it
+    dies (SIGKILL included), so that no orphan goes on serving the port or taking jobs. Linux only."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
+    # A process group of its own: the terminal's Ctrl-C reaches `apiops run` alone, which then asks each child
+    # once to stop (a second Ctrl-C: at once). Otherwise each child would get the terminal's SIGINT and then ours.
+    die_with_parent = _die_with_parent if sys.platform == "linux" else None
+    return subprocess.Popen(command, process_group=0, preexec_fn=die_with_parent)
+
+
+def run(settings: Settings) -> int:
+    """Both processes in the foreground; Ctrl-C (or SIGTERM) stops both gracefully, a second Ctrl-C at once; either
+    one exiting stops the other."""
+    children = [_start(_serve_command()), _start(_worker_command())]
+    print(f"apiops: API on http://{settings.host}:{settings.port} and a worker; Ctrl-C stops both", file=sys.stderr)
+    requests = 0
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal requests
+        requests += 1
+        if requests == 2:
+            print("apiops: stopping now", file=sys.stderr)
+        # SIGTERM: a graceful stop for both; the worker stops at once on a second one. The API's graceful stop is
+        # already short (its event streams end at once), and uvicorn's "at once" would skip the app's own shutdown.
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while not requests and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not requests:
+        code = next(child.returncode for child in children if child.returncode is not None)
+        print(f"apiops: a process exited with status {code}; stopping the other", file=sys.stderr)
+        stop(signal.SIGTERM, None)
+    deadline = time.monotonic() + settings.shutdown_grace_s + STOP_EXTRA_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return code
+
+
+async def _create_database(settings: Settings) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from service.db import asyncpg_dsn
+
+    database_url = settings.database_url.get_secret_value()
+    url = make_url(database_url)
+    maintenance = await asyncpg.connect(asyncpg_dsn(database_url, "postgres"), timeout=settings.db_connect_timeout_s)
+    try:
+        exists = await maintenance.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
+        if not exists:
+            await maintenance.execute(f'CREATE DATABASE "{url.database}"')
+            print(f"apiops: created database {url.database}", file=sys.stderr)
+    finally:
+        await maintenance.close()
+
+
+def db_upgrade(settings: Settings) -> int:
+    import asyncpg
+    from alembic.config import Config
+    from sqlalchemy.engine import make_url
+
+    from alembic import command
+
+    try:
+        asyncio.run(_create_database(settings))
+    except (OSError, asyncpg.PostgresError) as exc:
+        url = make_url(settings.database_url.get_secret_value())
+        print(f"apiops: cannot reach PostgreSQL at {url.host}:{url.port or 5432}: {exc}", file=sys.stderr)
+        return 1
+    config = Config(str(ALEMBIC_INI))
+    command.upgrade(config, "head")
+    return 0
+
+
+def keys_new(name: str, scopes: str) -> int:
+    known = ", ".join(s.value for s in Scope)
+    try:
+        chosen = sorted({Scope(s.strip()) for s in scopes.split(",") if s.strip()})
+    except ValueError as exc:
+        print(f"apiops: keys new: {exc}; scopes are {known}", file=sys.stderr)
+        return 2
+    if not chosen:
+        print(f"apiops: keys new: --scopes names no scope; a key needs at least one of {known}", file=sys.stderr)
+        return 2
+    key = f"apiops_{secrets.token_urlsafe(32)}"
+    entry = {"name": name, "sha256": hash_key(key), "scopes": [s.value for s in chosen]}
+    print(f"API key for {name} (shown once; store it now): {key}")
+    print("Add this entry to the JSON list in APIOPS_API_KEYS or APIOPS_API_KEYS_FILE:")
+    print(json.dumps(entry))
+    return 0

@@ -1,0 +1,89 @@
+"""The `apiops` command before it talks to anything: its version, its help, shell completion, usage errors and
+invalid settings, each as a person at a terminal (or a pipe) meets them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+APIOPS = str(Path(sys.executable).with_name("apiops"))
+
+
+async def run(
+    *args: str, stdout: int = asyncio.subprocess.PIPE, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")}
+    process = await asyncio.create_subprocess_exec(
+        APIOPS, *args, env={**clean, **(env or {})}, stdout=stdout, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, (out or b"").decode(), err.decode()
+
+
+async def test_bare_apiops_prints_its_help_and_version_prints_the_version() -> None:
+    code, out, err = await run()
+    assert code == 0 and err == ""
+    assert out.startswith("usage: apiops") and "job-types" in out and "completion" in out
+    code, out, _ = await run("--version")
+    assert code == 0 and out.startswith("apiops ") and out.split()[1][0].isdigit()
+
+
+async def test_usage_errors_are_one_line_with_exit_2() -> None:
+    no_scopes, bad_scope, bad_url = await asyncio.gather(
+        run("keys", "new", "ci", "--scopes", ""),
+        run("keys", "new", "ci", "--scopes", "jobs:root"),
+        run("list", "--url", "ftp://example"),
+    )
+    for code, out, err in (no_scopes, bad_scope, bad_url):
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("apiops: "), err
+    assert "names no scope" in no_scopes[2] and "jobs:read" in no_scopes[2]
+    assert "'jobs:root'" in bad_scope[2] and "jobs:admin" in bad_scope[2]
+    assert "http://HOST:PORT" in bad_url[2]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"APIOPS_PORT": "abc"}, "APIOPS_PORT='abc': Input should be a valid integer"),
+        ({"APIOPS_ENV": "prod"}, "APIOPS_ENV=prod needs at least one API key"),
+        ({"APIOPS_API_KEYS": '{"name": "x"}'}, "APIOPS_API_KEYS must be a JSON list"),
+    ],
+)
+async def test_an_invalid_setting_is_one_line_naming_the_variable_and_exits_2(
+    env: dict[str, str], expected: str
+) -> None:
+    code, out, err = await run("serve", env=env)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("apiops: ") and expected in err, err
+    assert "Traceback" not in err and "pydantic" not in err
+
+
+async def test_a_broken_pipe_ends_the_command_quietly() -> None:
+    # A reader that is already gone, as after `apiops list | head` has read its lines.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        code, _, err = await run("completion", "bash", stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert err == ""
+    assert code == 141
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+async def test_bash_completion_completes_the_commands() -> None:
+    code, script, _ = await run("completion", "bash")
+    assert code == 0
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", script + '\nCOMP_WORDS=(apiops jo); COMP_CWORD=1; _shtab_apiops; echo "${COMPREPLY[@]}"',
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    assert out.decode().split() == ["job-types"]

@@ -294,16 +294,20 @@ def job_summary(job: Any) -> str:
     if not isinstance(job, dict) or "status" not in job:
         return repr(job)
     steps = ", ".join(f"{s['name']} {s['status']} ({s['detail']!r})" for s in job.get("steps", []))
-    return f"{job.get('job_id')} {job['status']}, attempt {job.get('attempt')}, error {job.get('error')!r}; steps: {steps}"
+    error = job.get("error")
+    return f"{job.get('job_id')} {job['status']}, attempt {job.get('attempt')}, error {error!r}; steps: {steps}"
+
+
+async def read_job(client: httpx.AsyncClient, job_id: str) -> Any:
+    """The job as GET /ops/jobs/{job_id} returns it."""
+    return (await client.get(f"/ops/jobs/{job_id}")).json()
 
 
 async def wait_for_status(client: httpx.AsyncClient, job_id: str, *statuses: str, within: float = 5.0) -> Any:
     """Poll the job through the API until it is in one of `statuses`; fail with its last status and steps."""
-
-    async def read() -> Any:
-        return (await client.get(f"/ops/jobs/{job_id}")).json()
-
-    return await wait_for(read, within, until=lambda job: job["status"] in statuses, show=job_summary)
+    return await wait_for(
+        lambda: read_job(client, job_id), within, until=lambda job: job["status"] in statuses, show=job_summary
+    )
 
 
 async def fetch_one(db: asyncpg.Connection, query: str, *args: object) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import asyncpg
 import httpx
@@ -13,11 +12,7 @@ from arq.worker import Worker
 from service.queue import Delivery, enqueue
 from service.settings import Settings
 from tests import testjobs
-from tests.conftest import run_burst, wait_for, wait_for_status
-
-
-async def read(client: httpx.AsyncClient, job_id: str) -> Any:
-    return (await client.get(f"/ops/jobs/{job_id}")).json()
+from tests.conftest import read_job, run_burst, wait_for, wait_for_status
 
 
 async def test_noop_job_runs_from_post_to_success(client: httpx.AsyncClient, settings: Settings) -> None:
@@ -25,7 +20,7 @@ async def test_noop_job_runs_from_post_to_success(client: httpx.AsyncClient, set
 
     await run_burst(settings)
 
-    job = await read(client, created["job_id"])
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "success"
     assert job["attempt"] == 1
@@ -46,7 +41,7 @@ async def test_failing_step_fails_the_job_and_leaves_later_steps_pending(
 
     await run_burst(settings)
 
-    job = await read(client, created["job_id"])
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "failed"
     assert job["error"] == "step step-2 failed: NoopFailure: failed on purpose at step 2"
@@ -76,7 +71,7 @@ async def test_a_job_this_worker_cannot_run_fails_at_once_saying_why(
     # In burst mode the worker would run a delivery put back for later too: it fails the job at once instead.
     await run_burst(settings, within=3)
 
-    job = await read(client, job_id)
+    job = await read_job(client, job_id)
     assert job["status"] == "failed" and job["attempt"] == 1
     assert job["error"].startswith(f"this worker cannot run it: {error}")
     first, second = job["steps"]
@@ -88,7 +83,7 @@ async def test_progress_is_visible_while_a_step_runs(client: httpx.AsyncClient, 
     created = (await client.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 1})).json()
 
     running = await wait_for(
-        lambda: read(client, created["job_id"]), until=lambda job: job["steps"][0]["detail"] is not None
+        lambda: read_job(client, created["job_id"]), until=lambda job: job["steps"][0]["detail"] is not None
     )
 
     assert running["status"] == "running"
@@ -104,7 +99,7 @@ async def test_timed_out_step_says_what_it_was_waiting_for(client: httpx.AsyncCl
 
     await run_burst(settings, within=3)
 
-    job = await read(client, created["job_id"])
+    job = await read_job(client, created["job_id"])
 
     step = job["steps"][0]
     assert step["status"] == "failed"
@@ -119,7 +114,7 @@ async def test_transient_errors_are_retried_within_the_step(client: httpx.AsyncC
 
     await run_burst(settings, within=8)
 
-    job = await read(client, created["job_id"])
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "success"
     assert job["steps"][0]["attempts"] == 3
@@ -133,7 +128,7 @@ async def test_transient_errors_beyond_the_attempt_limit_fail_the_step(
 
     await run_burst(settings, within=15)
 
-    job = await read(client, created["job_id"])
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "failed"
     assert job["steps"][0]["attempts"] == 4
@@ -162,7 +157,7 @@ async def test_a_job_delivered_twice_runs_once(
 
     # Two workers, four deliveries of the same job id; in burst mode each returns once no delivery is left.
     await asyncio.gather(run_burst(settings, within=5), run_burst(settings, within=5))
-    job = await read(client, job_id)
+    job = await read_job(client, job_id)
 
     assert job["status"] == "success"
     assert job["attempt"] == 1
@@ -180,7 +175,7 @@ async def test_job_type_lifespan_opens_once_per_worker_and_steps_share_it(
 
     await run_burst(settings)
 
-    jobs = [await read(client, job_id) for job_id in (first, second)]
+    jobs = [await read_job(client, job_id) for job_id in (first, second)]
     assert [job["status"] for job in jobs] == ["success", "success"]
     assert testjobs.LIFESPAN_LOG == ["opened", "closed"]
     for job in jobs:

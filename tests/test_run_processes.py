@@ -7,13 +7,13 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from service.settings import Settings
-from tests.conftest import KEYS, free_port, key_entries
+from tests.conftest import KEYS, free_port, key_entries, wait_for, wait_for_status
 
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
@@ -35,20 +35,21 @@ async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> N
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEYS["writer"][0]}
         ) as api:
-            async with asyncio.timeout(15):
-                while True:
-                    try:
-                        if (await api.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
 
-            submitted = time.monotonic()
+            async def ready() -> bool:
+                try:
+                    return (await api.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(ready, within=15, interval=0.1)
+
+            async def workers() -> Any:
+                return (await api.get("/ops/workers")).json()["workers"]
+
+            await wait_for(workers, within=15, interval=0.1)  # its heartbeat: the worker has started
             job_id = (await api.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]
-            while (job := (await api.get(f"/ops/jobs/{job_id}")).json())["status"] not in ("success", "failed"):
-                assert time.monotonic() - submitted < 2, f"job not done within 2 s: {job}"
-                await asyncio.sleep(0.05)
+            job = await wait_for_status(api, job_id, "success", "failed", within=2)
 
         assert job["status"] == "success"
         assert [s["status"] for s in job["steps"]] == ["success"] * 3

@@ -53,7 +53,7 @@ async def test_sigterm_hands_running_jobs_to_another_worker_at_once(
     client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
 ) -> None:
     async with workers(settings, 2) as pool:
-        pids = await wait_for(lambda: _pids_by_worker(client), within=15, until=lambda found: len(found) == 2)
+        pids = await wait_for(lambda: _pids_by_worker(client), within=30, until=lambda found: len(found) == 2)
         job_id = (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": 1})).json()["job_id"]
         await _until(client, job_id, lambda j: j["steps"][0]["status"] == "running", within=15)
         owner = await db.fetchval("SELECT lease_owner FROM ops_job WHERE job_id = $1", job_id)

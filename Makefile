@@ -53,9 +53,10 @@ demo: migrate ## rebuild replica pg-1 of a simulated cluster through the API and
 bench: install services ## the service against the floor of its stack (own database); prints a table, writes var/bench.json
 	$(BIN)/python -m tests.bench --out var/bench.json
 
-lint: install ## ruff (lint and format check)
+lint: install ## ruff (lint and format check) and the import contracts of pyproject.toml
 	$(BIN)/ruff check service jobs tests alembic
 	$(BIN)/ruff format --check service jobs tests alembic
+	$(BIN)/lint-imports --no-logo
 
 typecheck: install ## mypy --strict over service, jobs and tests
 	$(BIN)/mypy
@@ -66,4 +67,4 @@ pytest: install services ## the test suite alone (real PostgreSQL and Redis)
 test: lint typecheck pytest ## everything CI runs: lint, typecheck, tests
 
 clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .grimp_cache *.egg-info

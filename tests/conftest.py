@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -194,10 +194,9 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@asynccontextmanager
-async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[Worker]:
+def make_worker(settings: Settings, **overrides: Any) -> Worker:
     """A real arq worker, configured like `arq jobs.worker.WorkerSettings`, on the test's queue and database."""
-    worker = create_worker(
+    return create_worker(
         dict(vars(WorkerSettings)),
         redis_settings=redis_settings(settings),
         queue_name=settings.queue_name,
@@ -206,6 +205,12 @@ async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[
         poll_delay=0.01,
         **overrides,
     )
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[Worker]:
+    """A test worker polling the queue in the background until the block ends (then stopped as on SIGTERM)."""
+    worker = make_worker(settings, **overrides)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker
@@ -236,23 +241,73 @@ async def worker(settings: Settings) -> AsyncIterator[Worker]:
         yield w
 
 
-async def wait_for(predicate: Callable[[], Any], within: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll an async predicate until it returns something truthy; fail with the last value on timeout."""
-    last: Any = None
-    async with asyncio.timeout(within):
-        while True:
-            last = await predicate()
-            if last:
-                return last
-            await asyncio.sleep(interval)
+async def run_burst(settings: Settings, within: float = 10.0, **overrides: Any) -> Worker:
+    """A test worker in arq's burst mode: it runs every delivery on the queue, and those that its jobs put back,
+    then returns once the queue is empty and its jobs are over: every job queued before is then finished or
+    waiting for a delivery that is not due yet."""
+    worker = make_worker(settings, burst=True, **overrides)
+    try:
+        async with asyncio.timeout(within):
+            await worker.main()
+    finally:
+        # Only when `within` ran out are jobs still running: end them so that none outlives the test.
+        for task in worker.tasks.values():
+            task.cancel()
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        if worker.on_shutdown is not None:
+            await worker.on_shutdown(worker.ctx)
+        await worker.pool.aclose(close_connection_pool=True)
+    return worker
+
+
+_NOTHING = object()
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[Any]],
+    within: float = 5.0,
+    interval: float = 0.02,
+    *,
+    until: Callable[[Any], object] = bool,
+    show: Callable[[Any], str] = repr,
+) -> Any:
+    """Poll `probe` until `until` holds for what it returns (by default: until that is truthy) and return it; fail
+    with the last value seen (rendered by `show`) if that takes longer than `within` seconds."""
+    last: Any = _NOTHING
+    deadline = asyncio.timeout(within)
+    try:
+        async with deadline:
+            while True:
+                last = await probe()
+                if until(last):
+                    return last
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # the probe's own timeout, not ours
+        seen = "nothing, the probe never returned" if last is _NOTHING else show(last)
+        raise AssertionError(f"not true within {within}s; last seen: {seen}") from None
+
+
+def job_summary(job: Any) -> str:
+    """A job as read from the API, in one line: its status, attempt, error and each step's status and detail."""
+    if not isinstance(job, dict) or "status" not in job:
+        return repr(job)
+    steps = ", ".join(f"{s['name']} {s['status']} ({s['detail']!r})" for s in job.get("steps", []))
+    error = job.get("error")
+    return f"{job.get('job_id')} {job['status']}, attempt {job.get('attempt')}, error {error!r}; steps: {steps}"
+
+
+async def read_job(client: httpx.AsyncClient, job_id: str) -> Any:
+    """The job as GET /ops/jobs/{job_id} returns it."""
+    return (await client.get(f"/ops/jobs/{job_id}")).json()
 
 
 async def wait_for_status(client: httpx.AsyncClient, job_id: str, *statuses: str, within: float = 5.0) -> Any:
-    async def check() -> Any:
-        job = (await client.get(f"/ops/jobs/{job_id}")).json()
-        return job if job["status"] in statuses else None
-
-    return await wait_for(check, within)
+    """Poll the job through the API until it is in one of `statuses`; fail with its last status and steps."""
+    return await wait_for(
+        lambda: read_job(client, job_id), within, until=lambda job: job["status"] in statuses, show=job_summary
+    )
 
 
 async def fetch_one(db: asyncpg.Connection, query: str, *args: object) -> dict[str, Any]:

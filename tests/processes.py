@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from service.settings import Settings
+from tests.conftest import wait_for
 
 
 def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:
@@ -70,18 +71,19 @@ class RedisServer:
             "--dir", str(self.directory), stdout=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         client = Redis.from_url(self.url)
+
+        async def answers() -> bool:
+            try:
+                return bool(await client.ping())
+            except OSError:
+                return False
+            except Exception as exc:  # redis-py wraps refused connections
+                if "connect" not in str(exc).lower():
+                    raise
+                return False
+
         try:
-            async with asyncio.timeout(10):
-                while True:
-                    try:
-                        await client.ping()
-                        return
-                    except OSError:
-                        await asyncio.sleep(0.05)
-                    except Exception as exc:  # redis-py wraps refused connections
-                        if "connect" not in str(exc).lower():
-                            raise
-                        await asyncio.sleep(0.05)
+            await wait_for(answers, within=10, interval=0.05)
         finally:
             await client.aclose()
 

@@ -15,20 +15,17 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from service.settings import Settings
-from tests.conftest import api_client, free_port, headers, wait_for
+from tests.conftest import api_client, free_port, headers, job_summary, read_job, wait_for
 from tests.processes import RedisServer, TcpProxy, start_worker, stop, workers
 
 
-async def _job(client: httpx.AsyncClient, job_id: str) -> Any:
-    return (await client.get(f"/ops/jobs/{job_id}")).json()
-
-
 async def _until(client: httpx.AsyncClient, job_id: str, check: Any, within: float) -> Any:
-    async def probe() -> Any:
-        job = await _job(client, job_id)
-        return job if check(job) else None
+    return await wait_for(lambda: read_job(client, job_id), within, until=check, show=job_summary)
 
-    return await wait_for(probe, within=within)
+
+async def _pids_by_worker(client: httpx.AsyncClient) -> dict[str, int]:
+    """The live workers' ids and process ids, from GET /ops/workers: each worker's heartbeat, written as it starts."""
+    return {w["worker"]: w["pid"] for w in (await client.get("/ops/workers")).json()["workers"]}
 
 
 async def test_job_of_a_sigkilled_worker_runs_again_on_another_within_15s(
@@ -55,18 +52,19 @@ async def test_job_of_a_sigkilled_worker_runs_again_on_another_within_15s(
 async def test_sigterm_hands_running_jobs_to_another_worker_at_once(
     client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
 ) -> None:
-    job_id = (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": 1})).json()["job_id"]
-
-    async with workers(settings, 1) as (first,):
+    async with workers(settings, 2) as pool:
+        pids = await wait_for(lambda: _pids_by_worker(client), within=30, until=lambda found: len(found) == 2)
+        job_id = (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": 1})).json()["job_id"]
         await _until(client, job_id, lambda j: j["steps"][0]["status"] == "running", within=15)
-        async with workers(settings, 1):
-            await asyncio.sleep(0.5)  # the second worker is up
-            stopped_at = time.monotonic()
-            assert await stop(first, signal.SIGTERM) == 0
-            exited_after = time.monotonic() - stopped_at
-            job = await _until(client, job_id, lambda j: j["attempt"] == 2, within=5)
-            resumed_after = time.monotonic() - stopped_at
-            job = await _until(client, job_id, lambda j: j["status"] in ("success", "failed"), within=15)
+        owner = await db.fetchval("SELECT lease_owner FROM ops_job WHERE job_id = $1", job_id)
+        first = next(process for process in pool if process.pid == pids[owner])
+
+        stopped_at = time.monotonic()
+        assert await stop(first, signal.SIGTERM) == 0
+        exited_after = time.monotonic() - stopped_at
+        job = await _until(client, job_id, lambda j: j["attempt"] == 2, within=5)
+        resumed_after = time.monotonic() - stopped_at
+        job = await _until(client, job_id, lambda j: j["status"] in ("success", "failed"), within=15)
 
     assert exited_after < 2, "the worker finished its running step and left"
     assert resumed_after < 3, f"resumed {resumed_after:.1f}s after SIGTERM"
@@ -93,7 +91,7 @@ async def test_jobs_accepted_while_redis_is_down_all_run_once_it_is_back(
                 response = await client.post("/ops/jobs/noop", json={"steps": 2})
                 assert response.status_code == 202, response.text
                 accepted.append(response.json()["job_id"])
-            await asyncio.sleep(1)
+            await asyncio.sleep(1)  # the outage, through which the worker's polls fail
             await redis.start()
 
             for job_id in accepted:
@@ -184,7 +182,7 @@ async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
 
             await wait_for(all_running, within=15)
             await proxy.cut()
-            await asyncio.sleep(4)
+            await asyncio.sleep(4)  # the outage: twice the lease TTL
             await proxy.restore()
 
             async def all_finished() -> bool:
@@ -196,7 +194,7 @@ async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
         await proxy.cut()
 
     for job_id in job_ids:
-        job = await _job(client, job_id)
+        job = await read_job(client, job_id)
         assert job["status"] == "success", job
         assert [s["status"] for s in job["steps"]] == ["success"] * 4
     await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=4, expect_takeover=False)

@@ -20,6 +20,7 @@ import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from tests.conftest import wait_for
 from tests.kube_sim import PROFILES, KubeSim
 
 T = TypeVar("T")
@@ -59,12 +60,8 @@ def apps(api: client.ApiClient) -> Any:
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], within: float = 5.0) -> T:
     """Poll like the job will: re-read through the API until `probe` returns something truthy."""
-    async with asyncio.timeout(within):
-        while True:
-            result = await probe()
-            if result:
-                return result
-            await asyncio.sleep(0.02)
+    result: T = await wait_for(probe, within)
+    return result
 
 
 async def read_pod(core: Any, name: str) -> Any:
@@ -261,7 +258,7 @@ async def test_statefulset_is_ordered_ready(sim: KubeSim, core: Any) -> None:
 # watch
 
 
-async def test_watch_streams_added_modified_deleted(core: Any) -> None:
+async def test_watch_streams_added_modified_deleted(sim: KubeSim, core: Any) -> None:
     listed = await core.list_namespaced_pod(NS, _request_timeout=TIMEOUT)
     events: list[tuple[str, str, str]] = []
 
@@ -278,7 +275,7 @@ async def test_watch_streams_added_modified_deleted(core: Any) -> None:
                     return
 
     consumer = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
+    await sim.wait_for(lambda: sim.store.watching > 0, within=2)  # the events below reach a live watch
     old = await core.delete_namespaced_pod("pg-2", NS, grace_period_seconds=1, _request_timeout=TIMEOUT)
     await asyncio.wait_for(consumer, 5)
     types = [t for t, _, _ in events]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -14,7 +13,7 @@ from jobs.runtime.leases import Finished, LeaseLost, Leases
 from service.db import create_engine, create_sessions
 from service.models import JobStatus, StepStatus
 from service.settings import Settings
-from tests.conftest import fetch_one, running_worker, submit, wait_for, wait_for_status
+from tests.conftest import fetch_one, job_summary, read_job, running_worker, submit, wait_for, wait_for_status
 
 
 @pytest.fixture
@@ -73,8 +72,12 @@ async def test_stopping_a_worker_releases_its_job_for_another_at_once(
     job_id = await submit(client, steps=2, sleep_s=1.5)
 
     async with running_worker(long_lease):
-        await wait_for_status(client, job_id, "running")
-        await asyncio.sleep(0.2)
+        # In the middle of its first step: the step has said that it sleeps.
+        await wait_for(
+            lambda: read_job(client, job_id),
+            until=lambda job: job["steps"][0]["detail"] == "sleeping 1.5s",
+            show=job_summary,
+        )
     # The worker was cancelled mid-step (as on SIGTERM): the job is pending again, the step will run again.
     row = await fetch_one(db, "SELECT status, lease_owner FROM ops_job WHERE job_id = $1", job_id)
     assert row == {"status": "pending", "lease_owner": None}

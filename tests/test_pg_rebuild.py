@@ -178,9 +178,7 @@ async def test_rebuilds_with_another_label_profile(
         assert steps(job)["check-cluster-health"]["detail"].startswith("primary pg-0 healthy; 2/2 other members ready")
 
 
-async def test_profile_defaults_to_the_configured_one(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
-) -> None:
+async def test_profile_defaults_to_the_configured_one(client: httpx.AsyncClient) -> None:
     job_id = await submit(client, dry_run=True)
 
     job = (await client.get(f"/ops/jobs/{job_id}")).json()

@@ -8,49 +8,32 @@ import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from service.settings import Settings
-from tests.conftest import KEYS, free_port, headers, key_entries, wait_for
+from tests.conftest import free_port, headers, key_entries, wait_for, wait_for_status
 
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
 
 async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
-        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "APIOPS_QUEUE_NAME": settings.queue_name,
-        "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
-        "APIOPS_PORT": str(port),
-    }
     process = await asyncio.create_subprocess_exec(
-        APIOPS, "run", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        APIOPS, "run", env=_env(settings, port), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEYS["writer"][0]}
-        ) as api:
-            async with asyncio.timeout(15):
-                while True:
-                    try:
-                        if (await api.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
+        await _ready(port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
 
-            submitted = time.monotonic()
+            async def workers() -> Any:
+                return (await api.get("/ops/workers")).json()["workers"]
+
+            await wait_for(workers, within=15, interval=0.1)  # its heartbeat: the worker has started
             job_id = (await api.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]
-            while (job := (await api.get(f"/ops/jobs/{job_id}")).json())["status"] not in ("success", "failed"):
-                assert time.monotonic() - submitted < 2, f"job not done within 2 s: {job}"
-                await asyncio.sleep(0.05)
+            job = await wait_for_status(api, job_id, "success", "failed", within=2)
 
         assert job["status"] == "success"
         assert [s["status"] for s in job["steps"]] == ["success"] * 3

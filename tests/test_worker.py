@@ -12,13 +12,15 @@ from arq.worker import Worker
 from service.queue import Delivery, enqueue
 from service.settings import Settings
 from tests import testjobs
-from tests.conftest import running_worker, wait_for_status
+from tests.conftest import read_job, run_burst, wait_for, wait_for_status
 
 
-async def test_noop_job_runs_from_post_to_success(client: httpx.AsyncClient, worker: Worker) -> None:
+async def test_noop_job_runs_from_post_to_success(client: httpx.AsyncClient, settings: Settings) -> None:
     created = (await client.post("/ops/jobs/noop", json={"steps": 3})).json()
 
-    job = await wait_for_status(client, created["job_id"], "success", "failed", within=2)
+    await run_burst(settings)
+
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "success"
     assert job["attempt"] == 1
@@ -33,11 +35,13 @@ async def test_noop_job_runs_from_post_to_success(client: httpx.AsyncClient, wor
 
 
 async def test_failing_step_fails_the_job_and_leaves_later_steps_pending(
-    client: httpx.AsyncClient, worker: Worker
+    client: httpx.AsyncClient, settings: Settings
 ) -> None:
     created = (await client.post("/ops/jobs/noop", json={"steps": 3, "fail_at_step": 2})).json()
 
-    job = await wait_for_status(client, created["job_id"], "success", "failed")
+    await run_burst(settings)
+
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "failed"
     assert job["error"] == "step step-2 failed: NoopFailure: failed on purpose at step 2"
@@ -64,9 +68,10 @@ async def test_a_job_this_worker_cannot_run_fails_at_once_saying_why(
     job_id = (await client.post("/ops/jobs/noop", json={"steps": 2})).json()["job_id"]
     await db.execute(f"UPDATE ops_job SET {change} WHERE job_id = $1", job_id)
 
-    async with running_worker(settings):
-        job = await wait_for_status(client, job_id, "success", "failed", within=3)
+    # In burst mode the worker would run a delivery put back for later too: it fails the job at once instead.
+    await run_burst(settings, within=3)
 
+    job = await read_job(client, job_id)
     assert job["status"] == "failed" and job["attempt"] == 1
     assert job["error"].startswith(f"this worker cannot run it: {error}")
     first, second = job["steps"]
@@ -77,10 +82,11 @@ async def test_a_job_this_worker_cannot_run_fails_at_once_saying_why(
 async def test_progress_is_visible_while_a_step_runs(client: httpx.AsyncClient, worker: Worker) -> None:
     created = (await client.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 1})).json()
 
-    running = await wait_for_status(client, created["job_id"], "running")
-    await asyncio.sleep(0.2)
-    running = (await client.get(f"/ops/jobs/{created['job_id']}")).json()
+    running = await wait_for(
+        lambda: read_job(client, created["job_id"]), until=lambda job: job["steps"][0]["detail"] is not None
+    )
 
+    assert running["status"] == "running"
     assert running["steps"][0]["status"] == "running"
     assert running["steps"][0]["detail"] == "sleeping 1s"
     assert running["steps"][0]["started_at"] is not None
@@ -88,10 +94,12 @@ async def test_progress_is_visible_while_a_step_runs(client: httpx.AsyncClient, 
     assert done["steps"][0]["detail"] == "slept 1s"
 
 
-async def test_timed_out_step_says_what_it_was_waiting_for(client: httpx.AsyncClient, worker: Worker) -> None:
+async def test_timed_out_step_says_what_it_was_waiting_for(client: httpx.AsyncClient, settings: Settings) -> None:
     created = (await client.post("/ops/jobs/slow", json={})).json()
 
-    job = await wait_for_status(client, created["job_id"], "failed", within=3)
+    await run_burst(settings, within=3)
+
+    job = await read_job(client, created["job_id"])
 
     step = job["steps"][0]
     assert step["status"] == "failed"
@@ -101,10 +109,12 @@ async def test_timed_out_step_says_what_it_was_waiting_for(client: httpx.AsyncCl
     assert job["error"].startswith("step wait-for-thing failed: StepTimeout")
 
 
-async def test_transient_errors_are_retried_within_the_step(client: httpx.AsyncClient, worker: Worker) -> None:
+async def test_transient_errors_are_retried_within_the_step(client: httpx.AsyncClient, settings: Settings) -> None:
     created = (await client.post("/ops/jobs/flaky", json={"fail_times": 2})).json()
 
-    job = await wait_for_status(client, created["job_id"], "success", "failed", within=8)
+    await run_burst(settings, within=8)
+
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "success"
     assert job["steps"][0]["attempts"] == 3
@@ -112,11 +122,13 @@ async def test_transient_errors_are_retried_within_the_step(client: httpx.AsyncC
 
 
 async def test_transient_errors_beyond_the_attempt_limit_fail_the_step(
-    client: httpx.AsyncClient, worker: Worker
+    client: httpx.AsyncClient, settings: Settings
 ) -> None:
     created = (await client.post("/ops/jobs/flaky", json={"fail_times": 10})).json()
 
-    job = await wait_for_status(client, created["job_id"], "success", "failed", within=15)
+    await run_burst(settings, within=15)
+
+    job = await read_job(client, created["job_id"])
 
     assert job["status"] == "failed"
     assert job["steps"][0]["attempts"] == 4
@@ -143,10 +155,9 @@ async def test_a_job_delivered_twice_runs_once(
     assert outcomes == [Delivery.ALREADY_QUEUED] + [Delivery.QUEUED] * 3
     assert queued == 4
 
-    # Two workers, four deliveries of the same job id.
-    async with running_worker(settings), running_worker(settings):
-        job = await wait_for_status(client, job_id, "success", "failed", within=5)
-        await asyncio.sleep(0.3)  # let the remaining deliveries be picked up and refused
+    # Two workers, four deliveries of the same job id; in burst mode each returns once no delivery is left.
+    await asyncio.gather(run_burst(settings, within=5), run_burst(settings, within=5))
+    job = await read_job(client, job_id)
 
     assert job["status"] == "success"
     assert job["attempt"] == 1
@@ -159,12 +170,13 @@ async def test_job_type_lifespan_opens_once_per_worker_and_steps_share_it(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
     testjobs.LIFESPAN_LOG.clear()
-    async with running_worker(settings):
-        first = (await client.post("/ops/jobs/resourceful")).json()["job_id"]
-        second = (await client.post("/ops/jobs/resourceful")).json()["job_id"]
-        jobs = [await wait_for_status(client, job_id, "success", "failed") for job_id in (first, second)]
-        assert testjobs.LIFESPAN_LOG == ["opened"]
+    first = (await client.post("/ops/jobs/resourceful")).json()["job_id"]
+    second = (await client.post("/ops/jobs/resourceful")).json()["job_id"]
 
+    await run_burst(settings)
+
+    jobs = [await read_job(client, job_id) for job_id in (first, second)]
+    assert [job["status"] for job in jobs] == ["success", "success"]
     assert testjobs.LIFESPAN_LOG == ["opened", "closed"]
     for job in jobs:
         assert [s["detail"] for s in job["steps"]] == [f"used client for {settings.queue_name}"] * 2

@@ -159,15 +159,20 @@ class JobKit:
         process = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO)
         try:
             await self.wait_for_step(job_id, step, detail=detail, when=when, within=within)
+        except AssertionError as exc:
+            if process.returncode is not None:  # its output is in the test's captured stderr
+                raise AssertionError(f"the worker process exited with code {process.returncode}: {exc}") from None
+            raise
         finally:
-            process.kill()
+            if process.returncode is None:
+                process.kill()
             await process.wait()
         job = await self.job(job_id)
         at_death = step_of(job, step)
         if job["status"] != "running" or at_death["status"] != "running":
             raise AssertionError(
-                f"step {step} ended before its worker died, so nothing was tested; make it wait for something "
-                f"(a cluster fault) and pass `detail`: {summary(job)}"
+                f"step {step} ended before its worker died, so nothing was tested; hold it in place with a cluster "
+                f"fault and pass `detail` or `when`: {summary(job)}"
             )
         death = Death(job["attempt"], step, at_death["detail"])
         yield death

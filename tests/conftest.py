@@ -53,6 +53,9 @@ KEYS: dict[str, tuple[str, frozenset[KeyScope]]] = {
 
 TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
 
+# The job author's test kit (the `job_kit` fixture): docs/job-development.md, "Testing a job type".
+pytest_plugins = ["tests.kit"]
+
 # Importing jobs.worker installs uvloop's policy, for the loop arq creates in a worker process (the tests that
 # start `arq jobs.worker.WorkerSettings` as a process run on it). The tests' own loops stay asyncio's: under
 # uvloop, a daemon started by a subprocess (tmux's server) keeps the subprocess's pipes open.
@@ -180,8 +183,10 @@ class _WithState:
 
 
 @asynccontextmanager
-async def api_client(settings: Settings, **client_args: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, TEST_REGISTRY)
+async def api_client(
+    settings: Settings, registry: Registry = TEST_REGISTRY, **client_args: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, registry)
     async with app.router.lifespan_context(app) as state:
         transport = httpx.ASGITransport(app=_WithState(app, dict(state or {})), client=("10.1.2.3", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://apiops.test", **client_args) as client:
@@ -194,13 +199,13 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def make_worker(settings: Settings, **overrides: Any) -> Worker:
+def make_worker(settings: Settings, registry: Registry = TEST_REGISTRY, **overrides: Any) -> Worker:
     """A real arq worker, configured like `arq jobs.worker.WorkerSettings`, on the test's queue and database."""
     return create_worker(
         dict(vars(WorkerSettings)),
         redis_settings=redis_settings(settings),
         queue_name=settings.queue_name,
-        ctx={"settings": settings, "registry": TEST_REGISTRY, "handle_signals": False},
+        ctx={"settings": settings, "registry": registry, "handle_signals": False},
         handle_signals=False,
         poll_delay=0.01,
         **overrides,
@@ -208,9 +213,11 @@ def make_worker(settings: Settings, **overrides: Any) -> Worker:
 
 
 @asynccontextmanager
-async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[Worker]:
+async def running_worker(
+    settings: Settings, registry: Registry = TEST_REGISTRY, **overrides: Any
+) -> AsyncIterator[Worker]:
     """A test worker polling the queue in the background until the block ends (then stopped as on SIGTERM)."""
-    worker = make_worker(settings, **overrides)
+    worker = make_worker(settings, registry, **overrides)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker

@@ -273,6 +273,9 @@ class KubeApi:
             return status_response(404, "the server could not find the requested resource")
         namespace, name = request.path_params["namespace"], request.path_params["name"]
         verb = "delete" if request.method == "DELETE" else "get"
+        # Read before any latency: a request that has arrived whole is carried out even if its client goes away
+        # meanwhile (a worker killed while its delete is held), as a real API server does.
+        raw = await request.body() if verb == "delete" else b""
         failed = await self._faults(verb, kind, namespace, name)
         if failed:
             return failed
@@ -281,7 +284,6 @@ class KubeApi:
             return not_found(kind, name)
         if verb == "get":
             return JSONResponse(obj)
-        raw = await request.body()
         options: Obj = json.loads(raw) if raw.strip() else {}
         if request.query_params.get("dryRun"):
             options["dryRun"] = [request.query_params["dryRun"]]

@@ -1,4 +1,5 @@
-"""Job types that exist only in tests: a flaky step (transient errors) and a step that outlives its deadline."""
+"""Job types that exist only in tests: a flaky step (transient errors), a step that outlives its deadline, a per-process
+resource, a step that fails on demand, and state across steps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from service.jobtypes import JobType, Step, StepContext, TransientError
-from service.settings import Settings
 
 # Tries per job id; the in-process worker shares this module with the test.
 TRIES: Counter[str] = Counter()
@@ -57,10 +57,10 @@ LIFESPAN_LOG: list[str] = []
 
 
 @asynccontextmanager
-async def shared_client(settings: Settings) -> AsyncIterator[dict[str, str]]:
+async def shared_client(settings: None) -> AsyncIterator[dict[str, str]]:
     LIFESPAN_LOG.append("opened")
     try:
-        yield {"name": f"client for {settings.queue_name}"}
+        yield {"name": "the shared client"}
     finally:
         LIFESPAN_LOG.append("closed")
 
@@ -114,5 +114,6 @@ MEMO = JobType[SlowParams](
     params=SlowParams,
     steps=[Step("learn", learn), Step("recall", recall)],
 )
+
 
 JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL, FRAGILE, MEMO]

@@ -22,9 +22,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from jobs.pgkube.kube import Kube, KubeClients, KubeNotConfigured, PodView, PvcView, StatefulSetView
 from jobs.pgkube.kube import lifespan as kube_lifespan
 from jobs.pgkube.profiles import PROFILES, Profile, ProfileName
+from jobs.pgkube.settings import KubeSettings
 from jobs.pgkube.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
-from service.jobtypes import JobType, Step, StepContext
-from service.settings import Settings, get_settings
+from service.jobtypes import JobType, Step, StepContext, settings_from
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -51,10 +51,15 @@ def _dns_subdomain(value: str) -> str:
     return value
 
 
-def _settings(info: ValidationInfo) -> Settings:
-    """The caller's settings when it passes them as validation context, else the process's own."""
-    given = info.context.get("settings") if isinstance(info.context, dict) else None
-    return given if isinstance(given, Settings) else get_settings()
+class PgRebuildSettings(KubeSettings):
+    """`APIOPS_KUBE_*` (Kubernetes access) and `APIOPS_PG_REBUILD_*`: the default label convention and the waits."""
+
+    pg_rebuild_profile: ProfileName = "zalando"
+    pg_rebuild_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    # How long a replacement pod may stay Unschedulable, and a deleted PVC Terminating after its pod is gone,
+    # before the job calls it a condition that will not heal.
+    pg_rebuild_unschedulable_grace_s: Annotated[float, Field(ge=0)] = 60.0
+    pg_rebuild_pvc_release_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
 
 Seconds = Annotated[float, Field(gt=0, le=MAX_WAIT_S)]
@@ -92,7 +97,7 @@ class RebuildParams(BaseModel):
     @field_validator("context")
     @classmethod
     def _allowed_context(cls, value: str | None, info: ValidationInfo) -> str | None:
-        allowed = _settings(info).kube_contexts
+        allowed = settings_from(info, PgRebuildSettings).kube_contexts
         if value is None:
             return allowed[0] if allowed else None
         if value not in allowed:
@@ -103,7 +108,7 @@ class RebuildParams(BaseModel):
     @field_validator("profile")
     @classmethod
     def _default_profile(cls, value: ProfileName | None, info: ValidationInfo) -> ProfileName:
-        return value or _settings(info).pg_rebuild_profile
+        return value or settings_from(info, PgRebuildSettings).pg_rebuild_profile
 
 
 def target(params: RebuildParams) -> str:
@@ -121,7 +126,7 @@ class Rebuild:
     params: RebuildParams
     kube: Kube
     profile: Profile
-    settings: Settings
+    settings: PgRebuildSettings
     # The job's state (ctx.remember): what earlier steps saw, whichever worker ran them.
     ctx: StepContext
 
@@ -130,8 +135,9 @@ class Rebuild:
         clients = ctx.resource
         if not isinstance(clients, KubeClients):
             raise KubeNotConfigured("this worker has no Kubernetes clients")
-        profile = PROFILES[params.profile or clients.settings.pg_rebuild_profile]
-        return cls(params, clients.kube(params.context), profile, clients.settings, ctx)
+        settings: PgRebuildSettings = ctx.settings
+        profile = PROFILES[params.profile or settings.pg_rebuild_profile]
+        return cls(params, clients.kube(params.context), profile, settings, ctx)
 
     @property
     def ns(self) -> str:
@@ -486,4 +492,5 @@ JOB = JobType[RebuildParams](
     steps=STEPS,
     target=target,
     lifespan=kube_lifespan,
+    settings=PgRebuildSettings,
 )

@@ -49,10 +49,15 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.setdefault("settings", get_settings())
     registry: Registry = ctx.setdefault("registry", REGISTRY)
     configure_logging(settings)
+    registry.load_settings()
     engine = create_engine(settings, "worker", pre_ping=False)
     # Each job type's per-process resources (a Kubernetes ApiClient, ...), closed at shutdown.
     resources = ctx["resources"] = AsyncExitStack()
-    opened = {t.name: await resources.enter_async_context(t.lifespan(settings)) for t in registry if t.lifespan}
+    opened = {
+        t.name: await resources.enter_async_context(t.lifespan(registry.settings(t.name)))
+        for t in registry
+        if t.lifespan
+    }
     owner = worker_id()
     ctx["engine"] = engine
     sessions = create_sessions(engine)

@@ -1,7 +1,10 @@
-"""What a job type is: a params model, a target, and ordered steps with their timeouts and retry policy.
+"""What a job type is: a params model, a target, ordered steps with their timeouts and retry policy, and its own
+settings.
 
 A job type is declared in one module under `jobs/` and listed in `jobs/registry.py`, which the API app and the
 worker import themselves. Both only ever see job types through a `Registry`, so adding one touches nothing here.
+A configurable job type declares a settings model of its own (`APIOPS_*` variables, see `service.settings.
+EnvSettings`); the registry reads it from the environment once, or holds the instance a test or embedder supplies.
 This module is the job author's SDK: it imports neither the API nor the worker runtime.
 """
 
@@ -12,13 +15,17 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationInfo
+from pydantic_settings import BaseSettings
 
 from service.errors import NotFound
-from service.settings import Settings
 
 P = TypeVar("P", bound=BaseModel)
 P_contra = TypeVar("P_contra", bound=BaseModel, contravariant=True)
+S = TypeVar("S", bound=BaseSettings)
+
+# The key under which the API and the engine pass a job type's settings to its params' validators.
+_SETTINGS = "settings"
 
 
 class StepContext(Protocol):
@@ -36,6 +43,10 @@ class StepContext(Protocol):
     @property
     def resource(self) -> Any:
         """What the job type's `lifespan` yielded in this worker process (None without a lifespan)."""
+
+    @property
+    def settings(self) -> Any:
+        """The job type's settings, an instance of its `JobType.settings` model (None without one)."""
 
     @property
     def state(self) -> Mapping[str, Any]:
@@ -77,9 +88,12 @@ class JobType(Generic[P]):
     target: Callable[[P], str | None] = field(default=lambda params: None)
     # For types whose step list depends on the params (noop); by default every step runs.
     plan: Callable[[P], Sequence[Step[P]]] | None = None
-    # Entered once per worker process at start-up, exited at shutdown; what it yields (a client, a pool) is
-    # `ctx.resource` in every step of this type.
-    lifespan: Callable[[Settings], AbstractAsyncContextManager[Any]] | None = None
+    # Entered once per worker process at start-up with the job type's settings (None without a model), exited at
+    # shutdown; what it yields (a client, a pool) is `ctx.resource` in every step of this type.
+    lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None
+    # A pydantic-settings model (usually derived from `service.settings.EnvSettings`): `ctx.settings` in the steps,
+    # the lifespan's argument, and `settings_from(info, Model)` in the params' validators.
+    settings: type[BaseSettings] | None = None
 
     def steps_for(self, params: P) -> Sequence[Step[P]]:
         return self.plan(params) if self.plan is not None else self.steps
@@ -91,19 +105,63 @@ class JobType(Generic[P]):
         raise KeyError(f"job type {self.name!r} has no step {name!r}")
 
 
+def settings_from(info: ValidationInfo, model: type[S]) -> S:
+    """In a params validator: the job type's settings, which the API and the engine pass in the validation context
+    (`Registry.params_context`). Validating such params without them is a programming error, not bad input."""
+    given = info.context.get(_SETTINGS) if isinstance(info.context, dict) else None
+    if not isinstance(given, model):
+        raise TypeError(f"these params are validated with {model.__name__} in context={{{_SETTINGS!r}: ...}}")
+    return given
+
+
 class UnknownJobType(NotFound):
     code = "unknown_job_type"
 
 
 class Registry:
-    """The job types a process knows, by name."""
+    """The job types a process knows, by name, and their settings.
 
-    def __init__(self, job_types: Iterable[JobType[Any]]) -> None:
+    A job type's settings are read from the environment the first time they are needed (the API app and the worker
+    ask at start-up, so a bad variable stops them there), once per registry: once per process for `jobs.registry`'s.
+    Tests and embedders supply instances instead, by job type name: `Registry([...], settings={...})` or
+    `registry.with_settings({...})`.
+    """
+
+    def __init__(self, job_types: Iterable[JobType[Any]], settings: Mapping[str, BaseSettings] | None = None) -> None:
         self._types: dict[str, JobType[Any]] = {}
         for job_type in job_types:
             if job_type.name in self._types:
                 raise ValueError(f"job type {job_type.name!r} registered twice")
             self._types[job_type.name] = job_type
+        self._settings: dict[str, BaseSettings] = {}
+        for name, given in (settings or {}).items():
+            model = self.get(name).settings
+            if model is None or not isinstance(given, model):
+                expected = model.__name__ if model is not None else "None: it declares no settings"
+                raise TypeError(f"settings of job type {name!r} must be {expected}, not {type(given).__name__}")
+            self._settings[name] = given
+
+    def with_settings(self, settings: Mapping[str, BaseSettings]) -> Registry:
+        """The same job types, with these settings (by job type name) in place of the environment's."""
+        return Registry(self, {**self._settings, **settings})
+
+    def settings(self, name: str) -> BaseSettings | None:
+        """Job type `name`'s settings: as supplied, else read from the environment; None if it declares none."""
+        model = self.get(name).settings
+        if model is None:
+            return None
+        if name not in self._settings:
+            self._settings[name] = model()
+        return self._settings[name]
+
+    def load_settings(self) -> None:
+        """Read every job type's settings now, so that an invalid variable is reported at start-up."""
+        for name in self._types:
+            self.settings(name)
+
+    def params_context(self, name: str) -> dict[str, Any]:
+        """The validation context of job type `name`'s params: `model_validate(raw, context=...)`."""
+        return {_SETTINGS: self.settings(name)}
 
     def get(self, name: str) -> JobType[Any]:
         try:

@@ -1,6 +1,7 @@
-"""Configuration: one `Settings` object, read from `APIOPS_*` environment variables, shared by API and worker.
+"""Configuration read from `APIOPS_*` environment variables: the service's own `Settings`, shared by API and worker.
 
-Nothing else in the project reads `os.environ`; everything that is configurable is a field here.
+Each job type that is configurable declares its own settings model beside it (`JobType.settings`), derived from
+`EnvSettings` so that it reads the same prefix; nothing else in the project reads `os.environ`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,26 @@ DEV_API_KEY = "dev-api-key-12345"
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class Settings(BaseSettings):
+def env_list(value: object, info: ValidationInfo) -> object:
+    """A list setting (declared `Annotated[tuple[...], NoDecode]`): a JSON list, or the comma-separated form such
+    settings usually take. Use as `field_validator(name, mode="before")(env_list)`."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            return _json_list(stripped, f"APIOPS_{str(info.field_name).upper()}")
+        return tuple(part.strip() for part in stripped.split(",") if part.strip())
+    return value
+
+
+class EnvSettings(BaseSettings):
+    """Read from `APIOPS_<FIELD>` variables; a variable no model knows is ignored. The base of `Settings` and of
+    every job type's settings."""
+
     model_config = SettingsConfigDict(env_prefix="APIOPS_", extra="ignore", frozen=True)
+
+
+class Settings(EnvSettings):
+    """What the service itself needs: database, Redis, keys, the API's and the worker's own knobs."""
 
     env: Literal["dev", "prod"] = "dev"
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/apiops")
@@ -86,33 +105,12 @@ class Settings(BaseSettings):
     # Where each worker serves its own /metrics (on `host`); None: not served.
     worker_metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
-    # Kubernetes access and the pg-rebuild job. Without a kubeconfig the worker uses the in-cluster service account.
-    kubeconfig: Path | None = None
-    # Contexts of the kubeconfig that a job may name; the first is the default. Empty: the current context only.
-    kube_contexts: Annotated[tuple[str, ...], NoDecode] = ()
-    kube_request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    pg_rebuild_profile: Literal["zalando", "cnpg", "patroni", "pgo", "stackgres"] = "zalando"
-    pg_rebuild_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
-    # How long a replacement pod may stay Unschedulable, and a deleted PVC Terminating after its pod is gone,
-    # before the job calls it a condition that will not heal.
-    pg_rebuild_unschedulable_grace_s: Annotated[float, Field(ge=0)] = 60.0
-    pg_rebuild_pvc_release_grace_s: Annotated[float, Field(ge=0)] = 30.0
-
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: object) -> object:
         return _json_list(value, "APIOPS_API_KEYS")
 
-    @field_validator("trusted_proxies", "kube_contexts", mode="before")
-    @classmethod
-    def _parse_list(cls, value: object, info: ValidationInfo) -> object:
-        if isinstance(value, str):
-            # A JSON list, or the comma-separated form such settings usually take.
-            stripped = value.strip()
-            if stripped.startswith("["):
-                return _json_list(stripped, f"APIOPS_{str(info.field_name).upper()}")
-            return tuple(part.strip() for part in stripped.split(",") if part.strip())
-        return value
+    _parse_list = field_validator("trusted_proxies", mode="before")(env_list)
 
     @model_validator(mode="after")
     def _load_keys_file(self) -> Settings:

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alembic import command
 from jobs import noop, pg_rebuild
+from jobs.pg_rebuild import PgRebuildSettings
 from jobs.worker import WorkerSettings
 from service.api.app import create_app
 from service.db import asyncpg_dsn
@@ -186,6 +187,7 @@ class _WithState:
 async def api_client(
     settings: Settings, registry: Registry = TEST_REGISTRY, **client_args: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
+    """The app, with its lifespan, behind an httpx client; `registry` (with its job types' settings) as given."""
     app = create_app(settings, registry)
     async with app.router.lifespan_context(app) as state:
         transport = httpx.ASGITransport(app=_WithState(app, dict(state or {})), client=("10.1.2.3", 40000))
@@ -200,7 +202,8 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def make_worker(settings: Settings, registry: Registry = TEST_REGISTRY, **overrides: Any) -> Worker:
-    """A real arq worker, configured like `arq jobs.worker.WorkerSettings`, on the test's queue and database."""
+    """A real arq worker, configured like `arq jobs.worker.WorkerSettings`, on the test's queue and database, with
+    `registry`'s job types and their settings."""
     return create_worker(
         dict(vars(WorkerSettings)),
         redis_settings=redis_settings(settings),
@@ -340,8 +343,8 @@ async def kube_sim() -> AsyncIterator[KubeSim]:
         yield sim
 
 
-def kube_settings_for(settings: Settings, sim: KubeSim, path: Path, **overrides: Any) -> Settings:
-    """`settings` plus a kubeconfig for `sim` and waits short enough for tests; the worker gets these."""
+def kube_settings_for(sim: KubeSim, path: Path, **overrides: Any) -> PgRebuildSettings:
+    """pg-rebuild's settings for `sim`: a kubeconfig for it and waits short enough for tests."""
     kubeconfig = sim.write_kubeconfig(path, context="sim")
     values: dict[str, Any] = {
         "kubeconfig": kubeconfig,
@@ -350,12 +353,17 @@ def kube_settings_for(settings: Settings, sim: KubeSim, path: Path, **overrides:
         "pg_rebuild_unschedulable_grace_s": 1.0,
         "pg_rebuild_pvc_release_grace_s": 1.0,
     }
-    return settings.model_copy(update=values | overrides)
+    return PgRebuildSettings(**(values | overrides))
+
+
+def kube_registry(kube: PgRebuildSettings) -> Registry:
+    """The test job types, pg-rebuild configured with `kube`: for `running_worker` and `api_client`."""
+    return TEST_REGISTRY.with_settings({pg_rebuild.JOB.name: kube})
 
 
 @pytest.fixture
-def kube_settings(settings: Settings, kube_sim: KubeSim, tmp_path: Path) -> Settings:
-    return kube_settings_for(settings, kube_sim, tmp_path / "kubeconfig")
+def kube_settings(kube_sim: KubeSim, tmp_path: Path) -> PgRebuildSettings:
+    return kube_settings_for(kube_sim, tmp_path / "kubeconfig")
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobs.pgkube.kube import Kube, KubeClients, KubeNotConfigured, PodView
 from jobs.pgkube.kube import lifespan as kube_lifespan
 from jobs.pgkube.profiles import PROFILES, ProfileName
+from jobs.pgkube.settings import KubeSettings
 from jobs.pgkube.waiting import PodWatch, Seen, WontHeal, describe_pod, wait_until
 from service.jobtypes import JobType, Step, StepContext
 
@@ -122,4 +123,5 @@ JOB = JobType[RestartParams](
     ],
     target=target,
     lifespan=kube_lifespan,
+    settings=KubeSettings,  # APIOPS_KUBECONFIG, APIOPS_KUBE_CONTEXTS, ...: what kube_lifespan is handed
 )

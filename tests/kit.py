@@ -26,7 +26,9 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
+from pydantic_settings import BaseSettings
 
+from jobs.pgkube.settings import KubeSettings
 from service.jobtypes import JobType, Registry
 from service.models import JobStatus
 from service.settings import Settings
@@ -155,7 +157,7 @@ class JobKit:
         kit's worker is started and the block waits until it has taken the job over (a new attempt, once the lease
         expired); `run_to_end` then waits for the end. Fails if the step ended before the worker died."""
         await self.stop_worker()  # the job must run on the worker that dies
-        config = kit_worker.write(self._work / "kit-worker.pickle", self.settings, tuple(self.registry))
+        config = kit_worker.write(self._work / "kit-worker.pickle", self.settings, self.registry)
         process = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO)
         try:
             await self.wait_for_step(job_id, step, detail=detail, when=when, within=within)
@@ -210,12 +212,22 @@ async def job_kit(settings: Settings, tmp_path: Path) -> AsyncIterator[KitFactor
         async def make(
             *job_types: JobType[Any], cluster: bool = False, profile: str = "zalando", **overrides: Any
         ) -> JobKit:
-            kit_settings = settings.model_copy(update={"reaper_interval_s": REAPER_INTERVAL_S, **overrides})
+            # Overrides of the service's settings go to Settings, the others to the job types' own settings.
+            service = {k: v for k, v in overrides.items() if k in Settings.model_fields}
+            kit_settings = settings.model_copy(update={"reaper_interval_s": REAPER_INTERVAL_S, **service})
             sim = None
+            job_settings: dict[str, BaseSettings] = {}
             if cluster:
                 sim = await stack.enter_async_context(KubeSim.running(profile=profile, speed="fast"))
-                kit_settings = kube_settings_for(kit_settings, sim, tmp_path / "kubeconfig", **overrides)
-            registry = Registry(job_types)
+                others = {k: v for k, v in overrides.items() if k not in service}
+                kube = kube_settings_for(sim, tmp_path / "kubeconfig", **others)
+                # Every job type whose settings reach Kubernetes reaches the simulated cluster.
+                job_settings = {
+                    t.name: t.settings.model_validate(kube.model_dump(include=set(t.settings.model_fields)))
+                    for t in job_types
+                    if t.settings is not None and issubclass(t.settings, KubeSettings)
+                }
+            registry = Registry(job_types, job_settings)
             client = await stack.enter_async_context(api_client(kit_settings, registry, headers=headers("writer")))
             kit = JobKit(kit_settings, registry, client, sim, tmp_path)
             stack.push_async_callback(kit.stop_worker)  # first of all: the worker stops before the cluster

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from arq.worker import run_worker
+from pydantic_settings import BaseSettings
 
 from jobs.worker import WorkerSettings
 from service.jobtypes import JobType, Registry
@@ -30,6 +31,8 @@ class WorkerConfig:
     settings: Settings
     # "module:NAME" of each job type: a job type holds functions, which only travel to another process by name.
     job_types: tuple[str, ...]
+    # Each job type's own settings, as the test's registry has them.
+    job_settings: dict[str, BaseSettings]
 
 
 def reference(job_type: JobType[Any]) -> str:
@@ -41,8 +44,9 @@ def reference(job_type: JobType[Any]) -> str:
     raise ValueError(f"job type {job_type.name!r} is not a module-level name of {module.__name__}")
 
 
-def write(path: Path, settings: Settings, job_types: tuple[JobType[Any], ...]) -> Path:
-    path.write_bytes(pickle.dumps(WorkerConfig(settings, tuple(reference(t) for t in job_types))))
+def write(path: Path, settings: Settings, registry: Registry) -> Path:
+    job_settings = {t.name: found for t in registry if (found := registry.settings(t.name)) is not None}
+    path.write_bytes(pickle.dumps(WorkerConfig(settings, tuple(reference(t) for t in registry), job_settings)))
     return path
 
 
@@ -60,7 +64,10 @@ def main(path: str) -> None:
         redis_settings=redis_settings(settings),
         queue_name=settings.queue_name,
         poll_delay=POLL_DELAY_S,
-        ctx={"settings": settings, "registry": Registry(_load(ref) for ref in config.job_types)},
+        ctx={
+            "settings": settings,
+            "registry": Registry((_load(ref) for ref in config.job_types), config.job_settings),
+        },
     )
 
 

@@ -12,8 +12,17 @@ import asyncpg
 import httpx
 import pytest
 
+from jobs.pg_rebuild import PgRebuildSettings
 from service.settings import Settings
-from tests.conftest import api_client, headers, kube_settings_for, running_worker, wait_for_status
+from tests.conftest import (
+    TEST_REGISTRY,
+    api_client,
+    headers,
+    kube_registry,
+    kube_settings_for,
+    running_worker,
+    wait_for_status,
+)
 from tests.conftest import submit as submit_job
 from tests.kube_sim import KubeSim
 
@@ -43,8 +52,11 @@ async def submit(client: httpx.AsyncClient, **params: Any) -> str:
     return await submit_job(client, "pg-rebuild", **({"namespace": "db", "cluster": "pg", "pod": "pg-1"} | params))
 
 
-async def rebuild(client: httpx.AsyncClient, settings: Settings, within: float = 10, **params: Any) -> Any:
-    async with running_worker(settings):
+async def rebuild(
+    client: httpx.AsyncClient, settings: Settings, kube: PgRebuildSettings, within: float = 10, **params: Any
+) -> Any:
+    """Run a pg-rebuild to its end on a worker whose pg-rebuild settings are `kube`."""
+    async with running_worker(settings, kube_registry(kube)):
         job_id = await submit(client, **params)
         job = await wait_for_status(client, job_id, "success", "failed", within=within)
         return job
@@ -55,11 +67,15 @@ def steps(job: Any) -> dict[str, Any]:
 
 
 async def test_rebuilds_a_replica_with_new_pod_and_new_storage(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim, db: asyncpg.Connection
+    client: httpx.AsyncClient,
+    settings: Settings,
+    kube_settings: PgRebuildSettings,
+    kube_sim: KubeSim,
+    db: asyncpg.Connection,
 ) -> None:
     before = world(kube_sim)
 
-    job = await rebuild(client, kube_settings)
+    job = await rebuild(client, settings, kube_settings)
 
     assert job["status"] == "success", job
     assert job["target"] == "k8s/default/db/pg"
@@ -100,11 +116,11 @@ async def test_rebuilds_a_replica_with_new_pod_and_new_storage(
 
 
 async def test_refuses_the_primary_and_deletes_nothing(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     before = world(kube_sim)
 
-    job = await rebuild(client, kube_settings, pod="pg-0")
+    job = await rebuild(client, settings, kube_settings, pod="pg-0")
 
     assert job["status"] == "failed"
     health = steps(job)["check-cluster-health"]
@@ -116,13 +132,13 @@ async def test_refuses_the_primary_and_deletes_nothing(
 
 
 async def test_refuses_when_another_member_is_not_ready_and_deletes_nothing(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     kube_sim.not_ready("pg-2")
     await kube_sim.wait_for(lambda: not _ready(kube_sim, "pg-2"))
     before = world(kube_sim)
 
-    job = await rebuild(client, kube_settings)
+    job = await rebuild(client, settings, kube_settings)
 
     assert job["status"] == "failed"
     detail = steps(job)["check-cluster-health"]["detail"]
@@ -131,12 +147,12 @@ async def test_refuses_when_another_member_is_not_ready_and_deletes_nothing(
 
 
 async def test_refuses_a_statefulset_mid_rollout_and_deletes_nothing(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     kube_sim.start_rollout("pg")
     before = world(kube_sim)
 
-    job = await rebuild(client, kube_settings)
+    job = await rebuild(client, settings, kube_settings)
 
     assert job["status"] == "failed"
     detail = steps(job)["preflight"]["detail"]
@@ -146,12 +162,12 @@ async def test_refuses_a_statefulset_mid_rollout_and_deletes_nothing(
 
 
 async def test_dry_run_reports_what_it_would_delete_and_deletes_nothing(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     before = world(kube_sim)
     old_pod, old_pvc = before["pods/pg-1"][0], before["persistentvolumeclaims/data-pg-1"][0]
 
-    job = await rebuild(client, kube_settings, dry_run=True)
+    job = await rebuild(client, settings, kube_settings, dry_run=True)
 
     assert job["status"] == "success", job
     detail = {name: s["detail"] for name, s in steps(job).items()}
@@ -169,7 +185,7 @@ async def test_rebuilds_with_another_label_profile(
 ) -> None:
     async with KubeSim.running(profile=profile, speed="fast") as sim:
         before = world(sim)
-        job = await rebuild(client, kube_settings_for(settings, sim, tmp_path / "kubeconfig"), profile=profile)
+        job = await rebuild(client, settings, kube_settings_for(sim, tmp_path / "kubeconfig"), profile=profile)
 
         assert job["status"] == "success", job
         assert job["params"]["profile"] == profile
@@ -178,12 +194,13 @@ async def test_rebuilds_with_another_label_profile(
         assert steps(job)["check-cluster-health"]["detail"].startswith("primary pg-0 healthy; 2/2 other members ready")
 
 
-async def test_profile_defaults_to_the_configured_one(client: httpx.AsyncClient) -> None:
-    job_id = await submit(client, dry_run=True)
+async def test_profile_defaults_to_the_configured_one(settings: Settings) -> None:
+    configured = TEST_REGISTRY.with_settings({"pg-rebuild": PgRebuildSettings(pg_rebuild_profile="patroni")})
+    async with api_client(settings, configured, headers=headers("writer")) as client:
+        job_id = await submit(client, dry_run=True)
+        job = (await client.get(f"/ops/jobs/{job_id}")).json()
 
-    job = (await client.get(f"/ops/jobs/{job_id}")).json()
-
-    assert job["params"]["profile"] == "zalando" and job["params"]["context"] is None
+    assert job["params"]["profile"] == "patroni" and job["params"]["context"] is None
 
 
 @pytest.mark.parametrize(
@@ -216,8 +233,8 @@ async def test_bad_params_are_a_422_and_write_nothing(
 
 
 async def test_context_must_be_one_of_the_allowed(settings: Settings, db: asyncpg.Connection) -> None:
-    allowed = settings.model_copy(update={"kube_contexts": ("sim", "staging")})
-    async with api_client(allowed, headers=headers("writer")) as client:
+    allowed = TEST_REGISTRY.with_settings({"pg-rebuild": PgRebuildSettings(kube_contexts=("sim", "staging"))})
+    async with api_client(settings, allowed, headers=headers("writer")) as client:
         refused = await client.post(
             "/ops/jobs/pg-rebuild", json={"namespace": "db", "cluster": "pg", "pod": "pg-1", "context": "prod"}
         )

@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from jobs import pg_rebuild
+from jobs.pg_rebuild import PgRebuildSettings
 from jobs.pgkube.kube import lifespan
 from service.settings import Settings
-from tests.conftest import running_worker, wait_for, wait_for_status
+from tests.conftest import kube_registry, running_worker, wait_for, wait_for_status
 from tests.kube_sim import KubeSim
 from tests.test_pg_rebuild import STEPS, steps, submit, world
 
@@ -44,9 +45,15 @@ def unschedulable(sim: KubeSim, name: str, old_uid: str) -> bool:
 
 
 async def fails_after_signal(
-    client: httpx.AsyncClient, settings: Settings, sim: KubeSim, signal: Callable[[], bool], **params: Any
+    client: httpx.AsyncClient,
+    settings: Settings,
+    kube: PgRebuildSettings,
+    sim: KubeSim,
+    signal: Callable[[], bool],
+    **params: Any,
 ) -> tuple[Any, float]:
-    """Run a rebuild; return the failed job and the seconds from the sim first showing `signal` to the failure."""
+    """Run a rebuild with pg-rebuild settings `kube`; return the failed job and the seconds from the sim first
+    showing `signal` to the failure."""
     loop = asyncio.get_running_loop()
 
     async def signalled() -> float:
@@ -55,7 +62,7 @@ async def fails_after_signal(
 
     seen = asyncio.create_task(signalled())
     try:
-        async with running_worker(settings):
+        async with running_worker(settings, kube_registry(kube)):
             job_id = await submit(client, **params)
             job = await wait_for_status(client, job_id, "success", "failed", within=20)
             failed_at = loop.time()
@@ -79,7 +86,13 @@ def failed_step(job: Any) -> Any:
     ],
 )
 async def test_container_that_will_not_start_fails_fast(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim, fault: str, reasons: set[str], quoted: str
+    client: httpx.AsyncClient,
+    settings: Settings,
+    kube_settings: PgRebuildSettings,
+    kube_sim: KubeSim,
+    fault: str,
+    reasons: set[str],
+    quoted: str,
 ) -> None:
     old_uid = pod_uid(kube_sim, "pg-1")
     getattr(
@@ -87,7 +100,7 @@ async def test_container_that_will_not_start_fails_fast(
     )("pg-1")
 
     job, latency = await fails_after_signal(
-        client, kube_settings, kube_sim, lambda: waiting_reason(kube_sim, "pg-1", old_uid) in reasons
+        client, settings, kube_settings, kube_sim, lambda: waiting_reason(kube_sim, "pg-1", old_uid) in reasons
     )
 
     step = failed_step(job)
@@ -98,13 +111,13 @@ async def test_container_that_will_not_start_fails_fast(
 
 
 async def test_unschedulable_beyond_the_grace_period_fails_fast(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     old_uid = pod_uid(kube_sim, "pg-1")
     kube_sim.unschedulable("pg-1")
 
     job, latency = await fails_after_signal(
-        client, kube_settings, kube_sim, lambda: unschedulable(kube_sim, "pg-1", old_uid)
+        client, settings, kube_settings, kube_sim, lambda: unschedulable(kube_sim, "pg-1", old_uid)
     )
 
     step = failed_step(job)
@@ -114,7 +127,7 @@ async def test_unschedulable_beyond_the_grace_period_fails_fast(
 
 
 async def test_pvc_stuck_terminating_after_its_pod_is_gone_fails_fast(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     kube_sim.stuck_pvc("data-pg-1")
 
@@ -122,7 +135,7 @@ async def test_pvc_stuck_terminating_after_its_pod_is_gone_fails_fast(
         pvc = kube_sim.pvc("data-pg-1")
         return kube_sim.pod("pg-1") is None and pvc is not None and bool(pvc["metadata"].get("deletionTimestamp"))
 
-    job, latency = await fails_after_signal(client, kube_settings, kube_sim, stuck)
+    job, latency = await fails_after_signal(client, settings, kube_settings, kube_sim, stuck)
 
     step = failed_step(job)
     assert step["name"] == "wait-old-gone"
@@ -134,11 +147,11 @@ async def test_pvc_stuck_terminating_after_its_pod_is_gone_fails_fast(
 
 
 async def test_primary_change_while_waiting_fails_fast(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     kube_sim.never_ready("pg-1")  # the rebuilt member never gets Ready: the job sits in wait-ready
     loop = asyncio.get_running_loop()
-    async with running_worker(kube_settings):
+    async with running_worker(settings, kube_registry(kube_settings)):
         job_id = await submit(client)
 
         async def waiting_ready() -> bool:
@@ -158,7 +171,7 @@ async def test_primary_change_while_waiting_fails_fast(
 
 
 async def test_transient_api_errors_are_retried_to_success(
-    client: httpx.AsyncClient, kube_settings: Settings, kube_sim: KubeSim
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
     kube_sim.fail(500, verb="delete", resource="persistentvolumeclaims", times=2)
     kube_sim.fail(503, verb="delete", resource="pods", times=1)
@@ -167,7 +180,9 @@ async def test_transient_api_errors_are_retried_to_success(
     kube_sim.slow(1.0, verb="get", resource="statefulsets", times=1)  # longer than the request timeout
     before = world(kube_sim)
 
-    async with running_worker(kube_settings.model_copy(update={"kube_request_timeout_s": 0.5})):
+    async with running_worker(
+        settings, kube_registry(kube_settings.model_copy(update={"kube_request_timeout_s": 0.5}))
+    ):
         job_id = await submit(client)
         job = await wait_for_status(client, job_id, "success", "failed", within=20)
 
@@ -186,11 +201,14 @@ async def test_transient_api_errors_are_retried_to_success(
 class FakeContext:
     """A StepContext without the engine: to run steps by hand, twice, as a crashed-and-resumed worker would."""
 
-    def __init__(self, resource: Any, state: dict[str, Any], job_id: str = "pg-rebuild-by-hand") -> None:
+    def __init__(
+        self, resource: Any, settings: PgRebuildSettings, state: dict[str, Any], job_id: str = "pg-rebuild-by-hand"
+    ) -> None:
         self.job_id = job_id
         self.step = ""
         self.attempt = 1
         self.resource = resource
+        self.settings = settings
         self.state = state  # the job's state, which the engine keeps in PostgreSQL
         self.details: list[str] = []
 
@@ -201,8 +219,10 @@ class FakeContext:
         self.details.append(detail)
 
 
-async def test_every_step_can_run_again_without_harm(kube_settings: Settings, kube_sim: KubeSim) -> None:
-    params = pg_rebuild.RebuildParams(namespace="db", cluster="pg", pod="pg-1", profile="zalando")
+async def test_every_step_can_run_again_without_harm(kube_settings: PgRebuildSettings, kube_sim: KubeSim) -> None:
+    params = pg_rebuild.RebuildParams.model_validate(
+        {"namespace": "db", "cluster": "pg", "pod": "pg-1"}, context={"settings": kube_settings}
+    )
     old_uid = pod_uid(kube_sim, "pg-1")
     details: dict[str, tuple[str | None, str | None]] = {}
     state: dict[str, Any] = {}
@@ -210,12 +230,14 @@ async def test_every_step_can_run_again_without_harm(kube_settings: Settings, ku
         for step in pg_rebuild.STEPS:
             if step.name == "wait-ready":  # a wait rides out API errors without ending the step
                 kube_sim.fail(500, verb="get", resource="pods", name="pg-1", times=2)
-            ctx = FakeContext(clients, state)
+            ctx = FakeContext(clients, kube_settings, state)
             first = await step.run(ctx, params)
             if step.name == "wait-ready":
                 assert any("API error (Kubernetes API HTTP 500: Internal error occurred" in d for d in ctx.details)
             # A new context for the second run, as on another worker after a crash: only the job's state is shared.
-            again = await step.run(FakeContext(clients, state, f"pg-rebuild-resumed-{step.name}"), params)
+            again = await step.run(
+                FakeContext(clients, kube_settings, state, f"pg-rebuild-resumed-{step.name}"), params
+            )
             details[step.name] = (first, again)
 
     assert details["delete-pvcs"][1] == (
@@ -229,7 +251,7 @@ async def test_every_step_can_run_again_without_harm(kube_settings: Settings, ku
     )
     # Once the replacement runs, delete-pod leaves it alone instead of deleting the new member.
     async with lifespan(kube_settings) as clients:
-        late = await pg_rebuild.delete_pod(FakeContext(clients, state), params)
+        late = await pg_rebuild.delete_pod(FakeContext(clients, kube_settings, state), params)
     assert late == f"pod pg-1 already replaced (uid {new_uid}, with live PVCs)"
     assert pod_uid(kube_sim, "pg-1") == new_uid
 

@@ -1,4 +1,5 @@
-"""Settings come from APIOPS_* variables; a bad or unsafe configuration is refused with a clear message."""
+"""Settings (the service's and the job types') come from APIOPS_* variables; a bad or unsafe configuration is refused
+with a clear message."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from jobs.pg_rebuild import PgRebuildSettings
+from jobs.pgkube.settings import KubeSettings
 from service.settings import Scope, Settings, hash_key
 
 
@@ -65,3 +68,32 @@ def test_trusted_proxies_accept_a_comma_list_or_json(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("APIOPS_TRUSTED_PROXIES", "not-an-ip")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_kube_contexts_accept_a_comma_list_or_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APIOPS_KUBE_CONTEXTS", "sim, staging")
+    assert KubeSettings().kube_contexts == ("sim", "staging")
+
+    monkeypatch.setenv("APIOPS_KUBE_CONTEXTS", '["prod"]')
+    assert KubeSettings().kube_contexts == ("prod",)
+
+    monkeypatch.setenv("APIOPS_KUBE_CONTEXTS", '["prod"')
+    with pytest.raises(ValidationError, match="APIOPS_KUBE_CONTEXTS is not valid JSON"):
+        KubeSettings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("APIOPS_PG_REBUILD_PROFILE", "crunchy", "pg_rebuild_profile\n  Input should be 'zalando', 'cnpg', 'patroni'"),
+        ("APIOPS_PG_REBUILD_POLL_INTERVAL_S", "0", "pg_rebuild_poll_interval_s\n  Input should be greater than 0"),
+        ("APIOPS_KUBE_REQUEST_TIMEOUT_S", "soon", "kube_request_timeout_s\n  Input should be a valid number"),
+    ],
+)
+def test_bad_pg_rebuild_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ValidationError, match=f"for PgRebuildSettings\n{message}"):
+        PgRebuildSettings()

@@ -179,4 +179,4 @@ async def test_job_type_lifespan_opens_once_per_worker_and_steps_share_it(
     assert [job["status"] for job in jobs] == ["success", "success"]
     assert testjobs.LIFESPAN_LOG == ["opened", "closed"]
     for job in jobs:
-        assert [s["detail"] for s in job["steps"]] == [f"used client for {settings.queue_name}"] * 2
+        assert [s["detail"] for s in job["steps"]] == ["used the shared client"] * 2

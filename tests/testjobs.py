@@ -1,4 +1,5 @@
-"""Job types that exist only in tests: a flaky step (transient errors) and a step that outlives its deadline."""
+"""Job types that exist only in tests: a flaky step (transient errors), a step that outlives its deadline, a per-process
+resource, a step that fails on demand, state across steps, and settings of a job type's own."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from service.jobtypes import JobType, Step, StepContext, TransientError
-from service.settings import Settings
+from service.jobtypes import JobType, Step, StepContext, TransientError, settings_from
+from service.settings import EnvSettings
 
 # Tries per job id; the in-process worker shares this module with the test.
 TRIES: Counter[str] = Counter()
@@ -57,10 +58,10 @@ LIFESPAN_LOG: list[str] = []
 
 
 @asynccontextmanager
-async def shared_client(settings: Settings) -> AsyncIterator[dict[str, str]]:
+async def shared_client(settings: None) -> AsyncIterator[dict[str, str]]:
     LIFESPAN_LOG.append("opened")
     try:
-        yield {"name": f"client for {settings.queue_name}"}
+        yield {"name": "the shared client"}
     finally:
         LIFESPAN_LOG.append("closed")
 
@@ -113,6 +114,54 @@ MEMO = JobType[SlowParams](
     description="one step remembers, the next recalls",
     params=SlowParams,
     steps=[Step("learn", learn), Step("recall", recall)],
+)
+
+
+class GreeterSettings(EnvSettings):
+    """`APIOPS_GREETER_*`: the `greeter` job type's own settings."""
+
+    greeter_greeting: str = "hello"
+    greeter_voice: str = "a plain voice"
+    greeter_max_names: Annotated[int, Field(ge=1)] = 3
+
+
+class GreetParams(BaseModel):
+    names: list[str]
+    greeting: Annotated[str | None, Field(validate_default=True)] = None
+
+    @field_validator("names")
+    @classmethod
+    def _not_too_many(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limit = settings_from(info, GreeterSettings).greeter_max_names
+        if len(value) > limit:
+            raise ValueError(f"at most {limit} names (APIOPS_GREETER_MAX_NAMES)")
+        return value
+
+    @field_validator("greeting")
+    @classmethod
+    def _default_greeting(cls, value: str | None, info: ValidationInfo) -> str:
+        return value or settings_from(info, GreeterSettings).greeter_greeting
+
+
+@asynccontextmanager
+async def voice(settings: GreeterSettings) -> AsyncIterator[str]:
+    yield settings.greeter_voice
+
+
+async def greet(ctx: StepContext, params: GreetParams) -> str:
+    settings: GreeterSettings = ctx.settings
+    names = ", ".join(params.names)
+    return f"{params.greeting} {names}, in {ctx.resource}; configured greeting {settings.greeter_greeting}"
+
+
+# Not in JOB_TYPES (every operation of the test app costs the schemathesis run time): its tests make a registry.
+GREETER = JobType[GreetParams](
+    name="greeter",
+    description="greets, as its settings say: its params' defaults and limits, its lifespan and its step",
+    params=GreetParams,
+    steps=[Step("greet", greet)],
+    lifespan=voice,
+    settings=GreeterSettings,
 )
 
 JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL, FRAGILE, MEMO]

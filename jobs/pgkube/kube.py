@@ -1,9 +1,9 @@
 """Kubernetes access for job steps: one ApiClient per context per worker process, and typed views of what they read.
 
-`lifespan(settings)` is the pg-rebuild job type's lifespan: it loads the kubeconfig (or the in-cluster service
-account) into explicit `Configuration` objects, builds the ApiClients once at worker start-up and closes them at
-shutdown. A worker without Kubernetes configured still starts (it runs other job types); the steps that need
-Kubernetes then fail with the reason.
+`lifespan(settings)` is the pg-* job types' lifespan, given their `KubeSettings`: it loads the kubeconfig (or the
+in-cluster service account) into explicit `Configuration` objects, builds the ApiClients once at worker start-up
+and closes them at shutdown. A worker without Kubernetes configured still starts (it runs other job types); the
+steps that need Kubernetes then fail with the reason.
 
 Every call carries `_request_timeout`. What is worth retrying (429, 5xx, a connection error or a request
 timeout) is raised as `TransientError`, so the engine retries the step with backoff inside its deadline; a 429
@@ -20,9 +20,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from jobs.pgkube.settings import KubeSettings
 from service.backoff import Backoff
 from service.jobtypes import TransientError
-from service.settings import Settings
 
 if TYPE_CHECKING:
     # The client (with aiohttp) is imported only where it is used: the API process imports this module through
@@ -299,7 +299,7 @@ def _status_message(exc: ApiException) -> str:
 class KubeClients:
     """The ApiClients of one worker process, by context."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: KubeSettings) -> None:
         self.settings = settings
         self._clients: dict[str, client.ApiClient] = {}
         self._errors: dict[str, str] = {}
@@ -352,7 +352,7 @@ class KubeClients:
 
 
 @asynccontextmanager
-async def lifespan(settings: Settings) -> AsyncIterator[KubeClients]:
+async def lifespan(settings: KubeSettings) -> AsyncIterator[KubeClients]:
     clients = KubeClients(settings)
     try:
         await clients.open()

@@ -63,11 +63,14 @@ class Runtime:
 class _Context:
     """The `StepContext` a step receives."""
 
-    def __init__(self, leases: Leases, lease: Lease, row: StepRow, resource: Any, state: dict[str, Any]) -> None:
+    def __init__(
+        self, leases: Leases, lease: Lease, row: StepRow, resource: Any, settings: Any, state: dict[str, Any]
+    ) -> None:
         self.leases = leases
         self.lease = lease
         self.row = row
         self._resource = resource
+        self._settings = settings
         self._state = state  # shared by the job's steps in this run
         self.last_detail: str | None = row.detail
 
@@ -86,6 +89,10 @@ class _Context:
     @property
     def resource(self) -> Any:
         return self._resource
+
+    @property
+    def settings(self) -> Any:
+        return self._settings
 
     @property
     def state(self) -> Mapping[str, Any]:
@@ -156,7 +163,10 @@ class _JobRun:
         self.leases = runtime.leases
         self.lease = lease
         self.job_type = runtime.registry.get(lease.type)
-        self.params = self.job_type.params.model_validate(lease.params, context={"settings": runtime.settings})
+        self.settings = runtime.registry.settings(lease.type)
+        self.params = self.job_type.params.model_validate(
+            lease.params, context=runtime.registry.params_context(lease.type)
+        )
         self.current: _Context | None = None
         self.state = dict(lease.state)
         # The result of the step that just ended, until the next write records it with itself (one statement per
@@ -230,7 +240,7 @@ class _JobRun:
             if self.runtime.draining.is_set():
                 raise Draining()
             with log_context(step=row.name):
-                self.current = _Context(self.leases, self.lease, row, resource, self.state)
+                self.current = _Context(self.leases, self.lease, row, resource, self.settings, self.state)
                 started = time.perf_counter()
                 error = await self._run_step(self.current, self.job_type.step(row.name))
                 elapsed = time.perf_counter() - started

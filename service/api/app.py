@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
         configure_logging(settings)
+        registry.load_settings()
         engine = create_engine(settings, "api")
         sessions = create_sessions(engine)
         redis = create_redis(settings)

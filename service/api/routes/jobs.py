@@ -38,7 +38,7 @@ async def submit_job(request: Request) -> Response:
     job_type = state.registry.get(request.path_params["name"])
     key = _idempotency_key(request)
     body = await _read_json_object(request, state.settings.max_body_bytes)
-    params = _validate(job_type.params, body, context={"settings": state.settings})
+    params = _validate(job_type.params, body, context=state.registry.params_context(job_type.name))
     async with state.autocommit.connect() as conn:
         created = await create_job(conn, job_type, params, _caller(request, principal), key)
     job = created.job

@@ -17,6 +17,7 @@ from jobs.registry import REGISTRY
 from service.api.auth import KeyRing
 from service.api.error_handlers import EXCEPTION_HANDLERS
 from service.api.event_hub import EventHub
+from service.api.input_limits import RefuseUnstorableUrls
 from service.api.metrics import ApiMetrics
 from service.api.middleware import RequestContext
 from service.api.routes import docs, events, health, jobs, workers
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     return Starlette(
         routes=[*jobs.routes, *events.routes, *workers.routes, *health.routes, *docs.routes, metrics.route()],
-        middleware=[Middleware(RequestContext, metrics=metrics)],
+        middleware=[Middleware(RequestContext, metrics=metrics), Middleware(RefuseUnstorableUrls)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

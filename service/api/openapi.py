@@ -16,7 +16,10 @@ from service.models import JobStatus
 REF = "#/components/schemas/{model}"
 
 _ERRORS = {
-    400: "malformed_json: the body is not JSON",
+    400: (
+        "malformed_json: the body is not JSON, nests deeper than 32 levels or holds a number too long to read; "
+        "bad_request: a NUL (%00) in the URL"
+    ),
     401: "unauthorized: no API key, or an unknown one",
     403: "forbidden: the key lacks the scope",
     404: "not_found / unknown_job_type",
@@ -58,7 +61,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 def _operation(summary: str, responses: dict[str, Any], *codes: int, **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, "responses": {**responses, **_errors(*codes)}, **extra}
+    # Every route may answer 400: a NUL in the URL is refused before any route (service.api.input_limits).
+    return {"summary": summary, "responses": {**responses, **_errors(400, *codes)}, **extra}
 
 
 def _ok(description: str, schema: dict[str, Any], status: int = 200) -> dict[str, Any]:

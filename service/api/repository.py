@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 from sqlalchemy.sql.elements import KeyedColumnElement
 
+from service.api.input_limits import unstorable
 from service.api.schemas import EventOut, JobOut, JobPage, StepOut
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
@@ -331,6 +332,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
+        if unstorable(job_id) is not None:
+            raise ValueError("not a job id")
         return datetime.fromisoformat(created_at), str(job_id)
     except (ValueError, TypeError, binascii.Error):
         raise InvalidParams(

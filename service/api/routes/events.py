@@ -7,6 +7,7 @@ repeat. The stream ends once the job has finished (for a finished job, right aft
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -84,9 +85,13 @@ async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list
         return status.finished, [Message.of(event) for event in await get_events(conn, job_id, after)]
 
 
+EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
 def _resume_point(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.isdigit():
+    # ASCII digits that fit event_id's bigint: `isdigit()` takes "²", and a longer number overflows the query.
+    if not EVENT_ID.fullmatch(raw):
         message = "Last-Event-ID (or ?after=) must be an event id this stream sent"
         raise InvalidParams(message, details=[{"field": "Last-Event-ID", "message": message}])
     return int(raw)

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.api.auth import Principal, client_ip, require
+from service.api.input_limits import MAX_JSON_DEPTH, json_depth, unstorable
 from service.api.repository import (
     Caller,
     ListFilter,
@@ -155,14 +156,22 @@ async def _read_json_object(request: Request, limit: int) -> bytes:
             f"expected Content-Type: application/json, got {media_type or 'none'!r}",
             details={"expected": "application/json"},
         )
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise MalformedJson(f"body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedJson(f"body is not valid JSON: {exc}") from None
+    except ValueError:  # Python's own guard: an integer of more than 4,300 digits
+        raise MalformedJson("body holds a number of more digits than this service reads (4300)") from None
     if not isinstance(data, dict):
         raise InvalidParams(
             "params must be a JSON object", details=[{"field": None, "message": "expected a JSON object"}]
         )
+    where = unstorable(data)
+    if where is not None:
+        message = "holds a NUL character or a lone UTF-16 surrogate, which cannot be stored"
+        raise InvalidParams(f"invalid params: {where}: {message}", details=[{"field": where, "message": message}])
     return bytes(body)
 
 

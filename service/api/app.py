@@ -17,7 +17,7 @@ from service.api.metrics import ApiMetrics
 from service.api.middleware import RequestContext
 from service.api.routes import docs, events, health, jobs, workers
 from service.api.state import AppState
-from service.db import autocommit, create_engine, create_sessions
+from service.db import autocommit, create_engine
 from service.jobtypes import Registry
 from service.logs import configure_logging
 from service.queue import create_redis
@@ -33,7 +33,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
         configure_logging(settings)
         engine = create_engine(settings, "api")
-        sessions = create_sessions(engine)
         redis = create_redis(settings)
         in_autocommit = autocommit(engine)
         hub = EventHub(settings, in_autocommit)
@@ -45,7 +44,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 "app": AppState(
                     settings=settings,
                     engine=engine,
-                    sessions=sessions,
                     autocommit=in_autocommit,
                     redis=redis,
                     registry=registry,

@@ -5,13 +5,14 @@ PostgreSQL is the source of truth for every job; Redis only carries job ids to t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class JobStatus(StrEnum):
@@ -63,11 +64,15 @@ def _tz() -> DateTime:
     return DateTime(timezone=True)
 
 
-_ACTIVE = text("status IN ('pending', 'running')")
-
-
-def _one_of(values: type[StrEnum]) -> str:
+def _one_of(values: Iterable[StrEnum]) -> str:
     return "status IN (" + ", ".join(f"'{v.value}'" for v in values) + ")"
+
+
+# The statuses of a job that is not finished: at most one such job per target.
+ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+_ACTIVE = text(_one_of(ACTIVE))
+# The unique index that finds a target busy; its name is what the driver reports on a violation.
+ACTIVE_TARGET_INDEX = "uq_ops_job_active_target"
 
 
 class Job(Base):
@@ -93,8 +98,6 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(_tz())
     finished_at: Mapped[datetime | None] = mapped_column(_tz())
 
-    steps: Mapped[list[Step]] = relationship(lazy="raise", order_by="Step.step_order")
-
     __table_args__ = (
         CheckConstraint(_one_of(JobStatus), name="status"),
         # Keyset pagination, newest first, optionally filtered by one column.
@@ -104,7 +107,7 @@ class Job(Base):
         Index("ix_ops_job_actor_created_at", "actor", "created_at", "job_id"),
         Index("ix_ops_job_target_created_at", "target", "created_at", "job_id"),
         # At most one pending or running job per target: PostgreSQL enforces it across API replicas.
-        Index("uq_ops_job_active_target", "target", unique=True, postgresql_where=_ACTIVE),
+        Index(ACTIVE_TARGET_INDEX, "target", unique=True, postgresql_where=_ACTIVE),
         # An Idempotency-Key names one job per actor (keys older than the replay window are cleared on reuse).
         Index(
             "uq_ops_job_actor_idempotency_key",

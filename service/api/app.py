@@ -22,7 +22,7 @@ from service.api.metrics import ApiMetrics
 from service.api.middleware import RequestContext
 from service.api.routes import docs, events, health, jobs, workers
 from service.api.state import AppState
-from service.db import autocommit, create_engine, create_sessions
+from service.db import autocommit, create_engine
 from service.jobtypes import Registry
 from service.logs import configure_logging
 from service.queue import create_redis
@@ -39,7 +39,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         configure_logging(settings)
         registry.load_settings()
         engine = create_engine(settings, "api")
-        sessions = create_sessions(engine)
         redis = create_redis(settings)
         in_autocommit = autocommit(engine)
         hub = EventHub(settings, in_autocommit)
@@ -52,7 +51,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 "app": AppState(
                     settings=settings,
                     engine=engine,
-                    sessions=sessions,
                     autocommit=in_autocommit,
                     redis=redis,
                     registry=registry,

@@ -22,14 +22,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Scope
 
+from service.api.repository import count_jobs
 from service.api.state import AppState
-from service.models import Job, JobStatus
+from service.models import JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +133,8 @@ async def _timed(source: str, timeout_s: float, read: Awaitable[T]) -> tuple[T |
 
 
 async def _job_counts(state: AppState) -> list[tuple[str, str, int]]:
-    # One pass over ops_job whatever its size; grouped in PostgreSQL, so only a few rows come back.
     async with state.engine.connect() as conn:
-        rows = await conn.execute(select(Job.type, Job.status, func.count()).group_by(Job.type, Job.status))
-        return [(row[0], row[1], row[2]) for row in rows]
+        return await count_jobs(conn)
 
 
 async def _queue_depth(state: AppState) -> int:

@@ -1,7 +1,8 @@
 """All reads and writes of the API side: create a job with its steps, fetch one, list them with keyset pagination.
 
-Reads are single statements on an autocommit connection and return the response models; writes that need a
-transaction (cancel, retry) go through an `AsyncSession`. The worker's fenced writes live in `jobs.runtime.leases`.
+Every statement is one SQLAlchemy Core expression or one named SQL statement written out whole, run on a connection
+in autocommit: each is its own transaction and one round trip. Reads return the response models. The worker's
+statements live in `jobs.runtime.sql`; the rule for both is in docs/database.md.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import asyncpg
 from pydantic import BaseModel, BeforeValidator, TypeAdapter
 from sqlalchemy import DateTime, Select, Text, bindparam, cast, column, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import selectinload
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from service.api.input_limits import unstorable
 from service.api.schemas import EventOut, JobOut, JobPage, StepOut
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
-from service.models import Base, Event, EventKind, Job, JobStatus, Step, StepStatus
+from service.models import ACTIVE, ACTIVE_TARGET_INDEX, Base, Event, EventKind, Job, JobStatus, Step, StepStatus
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -62,22 +64,33 @@ class Created:
 
 # Job, steps and `created` event in one statement (one round trip, its own transaction). A job with an
 # Idempotency-Key its actor already used is not inserted (no row comes back); a busy target raises a unique violation.
-_INSERT_JOB = text(
-    "WITH job AS (INSERT INTO ops_job (job_id, type, status, params, target, actor, source_ip, idempotency_key,"
-    " attempt) VALUES (:job_id, :type, 'pending', CAST(:params AS jsonb), :target, :actor, :source_ip, :key, 0)"
-    " ON CONFLICT (actor, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING job_id, created_at),"
-    " steps AS (INSERT INTO ops_job_step (job_id, step_order, name, status, attempts)"
-    " SELECT job.job_id, s.step_order, s.name, 'pending', 0"
-    " FROM job, unnest(CAST(:steps AS text[])) WITH ORDINALITY AS s (name, step_order) RETURNING 1),"
-    " event AS (INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)"
-    " SELECT job.job_id, 'created', 'pending', :actor, :source_ip FROM job RETURNING 1)"
-    " SELECT created_at FROM job"
-).columns(column("created_at", DateTime(timezone=True)))
-# An expired Idempotency-Key is freed for a new job; the old job keeps everything else.
-_FREE_EXPIRED_KEY = text(
-    "UPDATE ops_job SET idempotency_key = NULL WHERE actor = :actor AND idempotency_key = :key"
-    " AND created_at < now() - make_interval(secs => CAST(:window AS double precision)) RETURNING job_id"
+_INSERT_JOB = text(f"""
+WITH job AS (
+    INSERT INTO ops_job (job_id, type, status, params, target, actor, source_ip, idempotency_key, attempt)
+    VALUES (:job_id, :type, '{JobStatus.PENDING}', CAST(:params AS jsonb), :target, :actor, :source_ip, :key, 0)
+    ON CONFLICT (actor, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING job_id, created_at
+),
+steps AS (
+    INSERT INTO ops_job_step (job_id, step_order, name, status, attempts)
+    SELECT job.job_id, s.step_order, s.name, '{StepStatus.PENDING}', 0
+    FROM job, unnest(CAST(:steps AS text[])) WITH ORDINALITY AS s (name, step_order)
+    RETURNING 1
+),
+event AS (
+    INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)
+    SELECT job.job_id, '{EventKind.CREATED}', '{JobStatus.PENDING}', :actor, :source_ip FROM job
+    RETURNING 1
 )
+SELECT created_at FROM job
+""").columns(column("created_at", DateTime(timezone=True)))
+# An expired Idempotency-Key is freed for a new job; the old job keeps everything else.
+_FREE_EXPIRED_KEY = text("""
+UPDATE ops_job SET idempotency_key = NULL
+WHERE actor = :actor AND idempotency_key = :key
+    AND created_at < now() - make_interval(secs => CAST(:window AS double precision))
+RETURNING job_id
+""")
 
 
 async def create_job(
@@ -97,7 +110,7 @@ async def create_job(
         try:
             created_at = await conn.scalar(_INSERT_JOB, row)
         except IntegrityError as exc:
-            if "uq_ops_job_active_target" not in str(exc.orig):
+            if _violated_constraint(exc) != ACTIVE_TARGET_INDEX:
                 raise
             await conn.rollback()
             raise await _target_busy(conn, target) from None
@@ -155,79 +168,147 @@ async def _idempotent_replay(
     return earlier
 
 
-async def _db_now(session: AsyncSession) -> datetime:
-    now: datetime | None = await session.scalar(select(func.now()))
-    assert now is not None
-    return now
+# Cancel, in one statement. The job row is locked and read as it was, for the answer (404, 403, 409 or done). If the
+# caller may act on it and it is unfinished: a cancel is requested, once (asking again changes nothing), and a pending
+# job is cancelled at once; each with its event. A running job is only flagged: its worker stops it within a second.
+_CANCEL_JOB = text(f"""
+WITH job AS (
+    SELECT job_id, actor, status, cancel_requested_at FROM ops_job WHERE job_id = :job_id FOR UPDATE
+),
+go AS (
+    SELECT job_id, status, cancel_requested_at FROM job
+    WHERE (actor = :actor OR CAST(:may_act_for_others AS boolean))
+        AND status IN ('{JobStatus.PENDING}', '{JobStatus.RUNNING}')
+),
+cancelled AS (
+    UPDATE ops_job SET cancel_requested_at = coalesce(go.cancel_requested_at, now()),
+        status = CASE WHEN go.status = '{JobStatus.PENDING}' THEN '{JobStatus.CANCELLED}' ELSE go.status END,
+        finished_at = CASE WHEN go.status = '{JobStatus.PENDING}' THEN now() ELSE ops_job.finished_at END,
+        error = CASE WHEN go.status = '{JobStatus.PENDING}' THEN CAST(:error AS text) ELSE ops_job.error END
+    FROM go
+    WHERE ops_job.job_id = go.job_id
+    RETURNING 1
+),
+event AS (
+    INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)
+    SELECT go.job_id, e.kind, e.status, :actor, :source_ip
+    FROM go, LATERAL (VALUES
+        (1, '{EventKind.CANCEL_REQUESTED}', go.status, go.cancel_requested_at IS NULL),
+        (2, '{EventKind.FINISHED}', '{JobStatus.CANCELLED}', go.status = '{JobStatus.PENDING}')
+    ) AS e (n, kind, status, ok)
+    WHERE e.ok
+    ORDER BY e.n
+    RETURNING 1
+)
+SELECT actor, status, EXISTS (SELECT 1 FROM go) AS done FROM job
+""")
+# Retry, in one statement: like cancel, the job row is locked and read as it was. If the caller may act on it and it
+# failed or was cancelled, it is pending again from its first unfinished step (the steps that failed, were cancelled
+# or were left running are pending again), with its `retried` event. A busy target violates ACTIVE_TARGET_INDEX.
+_RETRY_JOB = text(f"""
+WITH job AS (
+    SELECT job_id, actor, status FROM ops_job WHERE job_id = :job_id FOR UPDATE
+),
+go AS (
+    SELECT job_id FROM job
+    WHERE (actor = :actor OR CAST(:may_act_for_others AS boolean))
+        AND status IN ('{JobStatus.FAILED}', '{JobStatus.CANCELLED}')
+),
+retried AS (
+    UPDATE ops_job SET status = '{JobStatus.PENDING}', error = NULL, finished_at = NULL, cancel_requested_at = NULL
+    FROM go
+    WHERE ops_job.job_id = go.job_id
+    RETURNING 1
+),
+steps AS (
+    UPDATE ops_job_step SET status = '{StepStatus.PENDING}'
+    FROM go
+    WHERE ops_job_step.job_id = go.job_id
+        AND ops_job_step.status IN ('{StepStatus.FAILED}', '{StepStatus.CANCELLED}', '{StepStatus.RUNNING}')
+    RETURNING 1
+),
+event AS (
+    INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)
+    SELECT job_id, '{EventKind.RETRIED}', '{JobStatus.PENDING}', :actor, :source_ip FROM go
+    RETURNING 1
+)
+SELECT actor, status, EXISTS (SELECT 1 FROM go) AS done FROM job
+""")
 
 
-async def _locked_job(session: AsyncSession, job_id: str, caller: Caller, may_act_for_others: bool, verb: str) -> Job:
-    job = await session.scalar(
-        select(Job).where(Job.job_id == job_id).options(selectinload(Job.steps)).with_for_update()
+async def cancel_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_for_others: bool) -> JobOut:
+    """A pending job is cancelled at once; a running one is flagged, and its worker stops it within a second.
+    One statement (`conn` is best in autocommit), then the job as it left it."""
+    error = f"cancelled by {caller.actor} before it ran"
+    values = {"job_id": job_id, "may_act_for_others": may_act_for_others, "error": error, **_caller_columns(caller)}
+    row = _allowed(
+        (await conn.execute(_CANCEL_JOB, values)).one_or_none(), job_id, caller, may_act_for_others, "cancel"
     )
-    if job is None:
+    if not row.done:
+        status = JobStatus(row.status)
+        raise Conflict(f"job {job_id} is already {status}; there is nothing to cancel", details={"status": status})
+    return await _job_as_left(conn, job_id)
+
+
+async def retry_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_for_others: bool) -> JobOut:
+    """Pending again from the first unfinished step; same job id, history kept. One statement (`conn` is best in
+    autocommit), then the job as it left it. The caller enqueues it."""
+    values = {"job_id": job_id, "may_act_for_others": may_act_for_others, **_caller_columns(caller)}
+    try:
+        result = (await conn.execute(_RETRY_JOB, values)).one_or_none()
+    except IntegrityError as exc:
+        if _violated_constraint(exc) != ACTIVE_TARGET_INDEX:
+            raise
+        await conn.rollback()
+        raise await _target_busy(conn, await conn.scalar(_TARGET_OF, {"job_id": job_id})) from None
+    row = _allowed(result, job_id, caller, may_act_for_others, "retry")
+    if not row.done:
+        raise Conflict(
+            f"job {job_id} is {row.status}; only a failed or cancelled job can be retried",
+            details={"status": row.status},
+        )
+    return await _job_as_left(conn, job_id)
+
+
+def _allowed(row: Row[Any] | None, job_id: str, caller: Caller, may_act_for_others: bool, verb: str) -> Row[Any]:
+    """The job's row as a cancel or retry read it; NotFound or Forbidden when there is none for this caller."""
+    if row is None:
         raise NotFound(f"no job {job_id!r}")
-    if job.actor != caller.actor and not may_act_for_others:
+    if row.actor != caller.actor and not may_act_for_others:
         raise Forbidden(
-            f"job {job_id} belongs to {job.actor!r}; only a key with jobs:admin may {verb} another actor's job",
+            f"job {job_id} belongs to {row.actor!r}; only a key with jobs:admin may {verb} another actor's job",
             details={"scope": "jobs:admin"},
         )
-    return job
+    return row
 
 
-async def cancel_job(session: AsyncSession, job_id: str, caller: Caller, may_act_for_others: bool) -> Job:
-    """A pending job is cancelled at once; a running one is flagged, and its worker stops it within a second."""
-    job = await _locked_job(session, job_id, caller, may_act_for_others, "cancel")
-    status = JobStatus(job.status)
-    if status.finished:
-        raise Conflict(f"job {job_id} is already {status}; there is nothing to cancel", details={"status": status})
-    now = await _db_now(session)
-    if job.cancel_requested_at is None:
-        job.cancel_requested_at = now
-        session.add(Event(job_id=job_id, kind=EventKind.CANCEL_REQUESTED, status=status, **_caller_columns(caller)))
-    if status == JobStatus.PENDING:
-        job.status, job.finished_at = JobStatus.CANCELLED, now
-        job.error = f"cancelled by {caller.actor} before it ran"
-        session.add(
-            Event(job_id=job_id, kind=EventKind.FINISHED, status=JobStatus.CANCELLED, **_caller_columns(caller))
-        )
-    await session.flush()
-    return job
-
-
-async def retry_job(session: AsyncSession, job_id: str, caller: Caller, may_act_for_others: bool) -> Job:
-    """Pending again from the first unfinished step; same job id, history kept. The caller enqueues it."""
-    job = await _locked_job(session, job_id, caller, may_act_for_others, "retry")
-    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
-        raise Conflict(
-            f"job {job_id} is {job.status}; only a failed or cancelled job can be retried",
-            details={"status": job.status},
-        )
-    target = job.target  # read now: a rolled-back savepoint expires the object
-    try:
-        # Changed inside the savepoint (opening one flushes what is pending), so a conflict can be reported.
-        async with session.begin_nested():
-            job.status, job.error, job.finished_at, job.cancel_requested_at = JobStatus.PENDING, None, None, None
-            for step in job.steps:
-                if step.status in (StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.RUNNING):
-                    step.status = StepStatus.PENDING
-    except IntegrityError as exc:
-        if "uq_ops_job_active_target" not in str(exc.orig):
-            raise
-        raise await _target_busy(session, target) from None
-    session.add(Event(job_id=job_id, kind=EventKind.RETRIED, status=JobStatus.PENDING, **_caller_columns(caller)))
-    await session.flush()
-    return job
+async def _job_as_left(conn: AsyncConnection, job_id: str) -> JobOut:
+    """The job as a write just left it: read right after it, on the same connection."""
+    jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
+    assert jobs, "a job is never deleted"
+    return jobs[0]
 
 
 def _caller_columns(caller: Caller) -> dict[str, Any]:
     return {"actor": caller.actor, "source_ip": caller.source_ip}
 
 
-async def _target_busy(session: AsyncSession | AsyncConnection, target: str | None) -> Conflict:
-    blocking = await session.scalar(
-        select(Job.job_id).where(Job.target == target, Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]))
-    )
+def _violated_constraint(exc: IntegrityError) -> str | None:
+    """The name of the constraint (or unique index) PostgreSQL reports violated, as asyncpg hands it over; SQLAlchemy
+    wraps asyncpg's error in its own DBAPI-style one, raised from it."""
+    driver_error = exc.orig.__cause__ if exc.orig is not None else None
+    if isinstance(driver_error, asyncpg.IntegrityConstraintViolationError):
+        name: str | None = driver_error.constraint_name
+        return name
+    return None
+
+
+_TARGET_OF = select(Job.target).where(Job.job_id == bindparam("job_id"))
+_BLOCKING_JOB = select(Job.job_id).where(Job.target == bindparam("target"), Job.status.in_(ACTIVE))
+
+
+async def _target_busy(conn: AsyncConnection, target: str | None) -> Conflict:
+    blocking = await conn.scalar(_BLOCKING_JOB, {"target": target})
     return Conflict(
         f"target {target!r} is busy with job {blocking or '(just finished; try again)'}; wait for it or cancel it",
         details={"target": target, "blocking_job_id": blocking},
@@ -283,6 +364,22 @@ _EVENTS_BY_ID = (
     .where(Event.event_id.in_(bindparam("ids", expanding=True)))
     .order_by(Event.event_id)
 )
+
+
+_PING = text("SELECT 1")
+_JOB_COUNTS = select(Job.type, Job.status, func.count()).group_by(Job.type, Job.status)
+
+
+async def ping(conn: AsyncConnection) -> None:
+    """PostgreSQL answers (the readiness probe)."""
+    await conn.execute(_PING)
+
+
+async def count_jobs(conn: AsyncConnection) -> list[tuple[str, str, int]]:
+    """Jobs by (type, status): one pass over ops_job whatever its size; grouped in PostgreSQL, so only a few rows
+    come back."""
+    rows = await conn.execute(_JOB_COUNTS)
+    return [(row[0], row[1], row[2]) for row in rows]
 
 
 async def get_job(conn: AsyncConnection, job_id: str) -> JobOut:

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
 from service.jobtypes import JobType
-from service.models import Job
 
 
 class StepOut(BaseModel):
@@ -83,10 +82,6 @@ class ModelResponse(Response):
     def render(self, content: Any) -> bytes:
         assert isinstance(content, BaseModel)
         return content.model_dump_json().encode()
-
-
-def job_out(job: Job) -> JobOut:
-    return JobOut.model_validate(job)
 
 
 def job_type_json(job_type: JobType[Any]) -> dict[str, Any]:

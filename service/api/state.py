@@ -10,7 +10,6 @@ from starlette.requests import Request
 
 from service.api.auth import KeyRing
 from service.api.event_hub import EventHub
-from service.db import Sessions
 from service.jobtypes import Registry
 from service.settings import Settings
 
@@ -19,7 +18,6 @@ from service.settings import Settings
 class AppState:
     settings: Settings
     engine: AsyncEngine
-    sessions: Sessions
     # The engine in autocommit, for reads and writes made in one statement (each its own transaction).
     autocommit: AsyncEngine
     redis: ArqRedis

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service.api.repository import ping
 from service.api.state import AppState
 from service.errors import DependencyUnavailable
 
@@ -23,7 +23,7 @@ async def readyz(request: Request) -> JSONResponse:
 
     async def postgres() -> None:
         async with state.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            await ping(conn)
 
     async def redis() -> None:
         await state.redis.ping()

@@ -23,10 +23,9 @@ from service.api.repository import (
     list_jobs,
     retry_job,
 )
-from service.api.schemas import JobOut, JobWithEvents, ModelResponse, job_out, job_type_json
+from service.api.schemas import JobOut, JobWithEvents, ModelResponse, job_type_json
 from service.api.state import AppState
 from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
-from service.models import Job
 from service.queue import enqueue
 from service.settings import Scope
 
@@ -67,22 +66,22 @@ async def read_job(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
-    async with state.sessions.begin() as session:
+    async with state.autocommit.connect() as conn:
         job = await cancel_job(
-            session, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
+            conn, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
         )
-    return ModelResponse(job_out(job), status_code=202)
+    return ModelResponse(job, status_code=202)
 
 
 async def retry(request: Request) -> Response:
     state = AppState.of(request)
     principal = require(request, Scope.WRITE)
-    async with state.sessions.begin() as session:
+    async with state.autocommit.connect() as conn:
         job = await retry_job(
-            session, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
+            conn, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
         )
     await _enqueue(state, job)
-    return ModelResponse(job_out(job), status_code=202)
+    return ModelResponse(job, status_code=202)
 
 
 class ReadQuery(BaseModel):
@@ -95,7 +94,7 @@ def _caller(request: Request, principal: Principal) -> Caller:
     return Caller(principal.name, client_ip(request, AppState.of(request).settings.trusted_proxies))
 
 
-async def _enqueue(state: AppState, job: Job | JobOut) -> None:
+async def _enqueue(state: AppState, job: JobOut) -> None:
     await enqueue(
         state.redis,
         job.job_id,

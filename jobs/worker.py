@@ -138,7 +138,7 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
     outcome = await run_job(runtime, job_id)
     if outcome is Outcome.HANDED_BACK:
         raise Retry(defer=0)  # queued again at once, for another worker to resume
-    return outcome.value  # arq logs its repr: `'success'`, not `<Outcome.SUCCESS: 'success'>`
+    return outcome.value  # arq logs the result's repr: the plain word reads better than the enum member's repr
 
 
 _settings = get_settings()

@@ -8,6 +8,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,26 +153,48 @@ async def _run(settings: Settings, port: int) -> asyncio.subprocess.Process:
     )
 
 
-async def test_ctrl_c_on_apiops_run_gives_the_running_step_its_grace(settings: Settings) -> None:
+@dataclass
+class Running:
+    """`apiops run` with one noop job claimed by its worker; `log` gathers what the processes printed."""
+
+    process: asyncio.subprocess.Process
+    job_id: str
+    log: list[str]
+
+    async def until(self, fragment: str) -> None:
+        assert self.process.stderr is not None
+        await _lines_until(self.process.stderr, fragment, self.log)
+
+    async def exits(self, within: float) -> int:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(within):
+            self.log.append((await self.process.stderr.read()).decode())
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def _running_job(settings: Settings, sleep_s: float) -> AsyncIterator[Running]:
     port = free_port()
     process = await _run(settings, port)
-    assert process.stderr is not None
-    seen: list[str] = []
     try:
         await _ready(port)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
-            job_id = (await api.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 2})).json()["job_id"]
-            await _lines_until(process.stderr, f"claimed job {job_id}", seen)
-            os.killpg(process.pid, signal.SIGINT)
-            await _lines_until(process.stderr, f"job {job_id}: success", seen)
-        async with asyncio.timeout(30):
-            seen.append((await process.stderr.read()).decode())
-            assert await process.wait() == 0
+            submitted = await api.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": sleep_s})
+        running = Running(process, submitted.json()["job_id"], [])
+        await running.until(f"claimed job {running.job_id}")
+        yield running
     finally:
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-    log = "".join(seen)
+
+
+async def test_ctrl_c_on_apiops_run_gives_the_running_step_its_grace(settings: Settings) -> None:
+    async with _running_job(settings, sleep_s=2) as run:
+        os.killpg(run.process.pid, signal.SIGINT)
+        await run.until(f"job {run.job_id}: success")
+        assert await run.exits(within=30) == 0
+    log = "".join(run.log)
     assert "SIGTERM: taking no more jobs; 1 running job(s)" in log
     assert "again" not in log and "Traceback" not in log
 
@@ -177,29 +202,15 @@ async def test_ctrl_c_on_apiops_run_gives_the_running_step_its_grace(settings: S
 async def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_hands_the_job_back(
     settings: Settings, db: Any
 ) -> None:
-    port = free_port()
-    process = await _run(settings, port)
-    assert process.stderr is not None
-    seen: list[str] = []
-    try:
-        await _ready(port)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
-            job_id = (await api.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 60})).json()["job_id"]
-            await _lines_until(process.stderr, f"claimed job {job_id}", seen)
-            os.killpg(process.pid, signal.SIGINT)
-            await _lines_until(process.stderr, "taking no more jobs", seen)
-            os.killpg(process.pid, signal.SIGINT)
-        async with asyncio.timeout(10):  # not the 20 s grace, nor the step's 60 s
-            seen.append((await process.stderr.read()).decode())
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-    log = "".join(seen)
+    async with _running_job(settings, sleep_s=60) as run:
+        os.killpg(run.process.pid, signal.SIGINT)
+        await run.until("taking no more jobs")
+        os.killpg(run.process.pid, signal.SIGINT)
+        assert await run.exits(within=10) == 0  # not the 20 s grace, nor the step's 60 s
+    log = "".join(run.log)
     assert "apiops: stopping now" in log and "SIGTERM again: stopping now" in log
     assert "Traceback" not in log
-    job = await db.fetchrow("SELECT status, lease_owner FROM ops_job WHERE job_id = $1", job_id)
+    job = await db.fetchrow("SELECT status, lease_owner FROM ops_job WHERE job_id = $1", run.job_id)
     assert (job["status"], job["lease_owner"]) == ("pending", None)  # handed back for another worker
 
 

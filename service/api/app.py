@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -82,8 +81,6 @@ def _end_streams_on_stop_signals(hub: EventHub) -> Callable[[], None]:
     The server (uvicorn, however it was started) has installed its own handlers before the app starts: each is
     chained, never replaced. Where no server handles the signals (the app in a test's transport), nothing is
     installed. Returns what puts the server's handlers back."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        return lambda: None
     loop = asyncio.get_running_loop()
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
@@ -95,8 +92,11 @@ def _end_streams_on_stop_signals(hub: EventHub) -> Callable[[], None]:
 
     # Python's own SIGINT handler (KeyboardInterrupt) is no server's: nothing to chain to there either.
     chained = [sig for sig, handler in previous.items() if callable(handler) and handler != signal.default_int_handler]
-    for sig in chained:
-        signal.signal(sig, stopping)
+    try:
+        for sig in chained:
+            signal.signal(sig, stopping)
+    except ValueError:  # handlers can be set from the main thread only: elsewhere, streams wait out the grace
+        return lambda: None
 
     def restore() -> None:
         for sig in chained:

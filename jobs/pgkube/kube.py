@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from jobs.pgkube.settings import KubeSettings
@@ -324,6 +325,9 @@ class KubeClients:
 
         cfg = client.Configuration()
         if self.settings.kubeconfig is not None:
+            missing = _missing(self.settings.kubeconfig)
+            if missing is not None:
+                raise ConfigException(missing)
             await config.load_kube_config(
                 config_file=str(self.settings.kubeconfig),
                 context=context or None,
@@ -333,8 +337,14 @@ class KubeClients:
         elif context:
             raise ConfigException(f"context {context!r} named, but APIOPS_KUBECONFIG is not set")
         else:
-            # Synchronous, but it only reads two small files once, at start-up.
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            try:
+                # Synchronous, but it only reads two small files once, at start-up.
+                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            except ConfigException as exc:
+                raise ConfigException(
+                    f"no Kubernetes configured: set APIOPS_KUBECONFIG to a kubeconfig file, or run the worker in a "
+                    f"pod with a service account (in-cluster configuration: {exc})"
+                ) from exc
         return cfg
 
     async def close(self) -> None:
@@ -349,6 +359,14 @@ class KubeClients:
             reason = self._errors.get(name) or "not among APIOPS_KUBE_CONTEXTS"
             raise KubeNotConfigured(f"Kubernetes context {name or '(current)'!r} is not usable: {reason}")
         return Kube(api, self.settings.kube_request_timeout_s)
+
+
+def _missing(kubeconfig: Path) -> str | None:
+    """Why the kubeconfig cannot be read, said before the client would say "no configuration found"; one stat, at
+    a worker's start-up."""
+    if kubeconfig.is_file():
+        return None
+    return f"APIOPS_KUBECONFIG={kubeconfig}: no such file" if not kubeconfig.exists() else f"{kubeconfig} is no file"
 
 
 @asynccontextmanager

@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from arq.worker import Retry, func
+from pydantic import ValidationError
 
 from jobs.registry import REGISTRY
 from jobs.runtime.engine import RELEASE_TIMEOUT_S, Runtime, run_job
@@ -31,7 +32,7 @@ from service.heartbeats import beat_forever
 from service.jobtypes import Registry
 from service.logs import configure_logging
 from service.queue import RUN_JOB, redis_settings
-from service.settings import Settings, get_settings
+from service.settings import INVALID_SETTINGS, Settings, describe_invalid, get_settings, settings_or_exit
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,14 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.setdefault("settings", get_settings())
     registry: Registry = ctx.setdefault("registry", REGISTRY)
     configure_logging(settings)
-    registry.load_settings()
+    for job_type in registry:  # each job type's settings, read now: an invalid one stops the worker, said plainly
+        try:
+            registry.settings(job_type.name)
+        except ValidationError as exc:
+            assert job_type.settings is not None
+            for line in describe_invalid(exc, job_type.settings):
+                logger.error("invalid setting of job type %s: %s", job_type.name, line)
+            raise SystemExit(INVALID_SETTINGS) from None
     engine = create_engine(settings, "worker", pre_ping=False)
     # Each job type's per-process resources (a Kubernetes ApiClient, ...), closed at shutdown.
     resources = ctx["resources"] = AsyncExitStack()
@@ -141,7 +149,7 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
     return outcome.value  # arq logs the result's repr: the plain word reads better than the enum member's repr
 
 
-_settings = get_settings()
+_settings = settings_or_exit("worker")
 
 
 def install_event_loop() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import sys
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -164,3 +165,36 @@ def _json_list(value: object, name: str) -> object:
 def get_settings() -> Settings:
     """The process's settings, read once from the environment."""
     return Settings()
+
+
+# The exit status of a process whose settings are invalid, as of a usage error.
+INVALID_SETTINGS = 2
+
+
+def describe_invalid(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per invalid setting of `model` (the service's or a job type's): the variable, what is wrong with the
+    value, and the fix; for a check across settings, its own message (which names the variables)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:
+            lines.append(message)
+            continue
+        name = str(error["loc"][0])
+        field = model.model_fields.get(name)
+        default = f" (default: {field.default})" if field is not None and field.default is not None else ""
+        given = error.get("input")
+        shown = f"={given!r}" if isinstance(given, str | int | float) else ""
+        lines.append(f"APIOPS_{name.upper()}{shown}: {message}; set it right or unset it{default}")
+    return lines
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """The process's settings; if any is invalid, one line per problem on stderr (`prog: ...`) and exit 2: an
+    operator reads which variable to fix, not a pydantic traceback."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for line in describe_invalid(exc, Settings):
+            print(f"{prog}: {line}", file=sys.stderr)
+        raise SystemExit(INVALID_SETTINGS) from None

@@ -87,3 +87,18 @@ async def test_bash_completion_completes_the_commands() -> None:
     )  # fmt: skip
     out, _ = await process.communicate()
     assert out.decode().split() == ["job-types"]
+
+
+async def test_the_worker_too_says_an_invalid_setting_in_one_line_and_exits_2() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "arq", "jobs.worker.WorkerSettings",
+        env={**clean, "APIOPS_LEASE_TTL_S": "abc"}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    assert process.returncode == 2
+    assert err.decode().splitlines() == [
+        "worker: APIOPS_LEASE_TTL_S='abc': Input should be a valid number, unable to parse string as a number;"
+        " set it right or unset it (default: 10.0)"
+    ]

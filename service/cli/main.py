@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from importlib.metadata import version
 
 import shtab
-from pydantic import ValidationError
 
 from service.cli import processes
 from service.cli.commands import CLIENT_COMMANDS, CLIENT_EPILOG, USAGE, UsageError, add_client_parsers, client_main
-from service.settings import Settings, get_settings
+from service.settings import settings_or_exit
 
 # Exit status after a broken pipe (`apiops list | head`), as a shell reports a process that SIGPIPE ended.
 BROKEN_PIPE = 141
@@ -70,32 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_or_exit() -> Settings:
-    """The service's settings, or one line per invalid one (the variable, what is wrong, the fix) and exit 2."""
-    try:
-        return get_settings()
-    except ValidationError as exc:
-        for line in describe_invalid_settings(exc):
-            print(f"apiops: {line}", file=sys.stderr)
-        raise SystemExit(USAGE) from None
-
-
-def describe_invalid_settings(exc: ValidationError) -> list[str]:
-    lines = []
-    for error in exc.errors(include_url=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
-        if not error["loc"]:  # a check across settings: its message names the variables
-            lines.append(message)
-            continue
-        name = str(error["loc"][0])
-        field = Settings.model_fields.get(name)
-        default = f" (default: {field.default})" if field is not None and field.default is not None else ""
-        given = error.get("input")
-        shown = f"={given!r}" if isinstance(given, str | int | float) else ""
-        lines.append(f"APIOPS_{name.upper()}{shown}: {message}; set it right or unset it{default}")
-    return lines
-
-
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,7 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return client_main(args)
     if args.command == "keys":
         return processes.keys_new(args.name, args.scopes)
-    settings = settings_or_exit()
+    settings = settings_or_exit("apiops")
     if args.command == "run":
         return processes.run(settings)
     if args.command == "serve":

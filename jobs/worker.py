@@ -150,6 +150,8 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
 
 
 _settings = settings_or_exit("worker")
+# Now, not at start-up: arq connects to Redis before it starts the worker, and says nothing while it cannot.
+configure_logging(_settings)
 
 
 def install_event_loop() -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
+from typing import Any, TypeVar
 
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import job_key_prefix, result_key_prefix
@@ -32,10 +33,28 @@ logger = logging.getLogger(__name__)
 
 RUN_JOB = "run_job"
 
+T = TypeVar("T")
+
 
 # A worker rides out a Redis outage of about this long (exponential backoff capped at 5 s), then exits so that
 # its supervisor can restart it; its jobs are safe in PostgreSQL meanwhile.
 REDIS_RETRIES = 60
+
+
+class _SaidRetry(Retry):
+    """redis-py's retry, saying each failure as it happens: a worker that cannot reach Redis says so at once and
+    then at every try (at most 5 s apart), instead of retrying in silence for minutes."""
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[[RedisError], Any]) -> T:
+        failures = 0
+
+        async def said(error: RedisError) -> None:
+            nonlocal failures
+            failures += 1
+            logger.warning("Redis unreachable, retry %d of %d with backoff: %s", failures, REDIS_RETRIES, error)
+            await fail(error)
+
+        return await super().call_with_retry(do, said)
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -43,7 +62,7 @@ def redis_settings(settings: Settings) -> RedisSettings:
     redis = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
     redis.conn_timeout = max(1, round(settings.enqueue_timeout_s))
     # OSError too: a refused connection reaches the retry as a bare OSError, before redis-py wraps it.
-    redis.retry = Retry(
+    redis.retry = _SaidRetry(
         ExponentialBackoff(cap=5, base=0.2),
         REDIS_RETRIES,
         supported_errors=(RedisConnectionError, RedisTimeoutError, OSError),  # type: ignore[arg-type]  # stub too narrow

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
 
@@ -102,3 +104,25 @@ async def test_the_worker_too_says_an_invalid_setting_in_one_line_and_exits_2() 
         "worker: APIOPS_LEASE_TTL_S='abc': Input should be a valid number, unable to parse string as a number;"
         " set it right or unset it (default: 10.0)"
     ]
+
+
+async def test_a_worker_that_cannot_reach_redis_says_so_at_once_and_at_each_retry() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")}
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "arq", "jobs.worker.WorkerSettings",
+        env={**clean, "APIOPS_REDIS_URL": nobody}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(20):  # the first within a second or so of start-up, then 0.4 s, 0.8 s, ...
+            while len(said) < 3:
+                line = (await process.stderr.readline()).decode()
+                assert line, f"the worker ended; it said {said}"
+                if "Redis unreachable" in line:
+                    said.append(line)
+    finally:
+        process.kill()
+        await process.wait()
+    assert [f"retry {n} of 60" in line for n, line in enumerate(said, start=1)] == [True] * 3, said

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,6 +160,7 @@ def main() -> int:
     finally:
         say("stopping")
         stop(processes)
+        shutil.rmtree(workdir, ignore_errors=True)  # the kubeconfig: a demo leaves nothing behind
 
 
 if __name__ == "__main__":

@@ -521,6 +521,10 @@ async def test_admin_endpoint_injects_faults_and_reports_state(sim: KubeSim, cor
             assert (await resp.json()) == {"primary": "pg-1"}
         async with http.post("/_sim/faults", json={"kind": "nonsense"}) as resp:
             assert resp.status == 400
+            assert "unknown fault kind 'nonsense'; the kinds are http, latency, watch_cut," in await resp.text()
+        async with http.post("/_sim/faults", json={"kind": "pod", "name": "pg-1", "behaviour": "crashloop"}) as resp:
+            assert resp.status == 400
+            assert "unknown pod behaviour 'crashloop'; they are not_ready, crash_loop," in await resp.text()
         with pytest.raises(ApiException) as caught:
             await core.list_namespaced_pod(NS, _request_timeout=TIMEOUT)
         assert caught.value.status == 500

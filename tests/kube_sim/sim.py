@@ -58,6 +58,21 @@ class _Server(uvicorn.Server):
         self.exit_requested.set()
 
 
+# What POST /_sim/faults takes as "kind" (see KubeSim.apply_fault).
+FAULT_KINDS = (
+    "http", "latency", "watch_cut", "cut_watches", "compact", "pod", "pvc_stuck", "rollout", "primary_change",
+)  # fmt: skip
+
+
+def _behaviour(name: object) -> Behaviour | None:
+    if not name:
+        return None
+    try:
+        return Behaviour(str(name))
+    except ValueError:
+        raise ValueError(f"unknown pod behaviour {name!r}; they are {', '.join(Behaviour)}, or null") from None
+
+
 class KubeSim:
     def __init__(self, profile: str = "zalando", speed: Speed | str = "fast", history: int = DEFAULT_HISTORY) -> None:
         self.profile: Profile = PROFILES[profile]
@@ -333,7 +348,7 @@ class KubeSim:
         if kind in ("http", "latency", "watch_cut"):
             self.faults.add(parse_request_fault(spec))
         elif kind == "pod":
-            behaviour = Behaviour(spec["behaviour"]) if spec.get("behaviour") else None
+            behaviour = _behaviour(spec.get("behaviour"))
             self.set_behaviour(spec["name"], behaviour, ns)
         elif kind == "pvc_stuck":
             self.stuck_pvc(spec["name"], ns)
@@ -346,5 +361,5 @@ class KubeSim:
         elif kind == "compact":
             self.compact()
         else:
-            raise ValueError(f"unknown fault kind: {kind!r}")
+            raise ValueError(f"unknown fault kind {kind!r}; the kinds are {', '.join(FAULT_KINDS)}")
         return {"added": kind}

@@ -103,47 +103,48 @@ async def _lines_until(stream: asyncio.StreamReader, fragment: str, seen: list[s
         seen.append(line)
 
 
-async def test_sigterm_stops_apiops_serve_gracefully_and_frees_the_port(settings: Settings) -> None:
+@asynccontextmanager
+async def _serving(settings: Settings) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """`apiops serve` answering on a port of its own, with its stderr piped; killed at the end if still running."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         APIOPS, "serve", env=_env(settings, port), stderr=asyncio.subprocess.PIPE
     )
     try:
         await _ready(port)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(10):
-            _, stderr = await process.communicate()
+        yield process, port
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_stops_apiops_serve_gracefully_and_frees_the_port(settings: Settings) -> None:
+    async with _serving(settings) as (process, port):
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert "Application shutdown complete" in stderr.decode() and "Traceback" not in stderr.decode()
     assert _refused(port)
 
 
 async def test_an_open_event_stream_ends_when_the_api_stops_and_does_not_hold_the_stop(settings: Settings) -> None:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        APIOPS, "serve", env=_env(settings, port), stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        await _ready(port)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
-            job_id = (await api.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]  # no worker: pending
-            async with api.stream("GET", f"/ops/jobs/{job_id}/events", timeout=30) as stream:
-                lines = stream.aiter_lines()
-                assert (await anext(lines)).startswith("id: ")
-                process.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(10):  # uvicorn itself would wait for the stream for ever
-                    rest = [line async for line in lines]
+    async with (
+        _serving(settings) as (process, port),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api,
+    ):
+        job_id = (await api.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]  # no worker: pending
+        async with api.stream("GET", f"/ops/jobs/{job_id}/events", timeout=30) as stream:
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("id: ")
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):  # uvicorn itself would wait for the stream for ever
+                rest = [line async for line in lines]
         assert not any(line.startswith("id: ") for line in rest)  # it ended, with nothing new to say
         async with asyncio.timeout(10):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+            _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()[-2000:]
 
 
 async def _run(settings: Settings, port: int) -> asyncio.subprocess.Process:

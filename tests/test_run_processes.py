@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from service.settings import Settings
-from tests.conftest import free_port, headers, key_entries, wait_for, wait_for_status
+from tests.conftest import KEYS, free_port, headers, key_entries, running_worker, wait_for, wait_for_status
 
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
@@ -87,6 +89,13 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _pid_inside(pid: int) -> int:
+    """The number process `pid` has in its own (innermost) PID namespace."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    (nspid,) = (line for line in status if line.startswith("NSpid:"))
+    return int(nspid.split()[-1])
+
+
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -104,9 +113,12 @@ async def _lines_until(stream: asyncio.StreamReader, fragment: str, seen: list[s
 
 
 @asynccontextmanager
-async def _serving(settings: Settings) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """`apiops serve` answering on a port of its own, with its stderr piped; killed at the end if still running."""
-    port = free_port()
+async def _serving(
+    settings: Settings, port: int | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """`apiops serve` answering on `port` (by default one of its own), with its stderr piped; killed at the end if
+    still running."""
+    port = port or free_port()
     process = await asyncio.create_subprocess_exec(
         APIOPS, "serve", env=_env(settings, port), stderr=asyncio.subprocess.PIPE
     )
@@ -129,6 +141,30 @@ async def test_sigterm_stops_apiops_serve_gracefully_and_frees_the_port(settings
     assert _refused(port)
 
 
+@pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0, reason="a PID namespace needs unshare and root")
+async def test_sigterm_stops_apiops_serve_as_pid_1_of_its_own_pid_namespace(settings: Settings) -> None:
+    """As in a container: `apiops serve` is PID 1, which the kernel gives no default signal handlers."""
+    port = free_port()
+    outer = await asyncio.create_subprocess_exec(
+        "unshare", "--pid", "--fork", "--kill-child", APIOPS, "serve",
+        env=_env(settings, port), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await _ready(port)
+        (server,) = _children(outer.pid)  # PID 1 inside; this is its number outside
+        assert _pid_inside(server) == 1
+        os.kill(server, signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, stderr = await outer.communicate()
+    finally:
+        if outer.returncode is None:
+            outer.kill()
+            await outer.wait()
+    assert outer.returncode == 0, stderr.decode()[-2000:]
+    assert "Application shutdown complete" in stderr.decode() and "Traceback" not in stderr.decode()
+    assert _refused(port)
+
+
 async def test_an_open_event_stream_ends_when_the_api_stops_and_does_not_hold_the_stop(settings: Settings) -> None:
     async with (
         _serving(settings) as (process, port),
@@ -145,6 +181,37 @@ async def test_an_open_event_stream_ends_when_the_api_stops_and_does_not_hold_th
         async with asyncio.timeout(10):
             _, stderr = await process.communicate()
         assert process.returncode == 0, stderr.decode()[-2000:]
+
+
+async def test_a_watch_says_it_waits_while_the_api_restarts_and_resumes_without_losing_an_event(
+    settings: Settings,
+) -> None:
+    port = free_port()
+    env = {**_env(settings, port), "APIOPS_URL": f"http://127.0.0.1:{port}", "APIOPS_API_KEY": KEYS["writer"][0]}
+    async with _serving(settings, port) as (server, _):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
+            job_id = (await api.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]  # no worker yet
+        watcher = await asyncio.create_subprocess_exec(
+            APIOPS, "watch", job_id, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        assert watcher.stdout is not None and watcher.stderr is not None
+        out: list[str] = []
+        await _lines_until(watcher.stdout, "job created", out)
+        server.send_signal(signal.SIGTERM)  # as a rolling update stops a replica
+        err: list[str] = []
+        await _lines_until(watcher.stderr, "event stream lost", err)
+    # The job runs while no API answers; then a new replica comes up where the old one was.
+    async with running_worker(settings), _serving(settings, port):
+        await _lines_until(watcher.stderr, "event stream back", err)
+        async with asyncio.timeout(30):
+            rest, more_err = await watcher.communicate()
+    lines = out + rest.decode().splitlines(keepends=True)
+    assert watcher.returncode == 0, (lines, err, more_err.decode())
+    assert lines[-1].rstrip().endswith("job success")
+    events = [line.split(" ", 1)[1] for line in lines]  # without the elapsed time
+    for step in ("step-1", "step-2", "step-3"):  # every step's end, shown once: nothing lost, nothing twice
+        assert sum(e.startswith(f"{step} success") for e in events) == 1, lines
+    assert "Traceback" not in "".join(err) + more_err.decode()
 
 
 async def _run(settings: Settings, port: int) -> asyncio.subprocess.Process:

@@ -2,14 +2,14 @@
 
 Every error response becomes one `ApiError(status, code, message)`; a server that cannot be reached becomes
 `Unreachable`, naming the URL. `events` reads one connection of a job's Server-Sent Events stream; `follow`
-reconnects with `Last-Event-ID` until the job's `finished` event.
+reconnects with `Last-Event-ID` until the job's `finished` event, saying while it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
@@ -122,9 +122,12 @@ class ApiClient:
     async def retry(self, job_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/ops/jobs/{_segment(job_id)}/retry")
 
-    async def events(self, job_id: str, last_event_id: int | None = None) -> AsyncGenerator[JobEvent, None]:
+    async def events(
+        self, job_id: str, last_event_id: int | None = None, on_open: Callable[[], None] | None = None
+    ) -> AsyncGenerator[JobEvent, None]:
         """One connection of `GET /ops/jobs/{id}/events`: the events after `last_event_id`, until the server
-        ends the stream. A connection that drops raises `Unreachable`."""
+        ends the stream; `on_open` is called once the server has accepted it. A connection that drops raises
+        `Unreachable`."""
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)
@@ -135,36 +138,55 @@ class ApiClient:
                 if response.status_code >= 400:
                     await response.aread()
                     raise _api_error(response)
+                if on_open is not None:
+                    on_open()
                 async for data in _sse_data(response.aiter_lines()):
                     yield JobEvent.from_json(json.loads(data))
         except httpx.TransportError as exc:
             raise Unreachable(self.base_url, _reason(exc)) from None
 
-    async def follow(self, job_id: str, last_event_id: int | None = None) -> AsyncGenerator[JobEvent, None]:
+    async def follow(
+        self, job_id: str, last_event_id: int | None = None, notice: Callable[[str], None] | None = None
+    ) -> AsyncGenerator[JobEvent, None]:
         """The events after `last_event_id` up to and including the first `finished`, across reconnects.
 
-        A dropped connection (or a 5xx from a restarting server) is retried with backoff (RECONNECT), resuming
-        after the last event seen, until it has failed for too long without getting through; other API errors end
-        it at once."""
+        A dropped connection (or a 5xx from a restarting server, or a stream the server ended before the job's
+        end, as a replica that stops does) is retried with backoff (RECONNECT), resuming after the last event seen,
+        until it has failed for too long without getting through; other API errors end it at once. Behind a load
+        balancer the new connection reaches another replica. `notice` is told, in words, each time the stream is
+        lost and when it is back, so that a person watching knows the wait is not the job's."""
+        say = notice or (lambda message: None)
         retries = RECONNECT.retries()
+        lost = False
+
+        def opened() -> None:
+            nonlocal lost
+            if lost:
+                say(f"event stream back; resuming after event {last_event_id}")
+                lost = False
+
         while True:
             try:
-                async with aclosing(self.events(job_id, last_event_id)) as events:
+                async with aclosing(self.events(job_id, last_event_id, on_open=opened)) as events:
                     async for event in events:
                         retries.succeeded()
                         last_event_id = event.event_id
                         yield event
                         if event.kind == "finished":
                             return
-                # The server ended the stream before the job's end (it was restarted, say): resume. An answer does
+                # The server ended the stream before the job's end (it is stopping, say): resume. An answer does
                 # not end the follow, but one that carried no event still backs off.
+                reason = "the server ended it"
                 delay = retries.failed()
             except (Unreachable, ApiError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500:
                     raise
+                reason = str(exc)
                 delay = retries.failed()
                 if retries.exhausted:
                     raise
+            lost = True
+            say(f"event stream lost ({reason}); reconnecting in {delay:.1f}s")
             await asyncio.sleep(delay)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ place (rich); otherwise one plain line per event (`12.3s step-2 running: sleepin
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -148,18 +149,27 @@ async def watch(api: ApiClient, job_id: str, out: TextIO, live: bool) -> str:
     if not live:
         _print_lines(out, lines)
         if not over:
-            async with aclosing(api.follow(job_id, last_id)) as events:
+            async with aclosing(api.follow(job_id, last_id, notice=_say)) as events:
                 async for event in events:
                     _print_lines(out, [view.apply(event)])
         return view.status
     console = Console(file=out)
     with Live(get_renderable=view.renderable, console=console, refresh_per_second=8, transient=False) as screen:
+
+        def above_the_table(message: str) -> None:
+            screen.console.print(Text(f"apiops: {message}", style="yellow"))
+
         if not over:
-            async with aclosing(api.follow(job_id, last_id)) as events:
+            async with aclosing(api.follow(job_id, last_id, notice=above_the_table)) as events:
                 async for event in events:
                     view.apply(event)
                     screen.refresh()
     return view.status
+
+
+def _say(message: str) -> None:
+    """A notice of the watch itself (the stream lost, back): on stderr, apart from the job's own lines."""
+    print(f"apiops: {message}", file=sys.stderr, flush=True)
 
 
 def _last_is_finished(history: Sequence[JobEvent]) -> bool:

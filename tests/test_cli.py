@@ -148,8 +148,9 @@ async def test_watch_exits_1_when_the_job_fails(url: str) -> None:
 
 
 async def test_cancel_ends_a_watch_with_2_and_retry_runs_the_job_to_success(url: str, api: httpx.AsyncClient) -> None:
-    # Long enough for `apiops cancel` to start up and land while step-1 runs, even on a loaded machine.
-    job_id = (await apiops(url, "submit", "noop", "steps=1", "sleep_s=2")).out.strip()
+    # Long enough for `apiops cancel` to start up and land while step-1 runs, even on a loaded machine (where
+    # starting a Python process can take seconds); the retried run below takes as long.
+    job_id = (await apiops(url, "submit", "noop", "steps=1", "sleep_s=6")).out.strip()
     watcher = await start(url, "watch", job_id)
     await wait_for_status(api, job_id, "running")
     cancelled = await apiops(url, "cancel", job_id)

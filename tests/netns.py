@@ -35,7 +35,7 @@ import pytest
 
 from tests.processes import TcpProxy
 
-PREFIX = "aot"  # namespaces aot<pid>-<n>, this machine's ends of the links aot<pid>h<n> (at most 15 characters)
+PREFIX = "aot"  # namespaces aot<run>-<n>, this machine's ends of the links aot<run>h<n> (15 characters at most)
 BLOCK = ipaddress.IPv4Network("10.231.0.0/16")
 COMMAND_TIMEOUT_S = 10.0
 _runs = itertools.count()
@@ -143,6 +143,7 @@ class Network:
         if reason is not None:
             pytest.skip(reason)
         await _remove_leftovers()
+        # <run>: this process's id and a letter, for a second network in one process
         network = cls(f"{os.getpid()}{chr(ord('a') + next(_runs) % 26)}", await _free_subnet())
         try:
             yield network

@@ -95,17 +95,20 @@ class RedisServer:
 
 
 class TcpProxy:
-    """Forwards a local port to another address; `cut()` drops every connection and refuses new ones until
-    `restore()`: a network outage for whoever connects through it, and nobody else."""
+    """Forwards `host:port` (by default a local port; port 0: a free one, kept from then on) to another address;
+    `cut()` drops every connection and refuses new ones until `restore()`: a network outage for whoever connects
+    through it, and nobody else."""
 
-    def __init__(self, port: int, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, port: int, upstream_host: str, upstream_port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = port
         self.upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -5,6 +5,8 @@ workers' stop sized to their grace period, and pods that run as the image's non-
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,24 @@ def test_every_manifest_is_a_kind_kubernetes_serves_and_the_kustomization_applie
     assert kustomization["images"] == [
         {"name": "apiops", "newName": "registry.example.com/apiops", "newTag": version.split('"')[1]}
     ]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (apt-get install kubectl)")
+def test_kustomize_renders_every_manifest_with_the_image_named() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    objects = [doc for doc in yaml.safe_load_all(rendered) if doc is not None]
+    names = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+    assert names == sorted((o["kind"], o["metadata"]["name"]) for o in _objects() if o["kind"] != "Secret")
+    images = {
+        c["image"]
+        for o in objects
+        if "template" in o.get("spec", {})
+        for c in o["spec"]["template"]["spec"]["containers"]
+    }
+    ((image,),) = [_documents(DEPLOY / "kustomization.yaml")[0]["images"]]
+    assert images == {f"{image['newName']}:{image['newTag']}"}
 
 
 def test_every_setting_in_the_manifests_is_one_the_service_reads() -> None:

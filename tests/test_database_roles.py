@@ -18,10 +18,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db import asyncpg_dsn
 from service.settings import Settings
-from tests.conftest import ADMIN_URL, REDIS_URL, free_port, headers, key_entries, wait_for, wait_for_status
+from tests.conftest import ADMIN_URL, REDIS_URL, free_port, headers, key_entries, migrate, wait_for, wait_for_status
 from tests.processes import start_worker, stop, worker_env
 from tests.test_db_upgrade import run_upgrade
 
@@ -174,6 +175,34 @@ async def test_the_roles_migrate_and_run_a_job_and_the_runtime_role_cannot_chang
             cancelled = await client.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": 30})
             assert (await client.post(f"/ops/jobs/{cancelled.json()['job_id']}/cancel")).status_code == 202
             await wait_for_status(client, cancelled.json()["job_id"], "cancelled", within=30)
+
+
+async def test_a_database_migrated_by_another_role_is_handed_over_and_migrated_on_by_the_migration_role() -> None:
+    """As docs/deployment.md says for a service that ran as `postgres` until now: hand the tables over, run the
+    script, and the migration role applies the next migration (an ALTER TABLE, which needs ownership)."""
+    async with _roles() as roles:
+        engine = create_async_engine(make_url(ADMIN_URL).set(drivername="postgresql+asyncpg", database=roles.database))
+        try:
+            await migrate(engine, "0003")
+        finally:
+            await engine.dispose()
+        await _psql(roles)
+        admin = await _admin(roles.database)
+        try:
+            for table in ("ops_job", "ops_job_step", "ops_job_event", "alembic_version"):
+                await admin.execute(f'ALTER TABLE {table} OWNER TO "{roles.migrator}"')
+            await admin.execute(f'ALTER FUNCTION ops_job_event_notify() OWNER TO "{roles.migrator}"')
+        finally:
+            await admin.close()
+        await _psql(roles)  # again: it grants on the tables that exist
+
+        code, out = await run_upgrade(roles.url(roles.migrator))
+        assert code == 0, out
+
+        async with _connect(roles, roles.runtime) as runtime:
+            assert await runtime.fetchval("SELECT count(state) FROM ops_job") == 0  # 0004's column
+            assert await runtime.fetchval("SELECT nextval('ops_job_event_event_id_seq')") == 1
+            await _refused(runtime, "ALTER TABLE ops_job DROP COLUMN state")
 
 
 async def test_db_upgrade_says_in_one_line_that_a_missing_database_needs_createdb() -> None:

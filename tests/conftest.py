@@ -40,6 +40,7 @@ from service.settings import ApiKeyEntry, Settings, hash_key
 from service.settings import Scope as KeyScope
 from tests import testjobs
 from tests.kube_sim import KubeSim
+from tests.kube_sim.rbac import Rbac
 
 ADMIN_URL = os.environ.get("APIOPS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("APIOPS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -336,10 +337,21 @@ def free_port() -> int:
 # The simulated Kubernetes cluster, for the pg-rebuild tests.
 
 
+@asynccontextmanager
+async def shipped_role_cluster(profile: str = "zalando") -> AsyncIterator[KubeSim]:
+    """The sample cluster at test speed, enforcing the workers' Role as shipped (deploy/worker-rbac.yaml): a call the
+    Role does not grant is a 403, as on a real cluster, and fails the test here even if the job coped with it."""
+    async with KubeSim.running(profile=profile, speed="fast", rbac=Rbac.load()) as sim:
+        yield sim
+    assert sim.rbac is not None
+    assert not sim.rbac.denied, "the shipped Role refused: " + "; ".join(sim.rbac.denied)
+
+
 @pytest.fixture
 async def kube_sim() -> AsyncIterator[KubeSim]:
-    """The sample cluster (namespace `db`, StatefulSet `pg`, pg-0 primary) at test speed, zalando labels."""
-    async with KubeSim.running(profile="zalando", speed="fast") as sim:
+    """The sample cluster (namespace `db`, StatefulSet `pg`, pg-0 primary) at test speed, zalando labels, under the
+    shipped Role."""
+    async with shipped_role_cluster() as sim:
         yield sim
 
 

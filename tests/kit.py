@@ -33,7 +33,15 @@ from service.jobtypes import JobType, Registry
 from service.models import JobStatus
 from service.settings import Settings
 from tests import kit_worker
-from tests.conftest import api_client, headers, kube_settings_for, running_worker, submit, wait_for
+from tests.conftest import (
+    api_client,
+    headers,
+    kube_settings_for,
+    running_worker,
+    shipped_role_cluster,
+    submit,
+    wait_for,
+)
 from tests.kube_sim import KubeSim
 
 Job = dict[str, Any]  # a job as GET /ops/jobs/{job_id} shows it
@@ -218,7 +226,7 @@ async def job_kit(settings: Settings, tmp_path: Path) -> AsyncIterator[KitFactor
             sim = None
             job_settings: dict[str, BaseSettings] = {}
             if cluster:
-                sim = await stack.enter_async_context(KubeSim.running(profile=profile, speed="fast"))
+                sim = await stack.enter_async_context(shipped_role_cluster(profile))
                 others = {k: v for k, v in overrides.items() if k not in service}
                 kube = kube_settings_for(sim, tmp_path / "kubeconfig", **others)
                 # Every job type whose settings reach Kubernetes reaches the simulated cluster.

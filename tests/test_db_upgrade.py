@@ -18,7 +18,8 @@ from tests.conftest import ADMIN_URL
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
 
-async def _upgrade(database_url: str) -> tuple[int, str]:
+async def run_upgrade(database_url: str) -> tuple[int, str]:
+    """`apiops db upgrade` against `database_url` alone (no other APIOPS_ setting); its exit status and output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")}
     env["APIOPS_DATABASE_URL"] = database_url
     process = await asyncio.create_subprocess_exec(
@@ -34,7 +35,7 @@ async def test_db_upgrade_creates_the_database_and_migrates_it_to_head_idempoten
     name = f"apiops_test_upgrade_{secrets.token_hex(4)}"
     database_url = make_url(ADMIN_URL).set(drivername="postgresql+asyncpg", database=name).render_as_string(False)
     try:
-        code, out = await _upgrade(database_url)
+        code, out = await run_upgrade(database_url)
         assert code == 0, out
         assert f"created database {name}" in out
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -44,7 +45,7 @@ async def test_db_upgrade_creates_the_database_and_migrates_it_to_head_idempoten
         finally:
             await conn.close()
         assert {"ops_job", "ops_job_step", "ops_job_event"} <= tables
-        code, out = await _upgrade(database_url)
+        code, out = await run_upgrade(database_url)
         assert code == 0, out
         assert "created database" not in out
         conn = await asyncpg.connect(asyncpg_dsn(database_url))

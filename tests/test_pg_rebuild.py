@@ -21,6 +21,7 @@ from tests.conftest import (
     kube_registry,
     kube_settings_for,
     running_worker,
+    shipped_role_cluster,
     wait_for_status,
 )
 from tests.conftest import submit as submit_job
@@ -183,7 +184,7 @@ async def test_dry_run_reports_what_it_would_delete_and_deletes_nothing(
 async def test_rebuilds_with_another_label_profile(
     client: httpx.AsyncClient, settings: Settings, tmp_path: Path, profile: str
 ) -> None:
-    async with KubeSim.running(profile=profile, speed="fast") as sim:
+    async with shipped_role_cluster(profile) as sim:
         before = world(sim)
         job = await rebuild(client, settings, kube_settings_for(sim, tmp_path / "kubeconfig"), profile=profile)
 

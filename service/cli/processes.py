@@ -114,7 +114,13 @@ def run(settings: Settings) -> int:
     return code
 
 
+class DatabaseMissing(Exception):
+    """The database does not exist and the role cannot create it: what to do about it, in one line."""
+
+
 async def _create_database(settings: Settings) -> None:
+    """Create the database named in APIOPS_DATABASE_URL if it is missing. The maintenance database (`postgres`) is
+    asked only then, so a role that owns no CREATEDB (the migration role) migrates a database that exists."""
     import asyncpg
     from sqlalchemy.engine import make_url
 
@@ -122,12 +128,34 @@ async def _create_database(settings: Settings) -> None:
 
     database_url = settings.database_url.get_secret_value()
     url = make_url(database_url)
-    maintenance = await asyncpg.connect(asyncpg_dsn(database_url, "postgres"), timeout=settings.db_connect_timeout_s)
     try:
-        exists = await maintenance.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
-        if not exists:
-            await maintenance.execute(f'CREATE DATABASE "{url.database}"')
-            print(f"apiops: created database {url.database}", file=sys.stderr)
+        conn = await asyncpg.connect(asyncpg_dsn(database_url), timeout=settings.db_connect_timeout_s)
+    except asyncpg.InvalidCatalogNameError:
+        pass  # missing: create it below
+    else:
+        await conn.close()
+        return
+    missing = f"database {url.database} does not exist"
+    try:
+        maintenance = await asyncpg.connect(
+            asyncpg_dsn(database_url, "postgres"), timeout=settings.db_connect_timeout_s
+        )
+    except asyncpg.PostgresError as exc:
+        raise DatabaseMissing(
+            f"{missing}, and the maintenance database postgres, from which to create it, refuses role "
+            f'{url.username}: {exc}; create it as an administrator: CREATE DATABASE "{url.database}"'
+        ) from exc
+    try:
+        await maintenance.execute(f'CREATE DATABASE "{url.database}"')
+        print(f"apiops: created database {url.database}", file=sys.stderr)
+    except asyncpg.DuplicateDatabaseError:
+        pass  # created meanwhile by another `db upgrade`
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise DatabaseMissing(
+            f"{missing}, and role {url.username} may not create it (no CREATEDB): create it as an administrator "
+            f'(CREATE DATABASE "{url.database}"), '
+            "or grant the role CREATEDB"
+        ) from exc
     finally:
         await maintenance.close()
 
@@ -141,6 +169,9 @@ def db_upgrade(settings: Settings) -> int:
 
     try:
         asyncio.run(_create_database(settings))
+    except DatabaseMissing as exc:
+        print(f"apiops: {exc}", file=sys.stderr)
+        return 1
     except (OSError, asyncpg.PostgresError) as exc:
         url = make_url(settings.database_url.get_secret_value())
         print(f"apiops: cannot reach PostgreSQL at {url.host}:{url.port or 5432}: {exc}", file=sys.stderr)

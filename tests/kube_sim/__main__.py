@@ -1,6 +1,7 @@
 """Run the simulated cluster as its own process, for `make demo` and black-box tests.
 
     python -m tests.kube_sim --port 8081 --kubeconfig /tmp/kubeconfig-sim [--profile zalando] [--speed demo|fast]
+        [--rbac deploy/worker-rbac.yaml]
 
 Seeds namespace `db` with StatefulSet `pg` (pg-0 primary, pg-1 and pg-2 replicas, PVCs data-pg-N Bound), writes
 the kubeconfig, logs one `kube-sim ready` line and serves until SIGINT or SIGTERM. Faults can be injected over
@@ -13,8 +14,10 @@ import argparse
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 from tests.kube_sim.objects import PROFILES
+from tests.kube_sim.rbac import Rbac
 from tests.kube_sim.sim import KubeSim
 from tests.kube_sim.timing import SPEEDS
 
@@ -31,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed", choices=sorted(SPEEDS), default="demo", help="controller delays")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--no-seed", action="store_true", help="start with an empty cluster")
+    parser.add_argument(
+        "--rbac", type=Path, metavar="FILE", help="enforce the Roles and bindings of this manifest (403 otherwise)"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -40,7 +46,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sim = KubeSim(args.profile, args.speed)
+    sim = KubeSim(args.profile, args.speed, rbac=Rbac.load(args.rbac) if args.rbac else None)
     if not args.no_seed:
         sim.seed_cluster(replicas=args.replicas)
     await sim.start(host=args.host, port=args.port)

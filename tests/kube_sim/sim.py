@@ -28,6 +28,7 @@ from tests.kube_sim.faults import Behaviour, Faults, HttpFault, Latency, WatchCu
 from tests.kube_sim.kubelet import is_ready, settle
 from tests.kube_sim.objects import PROFILES, Profile, namespace_obj, pod_from_statefulset, pvc_from_template, revision
 from tests.kube_sim.objects import statefulset as statefulset_obj
+from tests.kube_sim.rbac import Authorizing, Rbac
 from tests.kube_sim.store import DEFAULT_HISTORY, Obj, Store
 from tests.kube_sim.timing import SPEEDS, Speed
 
@@ -74,13 +75,21 @@ def _behaviour(name: object) -> Behaviour | None:
 
 
 class KubeSim:
-    def __init__(self, profile: str = "zalando", speed: Speed | str = "fast", history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self,
+        profile: str = "zalando",
+        speed: Speed | str = "fast",
+        history: int = DEFAULT_HISTORY,
+        rbac: Rbac | None = None,
+    ) -> None:
         self.profile: Profile = PROFILES[profile]
         self.speed = SPEEDS[speed] if isinstance(speed, str) else speed
         self.store = Store(history)
         self.faults = Faults()
         self.controllers = Controllers(self.store, self.faults, self.speed, self.profile)
         self.api = KubeApi(self.store, self.faults, self.apply_fault)
+        # When given, every request is authorized as its user (tests.kube_sim.rbac); None: everything is allowed.
+        self.rbac = rbac
         self.url = ""
         self.port = 0
         self._server: _Server | None = None
@@ -97,9 +106,11 @@ class KubeSim:
         seed: bool = True,
         port: int = 0,
         history: int = DEFAULT_HISTORY,
+        rbac: Rbac | None = None,
     ) -> AsyncIterator[KubeSim]:
-        """Serve on 127.0.0.1 (a free port unless given) with the sample cluster seeded, for a `with` block."""
-        sim = cls(profile, speed, history)
+        """Serve on 127.0.0.1 (a free port unless given) with the sample cluster seeded, for a `with` block;
+        under `rbac`'s roles when given."""
+        sim = cls(profile, speed, history, rbac)
         if seed:
             sim.seed_cluster()
         await sim.start(port=port)
@@ -119,8 +130,9 @@ class KubeSim:
         self.port = sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         # log_config=None: leave the host process's logging alone; ws="none": no websocket library needed.
+        app = self.api.app() if self.rbac is None else Authorizing(self.api.app(), self.rbac)
         config = uvicorn.Config(
-            self.api.app(), log_config=None, lifespan="off", ws="none", access_log=False, timeout_graceful_shutdown=2
+            app, log_config=None, lifespan="off", ws="none", access_log=False, timeout_graceful_shutdown=2
         )
         self._server = _Server(config)
         self._serving = asyncio.create_task(self._server.serve(sockets=[sock]), name="kube-sim-http")

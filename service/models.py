@@ -86,6 +86,8 @@ class Job(Base):
     state: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     target: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(Text)
+    # The team of the key that submitted it: every read and action of a key is confined to its team's jobs.
+    team: Mapped[str] = mapped_column(Text, server_default=text("'default'"))
     source_ip: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(Text)
     # Incremented by every claim; a worker's writes are fenced on (attempt, lease_owner).
@@ -105,12 +107,15 @@ class Job(Base):
         Index("ix_ops_job_type_created_at", "type", "created_at", "job_id"),
         Index("ix_ops_job_status_created_at", "status", "created_at", "job_id"),
         Index("ix_ops_job_actor_created_at", "actor", "created_at", "job_id"),
+        Index("ix_ops_job_team_created_at", "team", "created_at", "job_id"),
         Index("ix_ops_job_target_created_at", "target", "created_at", "job_id"),
         # At most one pending or running job per target: PostgreSQL enforces it across API replicas.
         Index(ACTIVE_TARGET_INDEX, "target", unique=True, postgresql_where=_ACTIVE),
-        # An Idempotency-Key names one job per actor (keys older than the replay window are cleared on reuse).
+        # An Idempotency-Key names one job per actor of a team (keys older than the replay window are cleared on
+        # reuse). Two teams may each have a key of the same name.
         Index(
-            "uq_ops_job_actor_idempotency_key",
+            "uq_ops_job_team_actor_idempotency_key",
+            "team",
             "actor",
             "idempotency_key",
             unique=True,

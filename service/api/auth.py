@@ -8,11 +8,12 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from starlette.requests import Request
 
 from service.errors import Forbidden, Unauthorized
-from service.settings import DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings, hash_key
+from service.settings import DEFAULT_TEAM, DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +22,43 @@ API_KEY_HEADER = "x-api-key"
 
 @dataclass(frozen=True)
 class Principal:
+    """Who calls: the key's name (the actor), its scopes, its team, and the targets it may act on (None: any)."""
+
     name: str
     scopes: frozenset[Scope]
+    team: str = DEFAULT_TEAM
+    targets: tuple[str, ...] | None = None
 
     def allows(self, scope: Scope) -> bool:
-        return scope in self.scopes or Scope.ADMIN in self.scopes
+        return scope in self.scopes or bool({Scope.ADMIN, Scope.SERVICE_ADMIN} & self.scopes)
+
+    @property
+    def all_teams(self) -> bool:
+        return Scope.SERVICE_ADMIN in self.scopes
+
+    @property
+    def team_filter(self) -> str | None:
+        """The team every read and write of this caller is confined to, in SQL; None for the service's operators."""
+        return None if self.all_teams else self.team
+
+    def may_target(self, target: str | None) -> bool:
+        """A job with no target acts on nothing shared, so any key may submit it."""
+        if self.targets is None or target is None:
+            return True
+        return any(fnmatchcase(target, pattern) for pattern in self.targets)
+
+    def check_target(self, target: str | None) -> None:
+        if not self.may_target(target):
+            allowed = ", ".join(repr(p) for p in self.targets or ())
+            raise Forbidden(
+                f"API key {self.name!r} may not act on target {target!r}; it may act on targets matching {allowed}",
+                details={"target": target, "allowed_targets": list(self.targets or ())},
+            )
 
 
 class KeyRing:
     def __init__(self, entries: Iterable[ApiKeyEntry]) -> None:
-        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.scopes)) for e in entries]
+        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.scopes, e.team, e.targets)) for e in entries]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
@@ -58,7 +86,7 @@ class KeyRing:
 
 
 def require(request: Request, scope: Scope) -> Principal:
-    """The caller, who must hold `scope` (or `jobs:admin`)."""
+    """The caller, who must hold `scope` (or `jobs:admin`, or `admin`)."""
     keyring: KeyRing = request.state.app.keyring
     principal = keyring.authenticate(request.headers.get(API_KEY_HEADER))
     if not principal.allows(scope):

@@ -130,6 +130,9 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
                 _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}, "only this status"),
                 _query("actor", {"type": "string"}, "only jobs created with this key name"),
                 _query("target", {"type": "string"}, "only jobs acting on this target"),
+                _query(
+                    "team", {"type": "string"}, "only this team's jobs (keys other than `admin` see only their own)"
+                ),
                 _query("since", {"type": "string", "format": "date-time"}, "only jobs created at or after"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "page size"),
                 _query("cursor", {"type": "string"}, "`next_cursor` of the previous page, unchanged"),

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     new_key = keys.add_parser("new", help="mint a key and print its configuration entry")
     new_key.add_argument("name", help="who uses the key; becomes the actor of the jobs it creates")
     new_key.add_argument("--scopes", default="jobs:read,jobs:write", help="comma-separated (default: %(default)s)")
+    new_key.add_argument(
+        "--team", default="default", help="the team whose jobs it sees and acts on (default: %(default)s)"
+    )
+    new_key.add_argument(
+        "--targets",
+        help="comma-separated glob patterns over the targets it may act on, e.g. 'k8s/staging/*' (default: any)",
+    )
     add_client_parsers(commands, _connection_options(suppress=True))
     completion = commands.add_parser(
         "completion", help='print a shell completion script: eval "$(apiops completion bash)"'
@@ -81,7 +88,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command in CLIENT_COMMANDS:
         return client_main(args)
     if args.command == "keys":
-        return processes.keys_new(args.name, args.scopes)
+        return processes.keys_new(args.name, args.scopes, args.team, args.targets)
     settings = settings_or_exit("apiops")
     if args.command == "run":
         return processes.run(settings)

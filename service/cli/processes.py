@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from service.logs import configure_logging
-from service.settings import Scope, Settings, hash_key
+from service.settings import ApiKeyEntry, Scope, Settings, hash_key
 
 # asyncpg, SQLAlchemy and alembic are imported where they are used: the client commands, which need none of them,
 # then start in half the time.
@@ -150,7 +152,7 @@ def db_upgrade(settings: Settings) -> int:
     return 0
 
 
-def keys_new(name: str, scopes: str) -> int:
+def keys_new(name: str, scopes: str, team: str, targets: str | None) -> int:
     known = ", ".join(s.value for s in Scope)
     try:
         chosen = sorted({Scope(s.strip()) for s in scopes.split(",") if s.strip()})
@@ -160,9 +162,16 @@ def keys_new(name: str, scopes: str) -> int:
     if not chosen:
         print(f"apiops: keys new: --scopes names no scope; a key needs at least one of {known}", file=sys.stderr)
         return 2
+    patterns = None if targets is None else [p.strip() for p in targets.split(",") if p.strip()]
     key = f"apiops_{secrets.token_urlsafe(32)}"
-    entry = {"name": name, "sha256": hash_key(key), "scopes": [s.value for s in chosen]}
+    try:
+        entry = ApiKeyEntry(name=name, sha256=hash_key(key), scopes=frozenset(chosen), team=team, targets=patterns)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            print(f"apiops: keys new: --{error['loc'][0]}: {error['msg']}", file=sys.stderr)
+        return 2
     print(f"API key for {name} (shown once; store it now): {key}")
     print("Add this entry to the JSON list in APIOPS_API_KEYS or APIOPS_API_KEYS_FILE:")
-    print(json.dumps(entry))
+    shown = entry.model_dump(mode="json", exclude_none=True) | {"scopes": [s.value for s in chosen]}
+    print(json.dumps(shown))
     return 0

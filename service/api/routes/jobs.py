@@ -23,7 +23,7 @@ from service.api.repository import (
     list_jobs,
     retry_job,
 )
-from service.api.schemas import JobOut, JobWithEvents, ModelResponse, job_type_json
+from service.api.schemas import JobOut, JobPage, JobWithEvents, ModelResponse, job_type_json
 from service.api.state import AppState
 from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
 from service.queue import enqueue
@@ -39,8 +39,10 @@ async def submit_job(request: Request) -> Response:
     key = _idempotency_key(request)
     body = await _read_json_object(request, state.settings.max_body_bytes)
     params = _validate(job_type.params, body, context=state.registry.params_context(job_type.name))
+    target = job_type.target_of(params)
+    principal.check_target(target)
     async with state.autocommit.connect() as conn:
-        created = await create_job(conn, job_type, params, _caller(request, principal), key)
+        created = await create_job(conn, job_type, params, target, _caller(request, principal), key)
     job = created.job
     headers = {"Location": f"/ops/jobs/{job.job_id}"}
     if created.replayed:
@@ -52,11 +54,11 @@ async def submit_job(request: Request) -> Response:
 
 async def read_job(request: Request) -> Response:
     state = AppState.of(request)
-    require(request, Scope.READ)
+    principal = require(request, Scope.READ)
     query = _validate(ReadQuery, dict(request.query_params))
     # In autocommit: each read is one statement, so no BEGIN and ROLLBACK round trips around it.
     async with state.autocommit.connect() as conn:
-        job = await get_job(conn, request.path_params["name"])
+        job = await get_job(conn, request.path_params["name"], team=principal.team_filter)
         if query.include != "events":
             return ModelResponse(job)
         events = await get_events(conn, job.job_id)
@@ -91,7 +93,8 @@ class ReadQuery(BaseModel):
 
 
 def _caller(request: Request, principal: Principal) -> Caller:
-    return Caller(principal.name, client_ip(request, AppState.of(request).settings.trusted_proxies))
+    source_ip = client_ip(request, AppState.of(request).settings.trusted_proxies)
+    return Caller(principal.name, principal.team, source_ip, all_teams=principal.all_teams)
 
 
 async def _enqueue(state: AppState, job: JobOut) -> None:
@@ -123,9 +126,13 @@ class ListQuery(ListFilter):
 
 async def list_job_page(request: Request) -> Response:
     state = AppState.of(request)
-    require(request, Scope.READ)
+    principal = require(request, Scope.READ)
     query = _validate(ListQuery, dict(request.query_params))
     filters = ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields)))
+    if principal.team_filter is not None:
+        if filters.team not in (None, principal.team_filter):
+            return ModelResponse(JobPage(jobs=[], next_cursor=None))  # another team's jobs: as if there were none
+        filters = filters.model_copy(update={"team": principal.team_filter})
     async with state.autocommit.connect() as conn:
         page = await list_jobs(conn, filters, query.limit, query.cursor)
     return ModelResponse(page)

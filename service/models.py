@@ -10,8 +10,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, Text, func, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -156,3 +168,28 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
 
     __table_args__ = (Index("ix_ops_job_event_job_id_event_id", "job_id", "event_id"),)
+
+
+class ApiKey(Base):
+    """An API key managed at run time (`/ops/keys`): only its SHA-256 is kept. Keys from the environment are not
+    here; both kinds are checked by the API."""
+
+    __tablename__ = "ops_api_key"
+
+    key_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    team: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    # Glob patterns over the targets it may act on; NULL: any.
+    targets: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    sha256: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    created_by: Mapped[str] = mapped_column(Text)
+    created_from: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column(_tz())
+    revoked_at: Mapped[datetime | None] = mapped_column(_tz())
+    revoked_by: Mapped[str | None] = mapped_column(Text)
+    revoked_from: Mapped[str | None] = mapped_column(Text)
+    last_used_at: Mapped[datetime | None] = mapped_column(_tz())
+
+    __table_args__ = (CheckConstraint("cardinality(scopes) > 0", name="scopes"),)

@@ -42,7 +42,7 @@ async def test_usage_errors_are_one_line_with_exit_2() -> None:
     no_scopes, bad_scope, bad_team, bad_url = await asyncio.gather(
         run("keys", "new", "ci", "--scopes", ""),
         run("keys", "new", "ci", "--scopes", "jobs:root"),
-        run("keys", "new", "ci", "--team", "Payments Team"),
+        run("keys", "new", "ci", "--offline", "--team", "Payments Team"),
         run("list", "--url", "ftp://example"),
     )
     for code, out, err in (no_scopes, bad_scope, bad_team, bad_url):
@@ -53,9 +53,9 @@ async def test_usage_errors_are_one_line_with_exit_2() -> None:
     assert "http://HOST:PORT" in bad_url[2]
 
 
-async def test_keys_new_prints_a_key_and_the_entry_the_service_reads_with_its_team_and_targets() -> None:
+async def test_keys_new_offline_prints_a_key_and_the_entry_the_service_reads_with_its_team_and_targets() -> None:
     code, out, err = await run(
-        "keys", "new", "alice", "--team", "payments", "--targets", "k8s/staging/*, k8s/prod/pay-*"
+        "keys", "new", "alice", "--offline", "--team", "payments", "--targets", "k8s/staging/*, k8s/prod/pay-*"
     )
     assert code == 0, err
     key = out.splitlines()[0].rsplit(" ", 1)[1]

@@ -36,14 +36,15 @@ from service.models import ACTIVE, ACTIVE_TARGET_INDEX, Base, Event, EventKind, 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
-def new_job_id(job_type: str) -> str:
-    """`<type>-<26 chars>`: 48 bits of milliseconds then 80 random bits, so ids sort by creation time."""
+def new_id(prefix: str) -> str:
+    """`<prefix>-<26 chars>` (a job's prefix is its type): 48 bits of milliseconds then 80 random bits, so ids sort
+    by creation time."""
     value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
     chars = []
     for _ in range(26):
         value, digit = divmod(value, 32)
         chars.append(_CROCKFORD[digit])
-    return f"{job_type}-{''.join(reversed(chars))}"
+    return f"{prefix}-{''.join(reversed(chars))}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ async def create_job(
     one statement (`conn` is best in autocommit), and return the new job as the API shows it; or return the job the
     same Idempotency-Key created."""
     values = params.model_dump(mode="json")
-    job_id = new_job_id(job_type.name)
+    job_id = new_id(job_type.name)
     steps = [step.name for step in job_type.steps_for(params)]
     row = {
         "job_id": job_id, "type": job_type.name, "params": json.dumps(values), "target": target,

@@ -25,7 +25,7 @@ from service.settings import Scope
 
 async def job_events(request: Request) -> StreamingResponse:
     state = AppState.of(request)
-    principal = require(request, Scope.READ)
+    principal = await require(request, Scope.READ)
     job_id = request.path_params["job_id"]
     after = _resume_point(request)
     async with state.autocommit.connect() as conn:

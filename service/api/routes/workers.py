@@ -19,7 +19,7 @@ from service.settings import Scope
 
 async def list_workers(request: Request) -> JSONResponse:
     state = AppState.of(request)
-    principal = require(request, Scope.READ)
+    principal = await require(request, Scope.READ)
     try:
         async with asyncio.timeout(state.settings.readiness_timeout_s):
             workers = await live_workers(state.redis, state.settings.queue_name)

@@ -22,7 +22,11 @@ class NoopParams(BaseModel):
     sleep_s: Annotated[float, Field(ge=0, le=600, description="seconds each step sleeps")] = 0
     fail_at_step: Annotated[int | None, Field(ge=1, le=MAX_STEPS, description="this step fails on purpose")] = None
     target: Annotated[
-        str | None, Field(max_length=200, description="what the job claims to act on; one active job per target")
+        str | None,
+        Field(
+            max_length=200,
+            description="what the job claims, recorded as `noop/<target>`; one active job per target",
+        ),
     ] = None
 
     @model_validator(mode="after")

@@ -112,7 +112,9 @@ class RebuildParams(BaseModel):
 
 
 def target(params: RebuildParams) -> str:
-    return f"k8s/{params.context or 'default'}/{params.namespace}/{params.cluster}"
+    """The cluster (`k8s/<context>/<namespace>/<cluster>` once in its kind's namespace): every job that acts on it
+    excludes the others."""
+    return f"{params.context or 'default'}/{params.namespace}/{params.cluster}"
 
 
 class Refused(Exception):
@@ -491,6 +493,7 @@ JOB = JobType[RebuildParams](
     params=RebuildParams,
     steps=STEPS,
     target=target,
+    target_kind="k8s",
     lifespan=kube_lifespan,
     settings=PgRebuildSettings,
 )

@@ -85,7 +85,12 @@ class JobType(Generic[P]):
     description: str
     params: type[P]
     steps: Sequence[Step[P]]
+    # What a job acts on, from its validated params (None: nothing shared). At most one job per target is active.
     target: Callable[[P], str | None] = field(default=lambda params: None)
+    # The namespace the target lives in (`<target_kind>/<target>`): a job type can only ever name targets of its own
+    # kind, so free-form params of one type cannot claim, and so block, what another acts on. Job types that act on
+    # the same things share a kind (every PostgreSQL-on-Kubernetes job: `k8s`). By default, the type's own name.
+    target_kind: str | None = None
     # For types whose step list depends on the params (noop); by default every step runs.
     plan: Callable[[P], Sequence[Step[P]]] | None = None
     # Entered once per worker process at start-up with the job type's settings (None without a model), exited at
@@ -94,6 +99,11 @@ class JobType(Generic[P]):
     # A pydantic-settings model (usually derived from `service.settings.EnvSettings`): `ctx.settings` in the steps,
     # the lifespan's argument, and `settings_from(info, Model)` in the params' validators.
     settings: type[BaseSettings] | None = None
+
+    def target_of(self, params: P) -> str | None:
+        """The job's target as recorded and excluded on: `target(params)` inside this type's namespace."""
+        named = self.target(params)
+        return None if named is None else f"{self.target_kind or self.name}/{named}"
 
     def steps_for(self, params: P) -> Sequence[Step[P]]:
         return self.plan(params) if self.plan is not None else self.steps

@@ -10,8 +10,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, Text, func, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -86,6 +98,8 @@ class Job(Base):
     state: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     target: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(Text)
+    # The team of the key that submitted it: every read and action of a key is confined to its team's jobs.
+    team: Mapped[str] = mapped_column(Text, server_default=text("'default'"))
     source_ip: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(Text)
     # Incremented by every claim; a worker's writes are fenced on (attempt, lease_owner).
@@ -105,12 +119,15 @@ class Job(Base):
         Index("ix_ops_job_type_created_at", "type", "created_at", "job_id"),
         Index("ix_ops_job_status_created_at", "status", "created_at", "job_id"),
         Index("ix_ops_job_actor_created_at", "actor", "created_at", "job_id"),
+        Index("ix_ops_job_team_created_at", "team", "created_at", "job_id"),
         Index("ix_ops_job_target_created_at", "target", "created_at", "job_id"),
         # At most one pending or running job per target: PostgreSQL enforces it across API replicas.
         Index(ACTIVE_TARGET_INDEX, "target", unique=True, postgresql_where=_ACTIVE),
-        # An Idempotency-Key names one job per actor (keys older than the replay window are cleared on reuse).
+        # An Idempotency-Key names one job per actor of a team (keys older than the replay window are cleared on
+        # reuse). Two teams may each have a key of the same name.
         Index(
-            "uq_ops_job_actor_idempotency_key",
+            "uq_ops_job_team_actor_idempotency_key",
+            "team",
             "actor",
             "idempotency_key",
             unique=True,
@@ -151,3 +168,28 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
 
     __table_args__ = (Index("ix_ops_job_event_job_id_event_id", "job_id", "event_id"),)
+
+
+class ApiKey(Base):
+    """An API key managed at run time (`/ops/keys`): only its SHA-256 is kept. Keys from the environment are not
+    here; both kinds are checked by the API."""
+
+    __tablename__ = "ops_api_key"
+
+    key_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    team: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    # Glob patterns over the targets it may act on; NULL: any.
+    targets: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    sha256: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
+    created_by: Mapped[str] = mapped_column(Text)
+    created_from: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column(_tz())
+    revoked_at: Mapped[datetime | None] = mapped_column(_tz())
+    revoked_by: Mapped[str | None] = mapped_column(Text)
+    revoked_from: Mapped[str | None] = mapped_column(Text)
+    last_used_at: Mapped[datetime | None] = mapped_column(_tz())
+
+    __table_args__ = (CheckConstraint("cardinality(scopes) > 0", name="scopes"),)

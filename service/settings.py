@@ -22,15 +22,29 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Scope(StrEnum):
     READ = "jobs:read"
     WRITE = "jobs:write"
+    # Everything a key of the team may do, on any job of its team (not only the jobs it submitted).
     ADMIN = "jobs:admin"
+    # Everything, on every team's jobs: the operators of the service itself.
+    SERVICE_ADMIN = "admin"
+
+
+# A team's name: what a key, and every job it submits, belongs to.
+TeamName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")]
+DEFAULT_TEAM = "default"
+# A glob over a job's target (`*` matches any run of characters, `/` included; `?` one character).
+TargetPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class ApiKeyEntry(BaseModel):
-    """One API key as configured: its name (the actor of the jobs it creates), its SHA-256 and its scopes."""
+    """One API key as configured: its name (the actor of the jobs it creates), its SHA-256, its scopes, its team and
+    the targets it may act on."""
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     scopes: Annotated[frozenset[Scope], Field(min_length=1)]
+    team: TeamName = DEFAULT_TEAM
+    # Glob patterns over the targets the key may submit jobs for; None: any target.
+    targets: Annotated[tuple[TargetPattern, ...], Field(min_length=1)] | None = None
 
     @field_validator("sha256", mode="before")
     @classmethod

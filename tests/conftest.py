@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import httpx
@@ -46,12 +46,30 @@ ADMIN_URL = os.environ.get("APIOPS_TEST_PG_ADMIN_URL", "postgresql://postgres@12
 REDIS_URL = os.environ.get("APIOPS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 ALEMBIC_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alembic.ini")
 
-# name -> (key, scopes); every test app accepts these.
-KEYS: dict[str, tuple[str, frozenset[KeyScope]]] = {
-    "reader": ("reader-key", frozenset({KeyScope.READ})),
-    "writer": ("writer-key", frozenset({KeyScope.READ, KeyScope.WRITE})),
-    "admin": ("admin-key", frozenset({KeyScope.ADMIN})),
+
+class KeyGiven(NamedTuple):
+    key: str
+    scopes: frozenset[KeyScope]
+    team: str = "default"
+    targets: tuple[str, ...] | None = None
+
+
+# name -> key; every test app accepts these. Those without a team are the `default` team's, as unconfigured keys are.
+KEYS: dict[str, KeyGiven] = {
+    "reader": KeyGiven("reader-key", frozenset({KeyScope.READ})),
+    "writer": KeyGiven("writer-key", frozenset({KeyScope.READ, KeyScope.WRITE})),
+    "admin": KeyGiven("admin-key", frozenset({KeyScope.ADMIN})),
+    # Another team, with a writer whose name is also one of the default team's keys.
+    "blue-writer": KeyGiven("blue-writer-key", frozenset({KeyScope.READ, KeyScope.WRITE}), team="blue"),
+    "blue-admin": KeyGiven("blue-admin-key", frozenset({KeyScope.ADMIN}), team="blue"),
+    "blue-staging": KeyGiven(
+        "blue-staging-key", frozenset({KeyScope.READ, KeyScope.WRITE}), team="blue", targets=("noop/staging/*",)
+    ),
+    # The service's operators: every team.
+    "operator": KeyGiven("operator-key", frozenset({KeyScope.SERVICE_ADMIN}), team="ops"),
 }
+# The actor a key's jobs are recorded with, where it is not the key's own name.
+ACTORS = {"blue-writer": "writer"}
 
 TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
 
@@ -65,7 +83,12 @@ asyncio.set_event_loop_policy(None)
 
 
 def key_entries() -> tuple[ApiKeyEntry, ...]:
-    return tuple(ApiKeyEntry(name=name, sha256=hash_key(key), scopes=scopes) for name, (key, scopes) in KEYS.items())
+    return tuple(
+        ApiKeyEntry(
+            name=ACTORS.get(name, name), sha256=hash_key(k.key), scopes=k.scopes, team=k.team, targets=k.targets
+        )
+        for name, k in KEYS.items()
+    )
 
 
 def headers(who: str = "writer") -> dict[str, str]:

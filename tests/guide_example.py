@@ -37,8 +37,8 @@ class RestartParams(BaseModel):
 
 
 def target(params: RestartParams) -> str:
-    # pg-rebuild's target for the same cluster: the two job types never act on one cluster at once.
-    return f"k8s/default/{params.namespace}/{params.cluster}"
+    # With target_kind="k8s" below, pg-rebuild's target for the same cluster: the two never act on it at once.
+    return f"default/{params.namespace}/{params.cluster}"
 
 
 class Refused(Exception):
@@ -122,6 +122,7 @@ JOB = JobType[RestartParams](
         Step("wait-ready", wait_ready, timeout_s=MAX_WAIT_S + 60, max_attempts=3),
     ],
     target=target,
+    target_kind="k8s",  # the namespace of targets it shares with every job acting on PostgreSQL on Kubernetes
     lifespan=kube_lifespan,
     settings=KubeSettings,  # APIOPS_KUBECONFIG, APIOPS_KUBE_CONTEXTS, ...: what kube_lifespan is handed
 )

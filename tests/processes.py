@@ -1,5 +1,6 @@
-"""Real processes for the crash tests: arq workers started as an operator would, and a Redis server of the
-test's own (on a free port, so stopping it disturbs nobody else's Redis)."""
+"""Real processes for the tests that stop, kill or run several of them: arq workers and `apiops serve` started as
+an operator would, and a Redis server of the test's own (on a free port, so stopping it disturbs nobody else's
+Redis)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,57 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from redis.asyncio import Redis
 
 from service.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import free_port, key_entries, wait_for
+
+APIOPS = str(Path(sys.executable).with_name("apiops"))
+
+
+def api_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment of an API process (or `apiops run`) on `port`: the test's database, Redis, queue and keys,
+    and none of the developer's own APIOPS_* settings."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")},
+        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
+        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "APIOPS_QUEUE_NAME": settings.queue_name,
+        "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
+        "APIOPS_PORT": str(port),
+    }
+
+
+async def wait_ready(port: int, within: float = 30) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
+
+        async def answers() -> bool:
+            try:
+                return (await probe.get("/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(answers, within=within, interval=0.05)
+
+
+@asynccontextmanager
+async def serving_api(
+    settings: Settings, port: int | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """`apiops serve` answering on `port` (by default one of its own), with its stderr piped; killed at the end if
+    still running."""
+    port = port or free_port()
+    process = await asyncio.create_subprocess_exec(
+        APIOPS, "serve", env=api_env(settings, port), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await wait_ready(port)
+        yield process, port
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:

@@ -109,7 +109,7 @@ async def test_submit_takes_key_values_or_json_and_get_and_list_show_the_jobs(
         apiops(url, "list"),
         apiops(url, "list", "--limit", "1", "--all", "--output", "json"),
         apiops(url, "list", "--limit", "1", "-o", "json"),
-        apiops(url, "list", "--target", "db/x", "--status", "success"),
+        apiops(url, "list", "--target", "noop/db/x", "--status", "success"),
     )
     assert shown.code == 0, shown
     assert f"job:      {first_id}" in shown.lines

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from service.settings import ApiKeyEntry, Scope, hash_key
 from tests.conftest import free_port
 
 APIOPS = str(Path(sys.executable).with_name("apiops"))
@@ -38,16 +39,29 @@ async def test_bare_apiops_prints_its_help_and_version_prints_the_version() -> N
 
 
 async def test_usage_errors_are_one_line_with_exit_2() -> None:
-    no_scopes, bad_scope, bad_url = await asyncio.gather(
+    no_scopes, bad_scope, bad_team, bad_url = await asyncio.gather(
         run("keys", "new", "ci", "--scopes", ""),
         run("keys", "new", "ci", "--scopes", "jobs:root"),
+        run("keys", "new", "ci", "--offline", "--team", "Payments Team"),
         run("list", "--url", "ftp://example"),
     )
-    for code, out, err in (no_scopes, bad_scope, bad_url):
+    for code, out, err in (no_scopes, bad_scope, bad_team, bad_url):
         assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("apiops: "), err
     assert "names no scope" in no_scopes[2] and "jobs:read" in no_scopes[2]
     assert "'jobs:root'" in bad_scope[2] and "jobs:admin" in bad_scope[2]
+    assert bad_team[2].startswith("apiops: keys new: --team: String should match pattern")
     assert "http://HOST:PORT" in bad_url[2]
+
+
+async def test_keys_new_offline_prints_a_key_and_the_entry_the_service_reads_with_its_team_and_targets() -> None:
+    code, out, err = await run(
+        "keys", "new", "alice", "--offline", "--team", "payments", "--targets", "k8s/staging/*, k8s/prod/pay-*"
+    )
+    assert code == 0, err
+    key = out.splitlines()[0].rsplit(" ", 1)[1]
+    entry = ApiKeyEntry.model_validate_json(out.splitlines()[-1])
+    assert (entry.name, entry.team, entry.targets) == ("alice", "payments", ("k8s/staging/*", "k8s/prod/pay-*"))
+    assert entry.sha256 == hash_key(key) and entry.scopes == {Scope.READ, Scope.WRITE}
 
 
 @pytest.mark.parametrize(

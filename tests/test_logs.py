@@ -34,7 +34,7 @@ async def test_json_lines_carry_request_and_job_context_and_no_secrets(
     for line in job_lines:
         assert line["type"] == "noop" and line["attempt"] == 1
     assert {"time", "level", "logger", "message"} <= set(job_lines[0])
-    for key, _ in KEYS.values():
+    for key, *_ in KEYS.values():
         assert key not in output
     assert "not-a-real-key" not in output and settings.database_url.get_secret_value() not in output
 

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,18 +18,17 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.conftest import KEYS, free_port, headers, key_entries, running_worker, wait_for, wait_for_status
-
-APIOPS = str(Path(sys.executable).with_name("apiops"))
+from tests.conftest import KEYS, free_port, headers, running_worker, wait_for, wait_for_status
+from tests.processes import APIOPS, api_env, serving_api, wait_ready
 
 
 async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        APIOPS, "run", env=_env(settings, port), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        APIOPS, "run", env=api_env(settings, port), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        await _ready(port)
+        await wait_ready(port)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
 
             async def workers() -> Any:
@@ -52,29 +50,6 @@ async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> N
 
 
 # Stops, as a supervisor, a container runtime and a person at a terminal make them.
-
-
-def _env(settings: Settings, port: int) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")},
-        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
-        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "APIOPS_QUEUE_NAME": settings.queue_name,
-        "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
-        "APIOPS_PORT": str(port),
-    }
-
-
-async def _ready(port: int, within: float = 30) -> None:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
-
-        async def answers() -> bool:
-            try:
-                return (await probe.get("/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(answers, within=within, interval=0.05)
 
 
 def _refused(port: int) -> bool:
@@ -112,27 +87,8 @@ async def _lines_until(stream: asyncio.StreamReader, fragment: str, seen: list[s
         seen.append(line)
 
 
-@asynccontextmanager
-async def _serving(
-    settings: Settings, port: int | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """`apiops serve` answering on `port` (by default one of its own), with its stderr piped; killed at the end if
-    still running."""
-    port = port or free_port()
-    process = await asyncio.create_subprocess_exec(
-        APIOPS, "serve", env=_env(settings, port), stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        await _ready(port)
-        yield process, port
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
 async def test_sigterm_stops_apiops_serve_gracefully_and_frees_the_port(settings: Settings) -> None:
-    async with _serving(settings) as (process, port):
+    async with serving_api(settings) as (process, port):
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             _, stderr = await process.communicate()
@@ -147,10 +103,10 @@ async def test_sigterm_stops_apiops_serve_as_pid_1_of_its_own_pid_namespace(sett
     port = free_port()
     outer = await asyncio.create_subprocess_exec(
         "unshare", "--pid", "--fork", "--kill-child", APIOPS, "serve",
-        env=_env(settings, port), stderr=asyncio.subprocess.PIPE,
+        env=api_env(settings, port), stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        await _ready(port)
+        await wait_ready(port)
         (server,) = _children(outer.pid)  # PID 1 inside; this is its number outside
         assert _pid_inside(server) == 1
         os.kill(server, signal.SIGTERM)
@@ -167,7 +123,7 @@ async def test_sigterm_stops_apiops_serve_as_pid_1_of_its_own_pid_namespace(sett
 
 async def test_an_open_event_stream_ends_when_the_api_stops_and_does_not_hold_the_stop(settings: Settings) -> None:
     async with (
-        _serving(settings) as (process, port),
+        serving_api(settings) as (process, port),
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api,
     ):
         job_id = (await api.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]  # no worker: pending
@@ -187,8 +143,8 @@ async def test_a_watch_says_it_waits_while_the_api_restarts_and_resumes_without_
     settings: Settings,
 ) -> None:
     port = free_port()
-    env = {**_env(settings, port), "APIOPS_URL": f"http://127.0.0.1:{port}", "APIOPS_API_KEY": KEYS["writer"][0]}
-    async with _serving(settings, port) as (server, _):
+    env = {**api_env(settings, port), "APIOPS_URL": f"http://127.0.0.1:{port}", "APIOPS_API_KEY": KEYS["writer"][0]}
+    async with serving_api(settings, port) as (server, _):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
             job_id = (await api.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]  # no worker yet
         watcher = await asyncio.create_subprocess_exec(
@@ -201,7 +157,7 @@ async def test_a_watch_says_it_waits_while_the_api_restarts_and_resumes_without_
         err: list[str] = []
         await _lines_until(watcher.stderr, "event stream lost", err)
     # The job runs while no API answers; then a new replica comes up where the old one was.
-    async with running_worker(settings), _serving(settings, port):
+    async with running_worker(settings), serving_api(settings, port):
         await _lines_until(watcher.stderr, "event stream back", err)
         async with asyncio.timeout(30):
             rest, more_err = await watcher.communicate()
@@ -217,7 +173,7 @@ async def test_a_watch_says_it_waits_while_the_api_restarts_and_resumes_without_
 async def _run(settings: Settings, port: int) -> asyncio.subprocess.Process:
     # A session of its own, as in a terminal: Ctrl-C is SIGINT to the whole foreground process group.
     return await asyncio.create_subprocess_exec(
-        APIOPS, "run", env=_env(settings, port), stderr=asyncio.subprocess.PIPE, start_new_session=True
+        APIOPS, "run", env=api_env(settings, port), stderr=asyncio.subprocess.PIPE, start_new_session=True
     )
 
 
@@ -245,7 +201,7 @@ async def _running_job(settings: Settings, sleep_s: float) -> AsyncIterator[Runn
     port = free_port()
     process = await _run(settings, port)
     try:
-        await _ready(port)
+        await wait_ready(port)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
             submitted = await api.post("/ops/jobs/noop", json={"steps": 1, "sleep_s": sleep_s})
         running = Running(process, submitted.json()["job_id"], [])
@@ -286,7 +242,7 @@ async def test_children_of_apiops_run_die_with_it_even_on_sigkill(settings: Sett
     port = free_port()
     process = await _run(settings, port)
     try:
-        await _ready(port)
+        await wait_ready(port)
         children = _children(process.pid)
         assert len(children) == 2
         process.kill()

@@ -8,11 +8,14 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from starlette.requests import Request
 
+from service.api.keys import KeyStore
+from service.api.repository import Caller
 from service.errors import Forbidden, Unauthorized
-from service.settings import DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings, hash_key
+from service.settings import DEFAULT_TEAM, DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings, hash_key
 
 logger = logging.getLogger(__name__)
 
@@ -21,19 +24,53 @@ API_KEY_HEADER = "x-api-key"
 
 @dataclass(frozen=True)
 class Principal:
+    """Who calls: the key's name (the actor), its scopes, its team, and the targets it may act on (None: any)."""
+
     name: str
     scopes: frozenset[Scope]
+    team: str = DEFAULT_TEAM
+    targets: tuple[str, ...] | None = None
 
     def allows(self, scope: Scope) -> bool:
-        return scope in self.scopes or Scope.ADMIN in self.scopes
+        if scope in self.scopes or Scope.SERVICE_ADMIN in self.scopes:
+            return True
+        # jobs:admin holds every scope over a team's jobs, not the service's own administration.
+        return scope != Scope.SERVICE_ADMIN and Scope.ADMIN in self.scopes
+
+    @property
+    def all_teams(self) -> bool:
+        return Scope.SERVICE_ADMIN in self.scopes
+
+    @property
+    def team_filter(self) -> str | None:
+        """The team every read and write of this caller is confined to, in SQL; None for the service's operators."""
+        return None if self.all_teams else self.team
+
+    def may_target(self, target: str | None) -> bool:
+        """A job with no target acts on nothing shared, so any key may submit it."""
+        if self.targets is None or target is None:
+            return True
+        return any(fnmatchcase(target, pattern) for pattern in self.targets)
+
+    def check_target(self, target: str | None) -> None:
+        if not self.may_target(target):
+            allowed = ", ".join(repr(p) for p in self.targets or ())
+            raise Forbidden(
+                f"API key {self.name!r} may not act on target {target!r}; it may act on targets matching {allowed}",
+                details={"target": target, "allowed_targets": list(self.targets or ())},
+            )
 
 
 class KeyRing:
-    def __init__(self, entries: Iterable[ApiKeyEntry]) -> None:
-        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.scopes)) for e in entries]
+    """Every key the API accepts: those configured in the environment (and the development key in dev mode), then
+    those managed at run time in PostgreSQL (`store`)."""
+
+    def __init__(self, entries: Iterable[ApiKeyEntry], store: KeyStore | None = None) -> None:
+        self._entries = [(bytes.fromhex(e.sha256), Principal(e.name, e.scopes, e.team, e.targets)) for e in entries]
+        self._store = store
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KeyRing:
+    def from_settings(cls, settings: Settings, store: KeyStore | None = None) -> KeyRing:
         entries = list(settings.api_keys)
         if settings.dev_mode:
             logger.warning(
@@ -41,9 +78,9 @@ class KeyRing:
                 DEV_API_KEY,
             )
             entries.append(ApiKeyEntry(name="dev", sha256=hash_key(DEV_API_KEY), scopes=frozenset(Scope)))
-        return cls(entries)
+        return cls(entries, store)
 
-    def authenticate(self, presented: str | None) -> Principal:
+    async def authenticate(self, presented: str | None) -> Principal:
         if not presented:
             raise Unauthorized(f"missing API key; send it in the {API_KEY_HEADER!r} header")
         digest = hashlib.sha256(presented.encode()).digest()
@@ -52,15 +89,19 @@ class KeyRing:
         for stored, principal in self._entries:
             if hmac.compare_digest(stored, digest):
                 found = principal
+        if found is None and self._store is not None:
+            managed = await self._store.find(digest)
+            if managed is not None:
+                found = Principal(managed.name, managed.scopes, managed.team, managed.targets)
         if found is None:
             raise Unauthorized("unknown API key")
         return found
 
 
-def require(request: Request, scope: Scope) -> Principal:
-    """The caller, who must hold `scope` (or `jobs:admin`)."""
+async def require(request: Request, scope: Scope) -> Principal:
+    """The caller, who must hold `scope` (or `jobs:admin`, or `admin`)."""
     keyring: KeyRing = request.state.app.keyring
-    principal = keyring.authenticate(request.headers.get(API_KEY_HEADER))
+    principal = await keyring.authenticate(request.headers.get(API_KEY_HEADER))
     if not principal.allows(scope):
         raise Forbidden(f"API key {principal.name!r} lacks the scope {scope.value!r}", details={"scope": scope.value})
     return principal
@@ -84,3 +125,10 @@ def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
     except ValueError:
         return False
     return any(ip in network for network in trusted)
+
+
+def caller_of(request: Request, principal: Principal) -> Caller:
+    """Who acts, as the jobs and keys it writes record it."""
+    settings: Settings = request.state.app.settings
+    source_ip = client_ip(request, settings.trusted_proxies)
+    return Caller(principal.name, principal.team, source_ip, all_teams=principal.all_teams)

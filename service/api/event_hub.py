@@ -4,13 +4,15 @@ PostgreSQL announces every new `ops_job_event` row on a channel (a trigger, migr
 event id. The hub keeps one connection listening; for the jobs somebody is watching it reads the new rows, in
 batches and in order, and hands them to each watcher's queue. No watcher polls the database. If the listening
 connection drops, every watcher is told to re-read what it may have missed once the hub is listening again.
+
+Other parts of the process may listen on the same connection (`also_listen`: the key store hears revocations).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +69,19 @@ class EventHub:
         self._running: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         self.closing = False
+        # channel -> (called with each payload, called with True once listening and False once no longer)
+        self._channels: dict[str, tuple[Callable[[str], None], Callable[[bool], None]]] = {}
+
+    def also_listen(self, channel: str, on_notify: Callable[[str], None], hearing: Callable[[bool], None]) -> None:
+        """Listen on `channel` too, from `start()` on: `on_notify(payload)` for each announcement; `hearing(True)`
+        each time announcements are heard from then on, `hearing(False)` when they may be missed (the connection
+        was lost)."""
+        self._channels[channel] = (on_notify, hearing)
+
+    def start(self) -> None:
+        """Listen from now on (the first watcher starts it otherwise); idempotent."""
+        if self._running is None:
+            self._running = asyncio.create_task(self.run(), name="apiops-listen")
 
     async def close(self) -> None:
         if self._running is not None:
@@ -76,10 +91,9 @@ class EventHub:
     @asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Queue[Item]]:
         """A queue of the job's new events, from now on. Subscribe before reading the history: nothing is lost."""
-        if self._running is None:
-            # Listen from the first watcher on: a process that streams nothing holds no extra connection. Events
-            # committed before the listening starts are caught up by the resync that follows it.
-            self._running = asyncio.create_task(self.run(), name="apiops-live-events")
+        # Listen from the first watcher on, unless started already. Events committed before the listening starts are
+        # caught up by the resync that follows it.
+        self.start()
         queue: asyncio.Queue[Item] = asyncio.Queue()
         if self.closing:
             queue.put_nowait(CLOSING)
@@ -131,6 +145,8 @@ class EventHub:
                 logger.warning("live events: listening connection lost (%s); reconnecting", exc)
             finally:
                 self.listening.clear()
+                for _, hearing in self._channels.values():
+                    hearing(False)
                 if not conn.is_closed():
                     await conn.close(timeout=1)
 
@@ -138,6 +154,9 @@ class EventHub:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(CHANNEL, self._on_notify)
+        for channel, (on_notify, hearing) in self._channels.items():
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload, tell=on_notify: tell(str(payload)))
+            hearing(True)
         self.listening.set()
         self._resync_everyone()  # whatever was announced while nobody listened
         await lost.wait()

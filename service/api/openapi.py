@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from service.api.keys import KeyList, KeyOut, MintedKey, NewKey
 from service.api.schemas import EventOut, JobOut, JobPage, JobTypeOut, JobWithEvents
 from service.jobtypes import Registry
 from service.models import JobStatus
@@ -21,7 +22,7 @@ _ERRORS = {
         "bad_request: a NUL (%00) in the URL"
     ),
     401: "unauthorized: no API key, or an unknown one",
-    403: "forbidden: the key lacks the scope",
+    403: "forbidden: the key lacks the scope, or may not act on the job's target",
     404: "not_found / unknown_job_type",
     405: "method_not_allowed",
     409: "conflict: the target is busy, or the job's state does not allow this",
@@ -79,7 +80,8 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 def openapi_document(registry: Registry) -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        JobOut, JobWithEvents, JobPage, EventOut, JobTypeOut, *(t.params for t in registry)
+        JobOut, JobWithEvents, JobPage, EventOut, JobTypeOut, NewKey, KeyOut, KeyList, MintedKey,
+        *(t.params for t in registry),
     ]  # fmt: skip
     _, definitions = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = {**definitions.get("$defs", {}), "Error": _ERROR_SCHEMA}
@@ -130,6 +132,9 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
                 _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}, "only this status"),
                 _query("actor", {"type": "string"}, "only jobs created with this key name"),
                 _query("target", {"type": "string"}, "only jobs acting on this target"),
+                _query(
+                    "team", {"type": "string"}, "only this team's jobs (keys other than `admin` see only their own)"
+                ),
                 _query("since", {"type": "string", "format": "date-time"}, "only jobs created at or after"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "page size"),
                 _query("cursor", {"type": "string"}, "`next_cursor` of the previous page, unchanged"),
@@ -228,6 +233,38 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             403,
             503,
         )  # fmt: skip
+    }
+    paths["/ops/keys"] = {
+        "post": _operation(
+            "Mint an API key (scope admin); the key itself is in this answer only",
+            _ok("the new key, with `key`", _ref("MintedKey"), 201),
+            401,
+            403,
+            413,
+            415,
+            422,
+            503,
+            requestBody={"required": True, "content": _json(_ref("NewKey"))},
+        ),
+        "get": _operation(
+            "Every managed key, newest first (scope admin): never the key nor its hash",
+            _ok("the keys", _ref("KeyList")),
+            401,
+            403,
+            503,
+        ),
+    }
+    paths["/ops/keys/{key_id}"] = {
+        "delete": _operation(
+            "Revoke a key (scope admin): every API process refuses it from the revocation's commit on",
+            _ok("the key, revoked", _ref("KeyOut")),
+            401,
+            403,
+            404,
+            409,
+            503,
+            parameters=[_path_param("key_id", "the key's id, e.g. `key-01m8mbm2aekn3wj4fwy2404maz`")],
+        ),
     }
     probe: dict[str, Any] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
     paths["/livez"] = {"get": {"summary": "The process answers", "security": [], "responses": _ok("alive", probe)}}

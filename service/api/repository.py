@@ -36,20 +36,31 @@ from service.models import ACTIVE, ACTIVE_TARGET_INDEX, Base, Event, EventKind, 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
-def new_job_id(job_type: str) -> str:
-    """`<type>-<26 chars>`: 48 bits of milliseconds then 80 random bits, so ids sort by creation time."""
+def new_id(prefix: str) -> str:
+    """`<prefix>-<26 chars>` (a job's prefix is its type): 48 bits of milliseconds then 80 random bits, so ids sort
+    by creation time."""
     value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
     chars = []
     for _ in range(26):
         value, digit = divmod(value, 32)
         chars.append(_CROCKFORD[digit])
-    return f"{job_type}-{''.join(reversed(chars))}"
+    return f"{prefix}-{''.join(reversed(chars))}"
 
 
 @dataclass(frozen=True)
 class Caller:
+    """Who writes: the key's name, its team (which every job it submits belongs to), its address, and whether it
+    acts for the service's operators (on every team's jobs)."""
+
     actor: str
+    team: str
     source_ip: str | None
+    all_teams: bool = False
+
+    @property
+    def only_team(self) -> str | None:
+        """The team whose jobs alone the caller may see and act on; None: every team's."""
+        return None if self.all_teams else self.team
 
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -66,9 +77,9 @@ class Created:
 # Idempotency-Key its actor already used is not inserted (no row comes back); a busy target raises a unique violation.
 _INSERT_JOB = text(f"""
 WITH job AS (
-    INSERT INTO ops_job (job_id, type, status, params, target, actor, source_ip, idempotency_key, attempt)
-    VALUES (:job_id, :type, '{JobStatus.PENDING}', CAST(:params AS jsonb), :target, :actor, :source_ip, :key, 0)
-    ON CONFLICT (actor, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    INSERT INTO ops_job (job_id, type, status, params, target, actor, team, source_ip, idempotency_key, attempt)
+    VALUES (:job_id, :type, '{JobStatus.PENDING}', CAST(:params AS jsonb), :target, :actor, :team, :source_ip, :key, 0)
+    ON CONFLICT (team, actor, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING job_id, created_at
 ),
 steps AS (
@@ -87,23 +98,29 @@ SELECT created_at FROM job
 # An expired Idempotency-Key is freed for a new job; the old job keeps everything else.
 _FREE_EXPIRED_KEY = text("""
 UPDATE ops_job SET idempotency_key = NULL
-WHERE actor = :actor AND idempotency_key = :key
+WHERE team = :team AND actor = :actor AND idempotency_key = :key
     AND created_at < now() - make_interval(secs => CAST(:window AS double precision))
 RETURNING job_id
 """)
 
 
 async def create_job(
-    conn: AsyncConnection, job_type: JobType[Any], params: BaseModel, caller: Caller, idempotency_key: str | None
+    conn: AsyncConnection,
+    job_type: JobType[Any],
+    params: BaseModel,
+    target: str | None,
+    caller: Caller,
+    idempotency_key: str | None,
 ) -> Created:
-    """Write the job, its planned steps and its `created` event in one statement (`conn` is best in autocommit),
-    and return the new job as the API shows it; or return the job the same Idempotency-Key created."""
+    """Write the job (acting on `target`, which the caller may touch), its planned steps and its `created` event in
+    one statement (`conn` is best in autocommit), and return the new job as the API shows it; or return the job the
+    same Idempotency-Key created."""
     values = params.model_dump(mode="json")
-    job_id, target = new_job_id(job_type.name), job_type.target(params)
+    job_id = new_id(job_type.name)
     steps = [step.name for step in job_type.steps_for(params)]
     row = {
         "job_id": job_id, "type": job_type.name, "params": json.dumps(values), "target": target,
-        "actor": caller.actor, "source_ip": caller.source_ip, "key": idempotency_key, "steps": steps,
+        "key": idempotency_key, "steps": steps, **_caller_columns(caller),
     }  # fmt: skip
     # Twice at most: a key whose job expired is freed, then the insert is tried again.
     for _ in range(2):
@@ -113,7 +130,7 @@ async def create_job(
             if _violated_constraint(exc) != ACTIVE_TARGET_INDEX:
                 raise
             await conn.rollback()
-            raise await _target_busy(conn, target) from None
+            raise await _target_busy(conn, target, caller.only_team) from None
         if created_at is not None:
             return Created(
                 JobOut(
@@ -123,6 +140,7 @@ async def create_job(
                     params=values,
                     target=target,
                     actor=caller.actor,
+                    team=caller.team,
                     source_ip=caller.source_ip,
                     attempt=0,
                     error=None,
@@ -156,9 +174,10 @@ async def _idempotent_replay(
     """The job this actor created with `key` within the window, if the request is the same (else an error); None
     when the key's job has expired, and the key is free again."""
     window = IDEMPOTENCY_WINDOW.total_seconds()
-    if await conn.scalar(_FREE_EXPIRED_KEY, {"actor": caller.actor, "key": key, "window": window}) is not None:
+    keyed = {"team": caller.team, "actor": caller.actor, "key": key}
+    if await conn.scalar(_FREE_EXPIRED_KEY, {**keyed, "window": window}) is not None:
         return None
-    jobs = await _read_jobs(conn, _KEYED_JOB, {"actor": caller.actor, "key": key})
+    jobs = await _read_jobs(conn, _KEYED_JOB, keyed)
     if not jobs:
         return None  # freed meanwhile
     earlier = jobs[0]
@@ -168,12 +187,15 @@ async def _idempotent_replay(
     return earlier
 
 
-# Cancel, in one statement. The job row is locked and read as it was, for the answer (404, 403, 409 or done). If the
+# Cancel, in one statement. The job row is locked and read as it was, for the answer (404, 403, 409 or done); another
+# team's job is not read at all (`only_team`: the caller's team, NULL for the service's operators). If the
 # caller may act on it and it is unfinished: a cancel is requested, once (asking again changes nothing), and a pending
 # job is cancelled at once; each with its event. A running job is only flagged: its worker stops it within a second.
 _CANCEL_JOB = text(f"""
 WITH job AS (
-    SELECT job_id, actor, status, cancel_requested_at FROM ops_job WHERE job_id = :job_id FOR UPDATE
+    SELECT job_id, actor, status, cancel_requested_at FROM ops_job
+    WHERE job_id = :job_id AND (team = CAST(:only_team AS text) OR CAST(:only_team AS text) IS NULL)
+    FOR UPDATE
 ),
 go AS (
     SELECT job_id, status, cancel_requested_at FROM job
@@ -207,7 +229,9 @@ SELECT actor, status, EXISTS (SELECT 1 FROM go) AS done FROM job
 # or were left running are pending again), with its `retried` event. A busy target violates ACTIVE_TARGET_INDEX.
 _RETRY_JOB = text(f"""
 WITH job AS (
-    SELECT job_id, actor, status FROM ops_job WHERE job_id = :job_id FOR UPDATE
+    SELECT job_id, actor, status FROM ops_job
+    WHERE job_id = :job_id AND (team = CAST(:only_team AS text) OR CAST(:only_team AS text) IS NULL)
+    FOR UPDATE
 ),
 go AS (
     SELECT job_id FROM job
@@ -238,7 +262,7 @@ SELECT actor, status, EXISTS (SELECT 1 FROM go) AS done FROM job
 
 async def cancel_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_for_others: bool) -> JobOut:
     """A pending job is cancelled at once; a running one is flagged, and its worker stops it within a second.
-    One statement (`conn` is best in autocommit), then the job as it left it."""
+    One statement (`conn` is best in autocommit), then the job as it left it. Another team's job is not found."""
     error = f"cancelled by {caller.actor} before it ran"
     values = {"job_id": job_id, "may_act_for_others": may_act_for_others, "error": error, **_caller_columns(caller)}
     row = _allowed(
@@ -252,7 +276,7 @@ async def cancel_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act
 
 async def retry_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_for_others: bool) -> JobOut:
     """Pending again from the first unfinished step; same job id, history kept. One statement (`conn` is best in
-    autocommit), then the job as it left it. The caller enqueues it."""
+    autocommit), then the job as it left it. The caller enqueues it. Another team's job is not found."""
     values = {"job_id": job_id, "may_act_for_others": may_act_for_others, **_caller_columns(caller)}
     try:
         result = (await conn.execute(_RETRY_JOB, values)).one_or_none()
@@ -260,7 +284,7 @@ async def retry_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_
         if _violated_constraint(exc) != ACTIVE_TARGET_INDEX:
             raise
         await conn.rollback()
-        raise await _target_busy(conn, await conn.scalar(_TARGET_OF, {"job_id": job_id})) from None
+        raise await _target_busy(conn, await conn.scalar(_TARGET_OF, {"job_id": job_id}), caller.only_team) from None
     row = _allowed(result, job_id, caller, may_act_for_others, "retry")
     if not row.done:
         raise Conflict(
@@ -290,7 +314,7 @@ async def _job_as_left(conn: AsyncConnection, job_id: str) -> JobOut:
 
 
 def _caller_columns(caller: Caller) -> dict[str, Any]:
-    return {"actor": caller.actor, "source_ip": caller.source_ip}
+    return {"actor": caller.actor, "team": caller.team, "source_ip": caller.source_ip, "only_team": caller.only_team}
 
 
 def _violated_constraint(exc: IntegrityError) -> str | None:
@@ -304,14 +328,26 @@ def _violated_constraint(exc: IntegrityError) -> str | None:
 
 
 _TARGET_OF = select(Job.target).where(Job.job_id == bindparam("job_id"))
-_BLOCKING_JOB = select(Job.job_id).where(Job.target == bindparam("target"), Job.status.in_(ACTIVE))
+_BLOCKING_JOB = select(Job.job_id, Job.team).where(Job.target == bindparam("target"), Job.status.in_(ACTIVE))
 
 
-async def _target_busy(conn: AsyncConnection, target: str | None) -> Conflict:
-    blocking = await conn.scalar(_BLOCKING_JOB, {"target": target})
+async def _target_busy(conn: AsyncConnection, target: str | None, only_team: str | None) -> Conflict:
+    """A target is held across teams, but another team's job is not named: its existence is not the caller's to
+    know, only that the target is busy."""
+    blocking = (await conn.execute(_BLOCKING_JOB, {"target": target})).one_or_none()
+    if blocking is None:
+        return Conflict(
+            f"target {target!r} was busy with a job that has just finished; try again",
+            details={"target": target, "blocking_job_id": None},
+        )
+    if only_team is not None and blocking.team != only_team:
+        return Conflict(
+            f"target {target!r} is busy with another team's job; try again once it has finished",
+            details={"target": target, "blocking_job_id": None},
+        )
     return Conflict(
-        f"target {target!r} is busy with job {blocking or '(just finished; try again)'}; wait for it or cancel it",
-        details={"target": target, "blocking_job_id": blocking},
+        f"target {target!r} is busy with job {blocking.job_id}; wait for it or cancel it",
+        details={"target": target, "blocking_job_id": blocking.job_id},
     )
 
 
@@ -352,7 +388,10 @@ async def _read_jobs(conn: AsyncConnection, query: Select[Any], params: dict[str
 
 # Built once, parameters bound at each call: a statement built per call costs its cache key every time.
 _GET_JOB = _JOBS_OUT.where(Job.job_id == bindparam("job_id"))
-_KEYED_JOB = _JOBS_OUT.where(Job.actor == bindparam("actor"), Job.idempotency_key == bindparam("key"))
+_GET_TEAM_JOB = _GET_JOB.where(Job.team == bindparam("team"))
+_KEYED_JOB = _JOBS_OUT.where(
+    Job.team == bindparam("team"), Job.actor == bindparam("actor"), Job.idempotency_key == bindparam("key")
+)
 _EVENT_COLUMNS = _columns(Event, EventOut)
 _GET_EVENTS = (
     select(*_EVENT_COLUMNS)
@@ -382,12 +421,28 @@ async def count_jobs(conn: AsyncConnection) -> list[tuple[str, str, int]]:
     return [(row[0], row[1], row[2]) for row in rows]
 
 
-async def get_job(conn: AsyncConnection, job_id: str) -> JobOut:
-    """The job and its steps in one statement: one round trip, and one snapshot of both."""
-    jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
+async def get_job(conn: AsyncConnection, job_id: str, *, team: str | None) -> JobOut:
+    """The job and its steps in one statement: one round trip, and one snapshot of both. With `team`, another
+    team's job is not found, as if it did not exist."""
+    if team is None:
+        jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
+    else:
+        jobs = await _read_jobs(conn, _GET_TEAM_JOB, {"job_id": job_id, "team": team})
     if not jobs:
         raise NotFound(f"no job {job_id!r}")
     return jobs[0]
+
+
+_TEAM_JOB_IDS = select(Job.job_id).where(
+    Job.job_id.in_(bindparam("ids", expanding=True)), Job.team == bindparam("team")
+)
+
+
+async def team_job_ids(conn: AsyncConnection, job_ids: list[str], team: str) -> set[str]:
+    """Those of `job_ids` that belong to `team`."""
+    if not job_ids:
+        return set()
+    return set((await conn.execute(_TEAM_JOB_IDS, {"ids": job_ids, "team": team})).scalars())
 
 
 async def get_events(conn: AsyncConnection, job_id: str, after: int = 0) -> list[EventOut]:
@@ -417,6 +472,7 @@ class ListFilter(BaseModel):
     status: JobStatus | None = None
     actor: str | None = None
     target: str | None = None
+    team: str | None = None
     since: Annotated[datetime, BeforeValidator(_iso8601)] | None = None
 
 

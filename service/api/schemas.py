@@ -32,6 +32,7 @@ class JobOut(BaseModel):
     params: dict[str, Any]
     target: str | None
     actor: str
+    team: str
     source_ip: str | None
     attempt: int
     error: str | None

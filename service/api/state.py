@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from service.api.auth import KeyRing
 from service.api.event_hub import EventHub
+from service.api.keys import KeyStore
 from service.jobtypes import Registry
 from service.settings import Settings
 
@@ -23,6 +24,7 @@ class AppState:
     redis: ArqRedis
     registry: Registry
     keyring: KeyRing
+    keys: KeyStore
     hub: EventHub
 
     @staticmethod

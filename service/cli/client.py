@@ -116,6 +116,15 @@ class ApiClient:
     async def job_types(self) -> dict[str, Any]:
         return await self._call("GET", "/ops/job-types")
 
+    async def create_key(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", "/ops/keys", json=body)
+
+    async def keys(self) -> dict[str, Any]:
+        return await self._call("GET", "/ops/keys")
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/ops/keys/{_segment(key_id)}")
+
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/ops/jobs/{_segment(job_id)}/cancel")
 

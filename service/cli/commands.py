@@ -20,11 +20,12 @@ import httpx
 
 from service.cli import console
 from service.cli.client import ApiClient, ApiError, Unreachable
+from service.settings import Scope
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 CLIENT_EPILOG = f"""\
-exit status of the client commands (submit, get, list, cancel, retry, watch, job-types): 0 done; 3 the API
+exit status of the client commands (submit, get, list, cancel, retry, watch, job-types, keys): 0 done; 3 the API
 refused (its error is printed as one line: status, code, message) or could not be reached; 2 a usage error.
 `watch` and `submit --watch`: 0 the job ended success, 1 failed, 2 cancelled, 3 the API refused or could not be
 reached, 130 interrupted (Ctrl-C; the job goes on).
@@ -33,7 +34,7 @@ environment: APIOPS_URL (default {DEFAULT_URL}; the scheme may be left out: loca
 --url and --api-key, before or after the command, override them.
 """
 
-CLIENT_COMMANDS = ("submit", "get", "list", "cancel", "retry", "watch", "job-types")
+CLIENT_COMMANDS = ("submit", "get", "list", "cancel", "retry", "watch", "job-types", "keys")
 USAGE = 2
 API_FAILED = 3
 INTERRUPTED = 130
@@ -101,6 +102,8 @@ async def _client_command(api: ApiClient, args: argparse.Namespace, params: dict
         return 0
     if args.command == "list":
         return await _list(api, args, as_json)
+    if args.command == "keys":
+        return await _keys(api, args, as_json)
     if args.command == "job-types":
         types = (await api.job_types())["job_types"]
         _print_json(types) if as_json else console.print_job_types(types, sys.stdout)
@@ -114,6 +117,42 @@ async def _client_command(api: ApiClient, args: argparse.Namespace, params: dict
         print(f"{job['job_id']}: cancelled")
     else:
         print(f"{job['job_id']}: cancel requested; the running step stops within a second")
+    return 0
+
+
+def key_request(args: argparse.Namespace) -> dict[str, Any]:
+    """`keys new`'s options as the body of `POST /ops/keys`; a scope list naming none, or an unknown scope, is a
+    usage error before anything is sent."""
+    known = [scope.value for scope in Scope]
+    scopes = sorted({s.strip() for s in args.scopes.split(",") if s.strip()})
+    if not scopes:
+        raise UsageError(f"keys new: --scopes names no scope; a key needs at least one of {', '.join(known)}")
+    unknown = [s for s in scopes if s not in known]
+    if unknown:
+        raise UsageError(f"keys new: {unknown[0]!r} is not a scope; scopes are {', '.join(known)}")
+    body: dict[str, Any] = {"name": args.name, "team": args.team, "scopes": scopes}
+    if args.targets is not None:
+        body["targets"] = [p.strip() for p in args.targets.split(",") if p.strip()]
+    if args.expires_at is not None:
+        body["expires_at"] = args.expires_at
+    return body
+
+
+async def _keys(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
+    if args.keys_command == "new":
+        key = await api.create_key(key_request(args))
+        if as_json:
+            _print_json(key)
+        else:
+            print(f"API key {key['id']} for {key['name']} of team {key['team']} (shown once; store it now):")
+            print(key["key"])
+        return 0
+    if args.keys_command == "revoke":
+        key = await api.revoke_key(args.key_id)
+        _print_json(key) if as_json else print(f"{key['id']}: revoked; every API process refuses it from now on")
+        return 0
+    keys = (await api.keys())["keys"]
+    _print_json(keys) if as_json else console.print_keys(keys, sys.stdout)
     return 0
 
 
@@ -209,3 +248,22 @@ def add_client_parsers(commands: Any, connection: argparse.ArgumentParser) -> No
     add("retry", "run a failed or cancelled job again from its first unfinished step").add_argument("job_id")
     add("watch", "show a job's steps live until it ends; the exit status says how it ended").add_argument("job_id")
     add("job-types", "list the job types with their steps and params")
+    keys = add("keys", "API keys managed at run time (scope admin)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+
+    def add_key(name: str, help: str) -> argparse.ArgumentParser:
+        return key_commands.add_parser(name, help=help, description=help, parents=[connection])
+
+    new_key = add_key("new", "mint a key through the API and print it, once")
+    new_key.add_argument("name", help="who uses the key; becomes the actor of the jobs it creates")
+    new_key.add_argument("--scopes", default="jobs:read,jobs:write", help="comma-separated (default: %(default)s)")
+    new_key.add_argument("--team", default="default", help="whose jobs it sees and acts on (default: %(default)s)")
+    new_key.add_argument("--targets", help="comma-separated globs of the targets it may act on (default: any)")
+    new_key.add_argument("--expires-at", metavar="TIME", help="refused from TIME on (ISO 8601; default: never)")
+    new_key.add_argument(
+        "--offline",
+        action="store_true",
+        help="ask no API: print the key and the entry to add to APIOPS_API_KEYS (to bootstrap the first keys)",
+    )
+    add_key("list", "every managed key, newest first: never the key itself")
+    add_key("revoke", "revoke a key: every API process refuses it at once").add_argument("key_id")

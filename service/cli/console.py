@@ -228,6 +228,19 @@ def print_jobs(jobs: Iterable[dict[str, Any]], out: TextIO) -> None:
     print_columns(out, ["JOB", "TYPE", "STATUS", "STEPS", "ACTOR", "TARGET", "CREATED"], rows)
 
 
+def print_keys(keys: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """`apiops keys list`: one managed key a line, newest first."""
+    rows = [
+        [
+            key["id"], key["name"], key["team"], ",".join(key["scopes"]), ",".join(key["targets"] or ["*"]),
+            key["status"], _utc(datetime.fromisoformat(key["created_at"])),
+            _utc(datetime.fromisoformat(key["last_used_at"])) if key["last_used_at"] else "never",
+        ]
+        for key in keys
+    ]  # fmt: skip
+    print_columns(out, ["ID", "NAME", "TEAM", "SCOPES", "TARGETS", "STATUS", "CREATED", "LAST USED"], rows)
+
+
 def print_job_types(job_types: Iterable[dict[str, Any]], out: TextIO) -> None:
     """`apiops job-types`: each type, its params (with their defaults) and its steps."""
     for number, job_type in enumerate(job_types):

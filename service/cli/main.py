@@ -3,8 +3,9 @@
 apiops run                 API on APIOPS_HOST:APIOPS_PORT and one worker, in the foreground, until Ctrl-C
 apiops serve               the API alone (uvicorn)
 apiops db upgrade          create the database if it is missing, then migrate it to the latest revision
-apiops keys new NAME --scopes jobs:read,jobs:write
-apiops submit TYPE key=value ... [--watch]; get ID; list; cancel ID; retry ID; watch ID; job-types
+apiops keys new NAME --offline --scopes jobs:read,jobs:write --team T   a key for APIOPS_API_KEYS (bootstrap)
+apiops submit TYPE key=value ... [--watch]; get ID; list; cancel ID; retry ID; watch ID; job-types;
+       keys new NAME --team T; keys list; keys revoke ID
                            the API's client (service/cli/commands.py), at APIOPS_URL with APIOPS_API_KEY
 apiops completion bash     a shell completion script (bash, zsh or tcsh)
 
@@ -22,7 +23,15 @@ from importlib.metadata import version
 import shtab
 
 from service.cli import processes
-from service.cli.commands import CLIENT_COMMANDS, CLIENT_EPILOG, USAGE, UsageError, add_client_parsers, client_main
+from service.cli.commands import (
+    CLIENT_COMMANDS,
+    CLIENT_EPILOG,
+    USAGE,
+    UsageError,
+    add_client_parsers,
+    client_main,
+    key_request,
+)
 from service.settings import settings_or_exit
 
 # Exit status after a broken pipe (`apiops list | head`), as a shell reports a process that SIGPIPE ended.
@@ -57,10 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the API alone")
     db = commands.add_parser("db", help="database administration").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="create the database if missing and migrate it to the latest revision")
-    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    new_key = keys.add_parser("new", help="mint a key and print its configuration entry")
-    new_key.add_argument("name", help="who uses the key; becomes the actor of the jobs it creates")
-    new_key.add_argument("--scopes", default="jobs:read,jobs:write", help="comma-separated (default: %(default)s)")
     add_client_parsers(commands, _connection_options(suppress=True))
     completion = commands.add_parser(
         "completion", help='print a shell completion script: eval "$(apiops completion bash)"'
@@ -78,10 +83,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "completion":
         print(shtab.complete(parser, shell=args.shell))
         return 0
+    if args.command == "keys" and args.keys_command == "new" and args.offline:
+        if args.expires_at is not None:
+            raise UsageError("keys new: --expires-at needs the API; a key in APIOPS_API_KEYS lasts until removed")
+        return processes.keys_new(key_request(args))
     if args.command in CLIENT_COMMANDS:
         return client_main(args)
-    if args.command == "keys":
-        return processes.keys_new(args.name, args.scopes)
     settings = settings_or_exit("apiops")
     if args.command == "run":
         return processes.run(settings)

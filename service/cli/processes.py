@@ -12,9 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from service.logs import configure_logging
-from service.settings import Scope, Settings, hash_key
+from service.settings import ApiKeyEntry, Settings, hash_key
 
 # asyncpg, SQLAlchemy and alembic are imported where they are used: the client commands, which need none of them,
 # then start in half the time.
@@ -181,19 +184,17 @@ def db_upgrade(settings: Settings) -> int:
     return 0
 
 
-def keys_new(name: str, scopes: str) -> int:
-    known = ", ".join(s.value for s in Scope)
-    try:
-        chosen = sorted({Scope(s.strip()) for s in scopes.split(",") if s.strip()})
-    except ValueError as exc:
-        print(f"apiops: keys new: {exc}; scopes are {known}", file=sys.stderr)
-        return 2
-    if not chosen:
-        print(f"apiops: keys new: --scopes names no scope; a key needs at least one of {known}", file=sys.stderr)
-        return 2
+def keys_new(request: dict[str, Any]) -> int:
+    """`keys new --offline`: a key and the entry that configures it in APIOPS_API_KEYS, asking no API (for the first
+    keys, before any can call `POST /ops/keys`). `request` is what `POST /ops/keys` would take."""
     key = f"apiops_{secrets.token_urlsafe(32)}"
-    entry = {"name": name, "sha256": hash_key(key), "scopes": [s.value for s in chosen]}
-    print(f"API key for {name} (shown once; store it now): {key}")
+    try:
+        entry = ApiKeyEntry(sha256=hash_key(key), **request)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            print(f"apiops: keys new: --{error['loc'][0]}: {error['msg']}", file=sys.stderr)
+        return 2
+    print(f"API key for {entry.name} (shown once; store it now): {key}")
     print("Add this entry to the JSON list in APIOPS_API_KEYS or APIOPS_API_KEYS_FILE:")
-    print(json.dumps(entry))
+    print(json.dumps(entry.model_dump(mode="json", exclude_none=True) | {"scopes": request["scopes"]}))
     return 0

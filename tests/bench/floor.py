@@ -24,7 +24,7 @@ from arq.worker import func
 
 from jobs.noop import NoopParams
 from jobs.worker import install_event_loop
-from service.api.repository import new_job_id
+from service.api.repository import new_id
 from service.db import asyncpg_dsn
 from service.settings import get_settings
 from tests.bench.stack import FLOOR_QUEUE, FLOOR_SCHEMA
@@ -72,7 +72,7 @@ class FloorClient:
         self.redis = redis
 
     async def submit(self) -> str:
-        job_id = new_job_id("noop")
+        job_id = new_id("noop")
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(INSERT_JOB, job_id, PARAMS, ACTOR, SOURCE_IP)
             await conn.execute(INSERT_STEPS, job_id)

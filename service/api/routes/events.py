@@ -25,11 +25,11 @@ from service.settings import Scope
 
 async def job_events(request: Request) -> StreamingResponse:
     state = AppState.of(request)
-    require(request, Scope.READ)
+    principal = await require(request, Scope.READ)
     job_id = request.path_params["job_id"]
     after = _resume_point(request)
     async with state.autocommit.connect() as conn:
-        await get_job(conn, job_id)  # a 404 before the stream starts
+        await get_job(conn, job_id, team=principal.team_filter)  # a 404 before the stream starts, as for any read
     return StreamingResponse(
         _stream(state, job_id, after),
         media_type="text/event-stream",
@@ -81,7 +81,7 @@ async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list
     """Whether the job has finished, and its events after `after`. The status is read first: if it is final, the
     `finished` event was committed before and is in the list."""
     async with state.autocommit.connect() as conn:
-        status = JobStatus((await get_job(conn, job_id)).status)
+        status = JobStatus((await get_job(conn, job_id, team=None)).status)  # the caller's was checked at the start
         return status.finished, [Message.of(event) for event in await get_events(conn, job_id, after)]
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.api.auth import Principal, client_ip, require
-from service.api.input_limits import MAX_JSON_DEPTH, json_depth, unstorable
+from service.api.auth import caller_of, require
 from service.api.repository import (
-    Caller,
     ListFilter,
     cancel_job,
     create_job,
@@ -23,24 +20,25 @@ from service.api.repository import (
     list_jobs,
     retry_job,
 )
-from service.api.schemas import JobOut, JobWithEvents, ModelResponse, job_type_json
+from service.api.request_body import read_json_object, validate
+from service.api.schemas import JobOut, JobPage, JobWithEvents, ModelResponse, job_type_json
 from service.api.state import AppState
-from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidParams
 from service.queue import enqueue
 from service.settings import Scope
-
-M = TypeVar("M", bound=BaseModel)
 
 
 async def submit_job(request: Request) -> Response:
     state = AppState.of(request)
-    principal = require(request, Scope.WRITE)
+    principal = await require(request, Scope.WRITE)
     job_type = state.registry.get(request.path_params["name"])
     key = _idempotency_key(request)
-    body = await _read_json_object(request, state.settings.max_body_bytes)
-    params = _validate(job_type.params, body, context=state.registry.params_context(job_type.name))
+    body = await read_json_object(request, state.settings.max_body_bytes)
+    params = validate(job_type.params, body, context=state.registry.params_context(job_type.name))
+    target = job_type.target_of(params)
+    principal.check_target(target)
     async with state.autocommit.connect() as conn:
-        created = await create_job(conn, job_type, params, _caller(request, principal), key)
+        created = await create_job(conn, job_type, params, target, caller_of(request, principal), key)
     job = created.job
     headers = {"Location": f"/ops/jobs/{job.job_id}"}
     if created.replayed:
@@ -52,11 +50,11 @@ async def submit_job(request: Request) -> Response:
 
 async def read_job(request: Request) -> Response:
     state = AppState.of(request)
-    require(request, Scope.READ)
-    query = _validate(ReadQuery, dict(request.query_params))
+    principal = await require(request, Scope.READ)
+    query = validate(ReadQuery, dict(request.query_params))
     # In autocommit: each read is one statement, so no BEGIN and ROLLBACK round trips around it.
     async with state.autocommit.connect() as conn:
-        job = await get_job(conn, request.path_params["name"])
+        job = await get_job(conn, request.path_params["name"], team=principal.team_filter)
         if query.include != "events":
             return ModelResponse(job)
         events = await get_events(conn, job.job_id)
@@ -65,20 +63,20 @@ async def read_job(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     state = AppState.of(request)
-    principal = require(request, Scope.WRITE)
+    principal = await require(request, Scope.WRITE)
     async with state.autocommit.connect() as conn:
         job = await cancel_job(
-            conn, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
+            conn, request.path_params["job_id"], caller_of(request, principal), principal.allows(Scope.ADMIN)
         )
     return ModelResponse(job, status_code=202)
 
 
 async def retry(request: Request) -> Response:
     state = AppState.of(request)
-    principal = require(request, Scope.WRITE)
+    principal = await require(request, Scope.WRITE)
     async with state.autocommit.connect() as conn:
         job = await retry_job(
-            conn, request.path_params["job_id"], _caller(request, principal), principal.allows(Scope.ADMIN)
+            conn, request.path_params["job_id"], caller_of(request, principal), principal.allows(Scope.ADMIN)
         )
     await _enqueue(state, job)
     return ModelResponse(job, status_code=202)
@@ -88,10 +86,6 @@ class ReadQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include: Literal["events"] | None = None
-
-
-def _caller(request: Request, principal: Principal) -> Caller:
-    return Caller(principal.name, client_ip(request, AppState.of(request).settings.trusted_proxies))
 
 
 async def _enqueue(state: AppState, job: JobOut) -> None:
@@ -123,9 +117,13 @@ class ListQuery(ListFilter):
 
 async def list_job_page(request: Request) -> Response:
     state = AppState.of(request)
-    require(request, Scope.READ)
-    query = _validate(ListQuery, dict(request.query_params))
+    principal = await require(request, Scope.READ)
+    query = validate(ListQuery, dict(request.query_params))
     filters = ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields)))
+    if principal.team_filter is not None:
+        if filters.team not in (None, principal.team_filter):
+            return ModelResponse(JobPage(jobs=[], next_cursor=None))  # another team's jobs: as if there were none
+        filters = filters.model_copy(update={"team": principal.team_filter})
     async with state.autocommit.connect() as conn:
         page = await list_jobs(conn, filters, query.limit, query.cursor)
     return ModelResponse(page)
@@ -133,62 +131,8 @@ async def list_job_page(request: Request) -> Response:
 
 async def list_job_types(request: Request) -> JSONResponse:
     state = AppState.of(request)
-    require(request, Scope.READ)
+    await require(request, Scope.READ)
     return JSONResponse({"job_types": [job_type_json(job_type) for job_type in state.registry]})
-
-
-async def _read_json_object(request: Request, limit: int) -> bytes:
-    """The body as a JSON object; an empty body means `{}` (every param at its default)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-    if not body.strip():
-        return b"{}"
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise UnsupportedMediaType(
-            f"expected Content-Type: application/json, got {media_type or 'none'!r}",
-            details={"expected": "application/json"},
-        )
-    if json_depth(body) > MAX_JSON_DEPTH:
-        raise MalformedJson(f"body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedJson(f"body is not valid JSON: {exc}") from None
-    except ValueError:  # Python's own guard: an integer of more than 4,300 digits
-        raise MalformedJson("body holds a number of more digits than this service reads (4300)") from None
-    if not isinstance(data, dict):
-        raise InvalidParams(
-            "params must be a JSON object", details=[{"field": None, "message": "expected a JSON object"}]
-        )
-    where = unstorable(data)
-    if where is not None:
-        message = "holds a NUL character or a lone UTF-16 surrogate, which cannot be stored"
-        raise InvalidParams(f"invalid params: {where}: {message}", details=[{"field": where, "message": message}])
-    return bytes(body)
-
-
-def _validate(model: type[M], data: dict[str, Any] | bytes, context: dict[str, Any] | None = None) -> M:
-    """Query parameters (a dict of strings) are validated laxly: "50" is a limit. A JSON body (bytes) strictly, in
-    JSON mode: `false` or "3" is not a number (lax mode would coerce both), while an integer still fills a float
-    and an ISO string a date-time."""
-    try:
-        if isinstance(data, bytes):
-            return model.model_validate_json(data, strict=True, context=context)
-        return model.model_validate(data, context=context)
-    except ValidationError as exc:
-        details = [
-            {"field": ".".join(str(part) for part in error["loc"]) or None, "message": error["msg"]}
-            for error in exc.errors(include_url=False, include_input=False)
-        ]
-        summary = "; ".join(f"{d['field'] or 'params'}: {d['message']}" for d in details)
-        raise InvalidParams(f"invalid params: {summary}", details=details) from None
 
 
 class JobOrType(HTTPEndpoint):

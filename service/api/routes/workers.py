@@ -1,4 +1,5 @@
-"""`GET /ops/workers`: the workers alive now (a heartbeat within the last three beats) and the jobs each runs."""
+"""`GET /ops/workers`: the workers alive now (a heartbeat within the last three beats) and the jobs each runs: every
+job for the service's operators, the caller's own team's for everyone else (the workers are shared)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.api.auth import require
+from service.api.repository import team_job_ids
 from service.api.state import AppState
 from service.errors import DependencyUnavailable
 from service.heartbeats import live_workers
@@ -17,12 +19,18 @@ from service.settings import Scope
 
 async def list_workers(request: Request) -> JSONResponse:
     state = AppState.of(request)
-    require(request, Scope.READ)
+    principal = await require(request, Scope.READ)
     try:
         async with asyncio.timeout(state.settings.readiness_timeout_s):
             workers = await live_workers(state.redis, state.settings.queue_name)
     except Exception as exc:
         raise DependencyUnavailable(f"Redis unavailable: {exc}", details={"dependency": "redis"}) from exc
+    team = principal.team_filter
+    if team is not None:
+        async with state.autocommit.connect() as conn:
+            visible = await team_job_ids(conn, [job for w in workers for job in w["running"]], team)
+        for worker in workers:
+            worker["running"] = [job for job in worker["running"] if job in visible]
     return JSONResponse({"workers": workers})
 
 

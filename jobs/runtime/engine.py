@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobs.runtime.lag import timed
 from jobs.runtime.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from jobs.runtime.metrics import WorkerMetrics
 from jobs.runtime.outcome import Outcome
 from service.backoff import Backoff
+from service.db import database_unavailable
 from service.jobtypes import Registry, Step, UnknownJobType
 from service.logs import log_context
 from service.models import JobStatus, StepStatus
@@ -35,8 +38,6 @@ logger = logging.getLogger(__name__)
 STEP_RETRIES = Backoff(initial_s=0.5, cap_s=30.0, jitter=0.5)
 # How often a running job looks for a cancel request: the bound on cancel latency.
 CANCEL_POLL_S = 0.5
-# A failed lease check or renewal is tried again at the next poll, until the lease could have expired.
-LEASE_RETRIES = Backoff(initial_s=CANCEL_POLL_S, factor=1.0)
 RELEASE_TIMEOUT_S = 5.0
 
 
@@ -118,7 +119,14 @@ async def run_job(runtime: Runtime, job_id: str) -> Outcome:
     """The arq job: returns what happened, for arq's own log line."""
     if runtime.draining.is_set():
         return Outcome.NOT_CLAIMED_STOPPING
-    lease = await runtime.leases.claim(job_id)
+    if not runtime.leases.health.reachable:
+        return Outcome.NOT_CLAIMED_UNREACHABLE
+    try:
+        lease = await runtime.leases.claim(job_id)
+    except Exception as exc:
+        if not database_unavailable(exc):
+            raise
+        return Outcome.NOT_CLAIMED_UNREACHABLE  # if the claim did get through, the reaper delivers it once it expires
     if lease is None:
         logger.info("job %s is finished, cancelled or held by another worker; nothing to do", job_id)
         return Outcome.NOT_CLAIMED
@@ -136,7 +144,7 @@ async def run_job(runtime: Runtime, job_id: str) -> Outcome:
             except (UnknownJobType, ValidationError) as exc:
                 outcome = await _refuse(runtime, lease, exc)
             else:
-                outcome = await job_run.run()
+                outcome = await _stalled(runtime, lease) or await job_run.run()
             runtime.metrics.job_ran(lease.type, outcome, time.perf_counter() - started)
             logger.info("job %s: %s", job_id, outcome)
             return outcome
@@ -153,6 +161,27 @@ async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | Validati
     logger.error("job %s: %s", lease.job_id, error)
     first = next((row for row in lease.steps if row.order == lease.started_step), None)
     after = Finished(first, StepStatus.FAILED, f"error: {error}") if first is not None else None
+    await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
+    return Outcome.FAILED
+
+
+async def _stalled(runtime: Runtime, lease: Lease) -> Outcome | None:
+    """Fail a job whose step keeps losing its lease without progress (APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS times
+    in a row): a step that blocks its worker's event loop, or kills its worker, would otherwise take the job from
+    worker to worker for ever, stalling every job beside it on each. None: run the job."""
+    bound = runtime.settings.max_takeovers_without_progress
+    if lease.previous_owner is None or lease.stalled_attempts < bound:
+        return None
+    step = next((row for row in lease.steps if row.order == lease.started_step), None)
+    name = step.name if step is not None else "?"
+    error = (
+        f"step {name} lost its lease {lease.stalled_attempts} times in a row without progress: it blocks its "
+        f"worker's event loop (or its worker dies while it runs) for longer than the lease lasts; fix the step, "
+        f"then retry the job"
+    )
+    logger.error("job %s: %s", lease.job_id, error)
+    runtime.metrics.stalled(lease.type)
+    after = Finished(step, StepStatus.FAILED, f"error: {error}") if step is not None else None
     await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
     return Outcome.FAILED
 
@@ -198,38 +227,46 @@ class _JobRun:
         return Outcome.FAILED
 
     async def _steps_with_keeper(self) -> _Failure | None:
+        """The steps, beside the keeper, under the hold: when it ends (no renewal succeeded in time), the running
+        step is cancelled there and then, whatever any statement is waiting for (fencing in time)."""
+        hold = self.lease.hold
+        self.holding = asyncio.timeout_at(_when(hold.until))
         try:
             async with asyncio.TaskGroup() as group:
                 keeper = group.create_task(self._keep_lease())
-                failure = await self._run_steps()
+                async with self.holding:
+                    failure = await self._run_steps()
                 keeper.cancel()
         except ExceptionGroup as group:
             # Only the steps or the keeper can fail, and the other is then cancelled: surface the one error.
-            raise group.exceptions[0] from None
+            error = group.exceptions[0]
+            if isinstance(error, TimeoutError) and self.holding.expired():
+                late = asyncio.get_running_loop().time() - hold.until
+                self.runtime.metrics.hold_ended(self.lease.type)
+                raise LeaseLost(
+                    f"no lease renewal succeeded for {hold.until + late - hold.renewed_sent_at:.1f}s: "
+                    "the running step was cancelled before the lease could expire"
+                ) from None
+            raise error from None
         return failure
 
     async def _keep_lease(self) -> None:
-        """Watch for a cancel request every CANCEL_POLL_S and renew the lease every third of its TTL; give the
-        job up once the lease could have expired unrenewed (a database outage)."""
+        """Watch for a cancel request every CANCEL_POLL_S and renew the lease every third of its TTL, moving the
+        hold on with each renewal. A statement that fails is tried again (jobs.runtime.leases) until the hold
+        ends, which then cancels the steps."""
         ttl = self.runtime.settings.lease_ttl_s
         loop = asyncio.get_running_loop()
-        renewed_at = loop.time()
-        retries = LEASE_RETRIES.retries(deadline=renewed_at + ttl)
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
-                if loop.time() - renewed_at >= ttl / 3:
+                if loop.time() - self.lease.hold.renewed_sent_at >= ttl / 3:
                     await self.leases.renew(self.lease)
-                    renewed_at = loop.time()
-                    retries.succeeded(deadline=renewed_at + ttl)
+                    self.holding.reschedule(_when(self.lease.hold.until))
                 else:
                     await self.leases.check(self.lease)
             except (LeaseLost, CancelRequested):
                 raise
             except Exception as exc:
-                retries.failed()
-                if retries.exhausted:
-                    raise LeaseLost(f"could not renew the lease for {ttl:g}s: {exc}") from exc
                 logger.warning("lease check failed, retrying: %s", exc)
 
     async def _run_steps(self) -> _Failure | None:
@@ -261,7 +298,7 @@ class _JobRun:
             deadline_cm = asyncio.timeout_at(deadline)
             try:
                 async with deadline_cm:
-                    detail = await step.run(ctx, self.params)
+                    detail = await timed(step.run(ctx, self.params), row.name)
             except TimeoutError as exc:
                 if not deadline_cm.expired():
                     error = _describe(exc)
@@ -318,6 +355,10 @@ class _JobRun:
                 await self.leases.release(self.lease, reason, after=self.unrecorded)
         except Exception as exc:
             logger.warning("could not hand the job back (it is reaped once the lease expires): %s", exc)
+
+
+def _when(until: float) -> float | None:
+    return None if math.isinf(until) else until
 
 
 def _describe(exc: BaseException) -> str:

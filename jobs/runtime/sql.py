@@ -27,9 +27,18 @@ from service.models import EventKind, JobStatus, StepStatus
 # The claim: the job row moves to this worker (a takeover only once the lease expired); its first unfinished step
 # starts, unless a cancel was requested; the `claimed` event names whose lease was taken over; and the job's type,
 # params, state and steps (as they were before this statement) come back. No row: someone else holds it, or it ended.
+# `stalled_attempts`: how many attempts in a row, just before this one, recorded nothing after their claim (no
+# progress, no step ended, not handed back): their worker lost the lease with the step stuck, or died.
 CLAIM = f"""
 WITH previous AS (
     SELECT lease_owner FROM ops_job WHERE job_id = :job_id
+),
+attempts AS (
+    SELECT attempt,
+        bool_or(NOT (kind = '{EventKind.CLAIMED}' OR (kind = '{EventKind.STEP}' AND status = '{StepStatus.RUNNING}')))
+            AS moved
+    FROM ops_job_event WHERE job_id = :job_id AND attempt IS NOT NULL
+    GROUP BY attempt
 ),
 job AS (
     UPDATE ops_job SET status = '{JobStatus.RUNNING}', attempt = attempt + 1, lease_owner = CAST(:owner AS text),
@@ -65,10 +74,15 @@ event AS (
 )
 SELECT job.attempt, job.type, job.params, job.state, previous.lease_owner AS previous_owner,
     (SELECT step_order FROM started) AS started_step,
+    (SELECT count(*) FROM attempts
+        WHERE NOT moved AND attempt > coalesce((SELECT max(attempt) FROM attempts WHERE moved), 0)) AS stalled_attempts,
     (SELECT json_agg(json_build_array(step_order, name, status, attempts, detail) ORDER BY step_order)
         FROM ops_job_step WHERE job_id = :job_id) AS steps
 FROM job, previous
 """
+
+# Does PostgreSQL answer? Sent while it seemed unreachable, to find out when it is back.
+PING = "SELECT 1"
 
 # Writes nothing: is the job still ours, and has a cancel been requested?
 CHECK = f"""

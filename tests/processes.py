@@ -1,5 +1,6 @@
 """Real processes for the crash tests: arq workers started as an operator would, and a Redis server of the
-test's own (on a free port, so stopping it disturbs nobody else's Redis)."""
+test's own (on a free port, so stopping it disturbs nobody else's Redis). The network between them fails through
+`tests.proxy.TcpProxy`."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from service.jobtypes import Registry
 from service.settings import Settings
+from tests import kit_worker
 from tests.conftest import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:
@@ -56,6 +61,25 @@ async def workers(settings: Settings, count: int, **overrides: Any) -> AsyncIter
                 await process.wait()
 
 
+@asynccontextmanager
+async def job_worker(
+    work: Path, name: str, settings: Settings, registry: Registry
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The real worker in a process of its own, with `registry`'s job types (tests/kit_worker.py); its log goes to
+    `work/<name>.log`. SIGKILLed at the end if still running."""
+    config = kit_worker.write(work / f"{name}.pickle", settings, registry)
+    with (work / f"{name}.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO, stderr=log
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 class RedisServer:
     """A redis-server process of the test's own, which it may stop and start again on the same port."""
 
@@ -92,49 +116,3 @@ class RedisServer:
             self.process.terminate()
             await self.process.wait()
         self.process = None
-
-
-class TcpProxy:
-    """Forwards a local port to another address; `cut()` drops every connection and refuses new ones until
-    `restore()`: a network outage for whoever connects through it, and nobody else."""
-
-    def __init__(self, port: int, upstream_host: str, upstream_port: int) -> None:
-        self.port = port
-        self.upstream = (upstream_host, upstream_port)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def restore(self) -> None:
-        await self.start()

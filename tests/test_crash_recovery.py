@@ -16,7 +16,9 @@ from sqlalchemy.engine import make_url
 
 from service.settings import Settings
 from tests.conftest import api_client, free_port, headers, job_summary, read_job, wait_for
-from tests.processes import RedisServer, TcpProxy, start_worker, stop, workers
+from tests.history import assert_no_step_ran_on_two_workers_at_once
+from tests.processes import RedisServer, start_worker, stop, workers
+from tests.proxy import TcpProxy
 
 
 async def _until(client: httpx.AsyncClient, job_id: str, check: Any, within: float) -> Any:
@@ -131,36 +133,7 @@ async def test_soak_200_jobs_with_a_worker_killed_every_few_seconds(
     statuses = await db.fetch("SELECT status, count(*) AS n FROM ops_job GROUP BY status")
     assert {r["status"]: r["n"] for r in statuses} == {"success": 200}
     assert kills >= 3
-    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=3)
-
-
-async def _assert_no_step_ran_on_two_workers_at_once(
-    db: asyncpg.Connection, job_ids: list[str], steps: int, expect_takeover: bool = True
-) -> None:
-    """From the recorded history. Writes are fenced by (attempt, owner) under a row lock and events take their ids
-    from one sequence, so event order is commit order: once any event of attempt N+1 exists, no event of attempt
-    N may follow, every attempt belongs to one worker, and each step succeeds exactly once."""
-    rows = await db.fetch(
-        "SELECT job_id, kind, step, status, attempt, actor FROM ops_job_event WHERE attempt IS NOT NULL"
-        " ORDER BY job_id, event_id"
-    )
-    history: dict[str, list[asyncpg.Record]] = {}
-    for row in rows:
-        history.setdefault(row["job_id"], []).append(row)
-    assert set(history) == set(job_ids)
-    took_over = 0
-    for job_id, events in history.items():
-        attempts = [e["attempt"] for e in events]
-        assert attempts == sorted(attempts), f"{job_id}: an older attempt wrote after a newer one: {attempts}"
-        owners: dict[int, set[str]] = {}
-        for event in events:
-            owners.setdefault(event["attempt"], set()).add(event["actor"])
-        assert all(len(o) == 1 for o in owners.values()), f"{job_id}: one attempt, several workers: {owners}"
-        successes = [e["step"] for e in events if e["kind"] == "step" and e["status"] == "success"]
-        assert sorted(successes) == [f"step-{n}" for n in range(1, steps + 1)], f"{job_id}: {successes}"
-        took_over += len(owners) > 1
-    if expect_takeover:
-        assert took_over > 0, "no job was ever taken over: the kills did not test anything"
+    await assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=3)
 
 
 async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
@@ -197,4 +170,4 @@ async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
         job = await read_job(client, job_id)
         assert job["status"] == "success", job
         assert [s["status"] for s in job["steps"]] == ["success"] * 4
-    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=4, expect_takeover=False)
+    await assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=4, expect_takeover=False)

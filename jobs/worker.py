@@ -73,10 +73,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     sessions = create_sessions(engine)
     metrics = WorkerMetrics()
     intake = intake_switch(ctx)
+    beat_now = asyncio.Event()
 
     def database_changed(reachable: bool) -> None:
         metrics.database(reachable)
         intake(reachable)  # no deliveries while PostgreSQL is unreachable: other workers take them
+        beat_now.set()  # and the heartbeat says so at once
 
     health = DatabaseHealth(on_change=database_changed)
     leases = Leases(
@@ -105,6 +107,7 @@ async def startup(ctx: dict[str, Any]) -> None:
                 lambda: sorted(runtime.running.values()),
                 status=health.status,
                 on_beat=clock.sync,
+                beat_now=beat_now,
             ),
             name="apiops-heartbeat",
         ),

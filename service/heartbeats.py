@@ -34,10 +34,12 @@ async def beat_forever(
     *,
     status: Callable[[], dict[str, object]] | None = None,
     on_beat: Callable[[Redis], Awaitable[object]] | None = None,
+    beat_now: asyncio.Event | None = None,
 ) -> None:
     """Until cancelled; then the key is removed, so a worker that stopped cleanly is gone at once. `status`: more
     of what the beat says (whether the worker reaches PostgreSQL, and so takes jobs); `on_beat`: run with each
-    beat (the worker's reading of Redis' clock)."""
+    beat (the worker's reading of Redis' clock); `beat_now`, when set, brings the next beat forward (the status
+    changed)."""
     started = datetime.now(UTC).isoformat()
     key = _key(queue_name, worker)
     try:
@@ -59,7 +61,15 @@ async def beat_forever(
                         await on_beat(redis)
             except Exception as exc:  # Redis down: the worker goes on; it shows as gone meanwhile
                 logger.warning("heartbeat not written: %s", exc)
-            await asyncio.sleep(interval_s)
+            if beat_now is None:
+                await asyncio.sleep(interval_s)
+                continue
+            try:
+                async with asyncio.timeout(interval_s):
+                    await beat_now.wait()
+            except TimeoutError:
+                pass
+            beat_now.clear()
     finally:
         try:
             async with asyncio.timeout(1):

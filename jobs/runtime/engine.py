@@ -207,6 +207,7 @@ class _JobRun:
     async def run(self) -> Outcome:
         try:
             failure = await self._steps_with_keeper()
+            return await self._finish(failure)
         except LeaseLost as exc:
             logger.warning("stopped: %s", exc)
             return Outcome.LEASE_LOST
@@ -219,6 +220,8 @@ class _JobRun:
         except asyncio.CancelledError:
             await self._release("worker stopped; the interrupted step will run again")
             raise
+
+    async def _finish(self, failure: _Failure | None) -> Outcome:
         if failure is None:
             await self.leases.finish_job(self.lease, JobStatus.SUCCESS, after=self.unrecorded)
             return Outcome.SUCCESS
@@ -318,6 +321,8 @@ class _JobRun:
             except (LeaseLost, CancelRequested, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if isinstance(exc, ExceptionGroup) and (ours := exc.subgroup((LeaseLost, CancelRequested))):
+                    raise ours.exceptions[0] from None  # a write of the step's own task group found the job gone
                 logger.exception("step %s failed", row.name)
                 error = _describe(exc)
             else:

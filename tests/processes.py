@@ -21,6 +21,7 @@ from tests import kit_worker
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+SKEWED_CLOCK = REPO / "tests" / "skewed_clock"
 
 
 def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:
@@ -63,14 +64,18 @@ async def workers(settings: Settings, count: int, **overrides: Any) -> AsyncIter
 
 @asynccontextmanager
 async def job_worker(
-    work: Path, name: str, settings: Settings, registry: Registry
+    work: Path, name: str, settings: Settings, registry: Registry, clock_skew_s: float = 0.0
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """The real worker in a process of its own, with `registry`'s job types (tests/kit_worker.py); its log goes to
-    `work/<name>.log`. SIGKILLed at the end if still running."""
+    `work/<name>.log`; its wall clock `clock_skew_s` off (tests/skewed_clock). SIGKILLed at the end if running."""
     config = kit_worker.write(work / f"{name}.pickle", settings, registry)
+    env = dict(os.environ)
+    if clock_skew_s:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SKEWED_CLOCK), env.get("PYTHONPATH")]))
+        env["APIOPS_TEST_CLOCK_SKEW_S"] = str(clock_skew_s)
     with (work / f"{name}.log").open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO, stderr=log
+            sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO, stderr=log, env=env
         )
     try:
         yield process

@@ -98,7 +98,8 @@ class Settings(EnvSettings):
     # A worker stops a job's step this long before its lease could expire (docs/architecture.md: the promise);
     # None: a fifth of the lease TTL.
     lease_margin_s: Annotated[float, Field(gt=0)] | None = None
-    # A job whose step lost its lease this many times in a row without progress is failed: its step blocks.
+    # A job whose step lost its lease this many times in a row by blocking its worker's event loop, with no step
+    # finishing in between, is failed instead of taken over again.
     max_takeovers_without_progress: Annotated[int, Field(ge=1)] = 3
     # On SIGTERM, how long running steps may take to finish before they are cancelled and handed back.
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0

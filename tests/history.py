@@ -16,8 +16,9 @@ async def assert_no_step_ran_on_two_workers_at_once(
     or how many `step-<n>` steps (noop's)."""
     names = [f"step-{n}" for n in range(1, steps + 1)] if isinstance(steps, int) else steps
     rows = await db.fetch(
-        "SELECT job_id, kind, step, status, attempt, actor FROM ops_job_event WHERE attempt IS NOT NULL"
-        " ORDER BY job_id, event_id"
+        "SELECT job_id, kind, step, status, attempt, actor FROM ops_job_event"
+        " WHERE attempt IS NOT NULL AND job_id = ANY($1::text[]) ORDER BY job_id, event_id",
+        job_ids,
     )
     history: dict[str, list[asyncpg.Record]] = {}
     for row in rows:

@@ -215,12 +215,17 @@ RECORDER = JobType[RecordParams](
 
 class BlockParams(BaseModel):
     block_s: float
+    times: int = 1
 
 
 async def block(ctx: StepContext, params: BlockParams) -> str:
-    """Blocks its worker's event loop (a synchronous sleep): what a careless step does."""
-    time.sleep(params.block_s)  # noqa: ASYNC251  # the point: a step that blocks the loop
-    return f"blocked the loop for {params.block_s:g}s"
+    """Blocks its worker's event loop (a synchronous sleep) `times` times, yielding for 50 ms in between: what a
+    careless step does."""
+    for n in range(params.times):
+        if n:
+            await asyncio.sleep(0.05)
+        time.sleep(params.block_s)  # noqa: ASYNC251  # the point: a step that blocks the loop
+    return f"blocked the loop {params.times} times for {params.block_s:g}s"
 
 
 BLOCKER = JobType[BlockParams](

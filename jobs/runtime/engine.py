@@ -41,6 +41,13 @@ CANCEL_POLL_S = 0.5
 RELEASE_TIMEOUT_S = 5.0
 
 
+def longest_safe_block_s(settings: Settings) -> float:
+    """How long a step may block its worker's event loop, at any moment, without the worker losing a lease: a
+    renewal falls due a third of the TTL after the last one was sent, the keeper sees that within CANCEL_POLL_S, and
+    the hold ends at the TTL less the margin. 4.2 s with the default settings (docs/architecture.md)."""
+    return settings.lease_ttl_s * 2 / 3 - settings.lease_margin - CANCEL_POLL_S
+
+
 class Draining(Exception):
     """The worker is stopping: hand the job back instead of starting its next step."""
 
@@ -166,18 +173,18 @@ async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | Validati
 
 
 async def _stalled(runtime: Runtime, lease: Lease) -> Outcome | None:
-    """Fail a job whose step keeps losing its lease without progress (APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS times
-    in a row): a step that blocks its worker's event loop, or kills its worker, would otherwise take the job from
-    worker to worker for ever, stalling every job beside it on each. None: run the job."""
+    """Fail a job whose step keeps blocking its worker's event loop past the lease (APIOPS_MAX_TAKEOVERS_WITHOUT_
+    PROGRESS runs in a row, each recorded by its worker): it would otherwise go from worker to worker for ever,
+    stalling every job beside it on each. None: run the job."""
     bound = runtime.settings.max_takeovers_without_progress
-    if lease.previous_owner is None or lease.stalled_attempts < bound:
+    if lease.previous_owner is None or lease.blocked_runs < bound:
         return None
     step = next((row for row in lease.steps if row.order == lease.started_step), None)
     name = step.name if step is not None else "?"
     error = (
-        f"step {name} lost its lease {lease.stalled_attempts} times in a row without progress: it blocks its "
-        f"worker's event loop (or its worker dies while it runs) for longer than the lease lasts; fix the step, "
-        f"then retry the job"
+        f"step {name} lost its lease {lease.blocked_runs} times in a row without progress, blocking its worker's "
+        f"event loop past the lease each time (APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS={bound}); a step must not "
+        f"block the loop (no synchronous sleeps, I/O or long computations): fix it, then retry the job"
     )
     logger.error("job %s: %s", lease.job_id, error)
     runtime.metrics.stalled(lease.type)
@@ -197,6 +204,9 @@ class _JobRun:
             lease.params, context=runtime.registry.params_context(lease.type)
         )
         self.current: _Context | None = None
+        # The step that blocked the event loop past the hold, and for how long: noted in the history once the
+        # lease is given up, for the next claims to count.
+        self.blocked_past_lease: tuple[str, float] | None = None
         self.state = dict(lease.state)
         # The result of the step that just ended, until the next write records it with itself (one statement per
         # transition). Recording it twice is harmless (see jobs.runtime.leases): it is kept until a write is sure.
@@ -210,6 +220,7 @@ class _JobRun:
             return await self._finish(failure)
         except LeaseLost as exc:
             logger.warning("stopped: %s", exc)
+            await self._record_block()
             return Outcome.LEASE_LOST
         except CancelRequested as exc:
             await self._record_cancel(exc)
@@ -301,7 +312,7 @@ class _JobRun:
             deadline_cm = asyncio.timeout_at(deadline)
             try:
                 async with deadline_cm:
-                    detail = await timed(step.run(ctx, self.params), row.name)
+                    detail = await timed(step.run(ctx, self.params), row.name, self._blocked)
             except TimeoutError as exc:
                 if not deadline_cm.expired():
                     error = _describe(exc)
@@ -342,6 +353,21 @@ class _JobRun:
             self.unrecorded = None  # recorded, though the step did not start
             raise
         self.unrecorded = None
+
+    def _blocked(self, step: str, seconds: float) -> None:
+        """A stretch of `step` without a yield took `seconds`; past the hold, that block cost the lease."""
+        if asyncio.get_running_loop().time() >= self.lease.hold.until:
+            self.blocked_past_lease = (step, seconds)
+
+    async def _record_block(self) -> None:
+        if self.blocked_past_lease is None:
+            return
+        step, seconds = self.blocked_past_lease
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await self.leases.blocked_past_lease(self.lease, step, seconds)
+        except Exception as exc:
+            logger.warning("could not note the block in the job's history: %s", exc)
 
     async def _record_cancel(self, request: CancelRequested) -> None:
         if self.unrecorded is not None:

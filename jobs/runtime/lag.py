@@ -41,8 +41,11 @@ async def watch_loop_lag(metrics: WorkerMetrics, running: Callable[[], list[str]
             logger.warning("event loop blocked for %.1fs; jobs running: %s", lag, ", ".join(running()) or "none")
 
 
-def timed(coro: Coroutine[Any, Any, T], step: str) -> Coroutine[Any, Any, T]:
-    """`coro`, run as it is, saying each stretch of BLOCKED_S or more it runs without yielding to the loop."""
+def timed(
+    coro: Coroutine[Any, Any, T], step: str, on_block: Callable[[str, float], None] | None = None
+) -> Coroutine[Any, Any, T]:
+    """`coro`, run as it is, saying each stretch of BLOCKED_S or more it runs without yielding to the loop (and
+    telling `on_block(step, seconds)`)."""
 
     @types.coroutine
     def run() -> Generator[Any, Any, T]:
@@ -60,6 +63,8 @@ def timed(coro: Coroutine[Any, Any, T], step: str) -> Coroutine[Any, Any, T]:
                 took = time.perf_counter() - started
                 if took >= BLOCKED_S:
                     logger.warning("step %s blocked the event loop for %.1fs", step, took)
+                    if on_block is not None:
+                        on_block(step, took)
             sent, thrown = None, None
             try:
                 sent = yield yielded

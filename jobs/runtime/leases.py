@@ -93,8 +93,8 @@ class Lease:
     previous_owner: str | None = None
     # The step the claim started (its first unfinished one); None when a cancel was requested, or none was left.
     started_step: int | None = None
-    # Earlier attempts in a row, just before this one, that lost their lease with no step progress.
-    stalled_attempts: int = 0
+    # Runs of the job since a step of it last finished that lost their lease by blocking their worker's event loop.
+    blocked_runs: int = 0
     hold: Hold = field(default_factory=Hold, compare=False)
 
 
@@ -167,7 +167,7 @@ class Leases:
             state=row["state"],
             previous_owner=row["previous_owner"],
             started_step=row["started_step"],
-            stalled_attempts=row["stalled_attempts"],
+            blocked_runs=row["blocked_runs"],
             hold=hold,
         )
 
@@ -224,6 +224,13 @@ class Leases:
             row = None
         actor = row["actor"] if row is not None else None
         return f"cancelled by {actor or 'an operator'} at {requested_at.isoformat(timespec='seconds')}"
+
+    async def blocked_past_lease(self, lease: Lease, step: str, seconds: float) -> None:
+        """Note in the job's history that `step` blocked this worker's event loop for `seconds`, past the lease
+        (not fenced: the lease is gone); later claims count these notes."""
+        detail = f"blocked the event loop of worker {lease.owner} for {seconds:.1f}s, past its lease"
+        values = {"job_id": lease.job_id, "step": step, "detail": detail, "actor": f"worker:{lease.owner}"}
+        await self._fetchrow(_BLOCKED_PAST_LEASE, values)
 
     async def ping(self) -> None:
         """One round trip to PostgreSQL, reported to `health`."""
@@ -354,6 +361,7 @@ _FINISH_JOB = _after_done(sql.FINISH_JOB, sql.FINISH_JOB_AFTER_DONE)
 _RELEASE = _after_done(sql.RELEASE, sql.RELEASE_AFTER_DONE)
 _CANCEL_REQUESTED_BY = _Statement.of(sql.CANCEL_REQUESTED_BY)
 _PING = _Statement.of(sql.PING)
+_BLOCKED_PAST_LEASE = _Statement.of(sql.BLOCKED_PAST_LEASE)
 _DUE_FOR_DELIVERY = _Statement.of(sql.DUE_FOR_DELIVERY)
 _RECORD_REDELIVERED = _Statement.of(sql.RECORD_REDELIVERED)
 

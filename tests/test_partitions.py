@@ -25,16 +25,19 @@ from tests.processes import job_worker
 from tests.proxy import Cut, TcpProxy
 from tests.testjobs import RECORDER
 
-# A lease of 5 s (its margin a fifth of it), and reapers that look for expired leases 4 times a second.
-LEASE = {"lease_ttl_s": 5.0, "reaper_interval_s": 0.25}
+# A lease of 5 s (its margin a fifth of it), and reapers that look for expired leases 4 times a second; once, the
+# default settings (a lease of 10 s, a reaper every 2 s), with which the takeover must come within 15 s of the cut.
+FAST = {"lease_ttl_s": 5.0, "reaper_interval_s": 0.25}
+DEFAULTS = {"lease_ttl_s": 10.0, "reaper_interval_s": 2.0}
 RECORD_S = 4.0
 
 CASES = [
-    ("postgres", Cut.REFUSE),
-    ("postgres", Cut.BLACKHOLE),
-    ("postgres", Cut.TRICKLE),
-    ("redis", Cut.BLACKHOLE),
-    ("both", Cut.BLACKHOLE),
+    ("postgres", Cut.REFUSE, FAST),
+    ("postgres", Cut.BLACKHOLE, FAST),
+    ("postgres", Cut.TRICKLE, FAST),
+    ("redis", Cut.BLACKHOLE, FAST),
+    ("both", Cut.BLACKHOLE, FAST),
+    ("postgres", Cut.BLACKHOLE, DEFAULTS),
 ]
 
 
@@ -63,12 +66,16 @@ async def _metric(port: int, name: str) -> str | None:
     return next((line.split()[-1] for line in text.splitlines() if line.startswith(f"{name} ")), None)
 
 
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize(("what", "cut"), CASES, ids=[f"{what}-{cut.value}" for what, cut in CASES])
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("what", "cut", "lease"),
+    CASES,
+    ids=[f"{what}-{cut.value}" + ("-defaults" if lease is DEFAULTS else "") for what, cut, lease in CASES],
+)
 async def test_a_worker_cut_off_stops_its_step_before_another_takes_the_job_over(
-    what: str, cut: Cut, settings: Settings, db: asyncpg.Connection, tmp_path: Path
+    what: str, cut: Cut, lease: dict[str, float], settings: Settings, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    fast = settings.model_copy(update=LEASE)
+    fast = settings.model_copy(update=lease)
     registry = Registry([RECORDER])
     database_url, redis_url = fast.database_url.get_secret_value(), fast.redis_url.get_secret_value()
     postgres, redis = await _proxy_to(database_url), await _proxy_to(redis_url)
@@ -105,6 +112,11 @@ async def test_a_worker_cut_off_stops_its_step_before_another_takes_the_job_over
                     lambda: _workers(client), until=lambda found: any(not w["accepting_jobs"] for w in found)
                 )
                 assert [w["database"] for w in found if not w["accepting_jobs"]] == ["unreachable"]
+                # A takes no deliveries meanwhile: a new job is picked up at once, by B.
+                submitted = time.monotonic()
+                other = await submit(client, "recorder", path=str(tmp_path / "other"), seconds=0.2)
+                assert (await wait_for_status(client, other, "success", within=5))["attempt"] == 1
+                assert time.monotonic() - submitted < 2, "a new job waited on the worker cut off from PostgreSQL"
             job = await wait_for_status(client, job_id, "success", "failed", within=40)
     finally:
         await postgres.close()
@@ -122,7 +134,7 @@ async def test_a_worker_cut_off_stops_its_step_before_another_takes_the_job_over
     stopped_after, taken_over_after = spans[1][1] - cut_at, spans[2][0] - cut_at
     print(f"{what}-{cut.value}: A's step stopped {stopped_after:.2f}s after the cut, B's began {taken_over_after:.2f}s")
     assert job["attempt"] == 2 and job["steps"][0]["attempts"] == 2, job
-    assert stopped_after < LEASE["lease_ttl_s"], "A stopped its step within its lease"
+    assert stopped_after < fast.lease_ttl_s - fast.lease_margin, "A stopped its step before the lease could expire"
     assert taken_over_after < 15, "B took the job over within 15 s of the cut"
     # Nothing A sent changed the job after B had claimed it: A's late writes (a trickle delivers them) were refused.
     await assert_no_step_ran_on_two_workers_at_once(db, [job_id], steps=["record"])

@@ -62,21 +62,28 @@ async def workers(settings: Settings, count: int, **overrides: Any) -> AsyncIter
                 await process.wait()
 
 
-@asynccontextmanager
-async def job_worker(
+async def start_job_worker(
     work: Path, name: str, settings: Settings, registry: Registry, clock_skew_s: float = 0.0
-) -> AsyncIterator[asyncio.subprocess.Process]:
+) -> asyncio.subprocess.Process:
     """The real worker in a process of its own, with `registry`'s job types (tests/kit_worker.py); its log goes to
-    `work/<name>.log`; its wall clock `clock_skew_s` off (tests/skewed_clock). SIGKILLed at the end if running."""
+    `work/<name>.log` (appended to); its wall clock `clock_skew_s` off (tests/skewed_clock)."""
     config = kit_worker.write(work / f"{name}.pickle", settings, registry)
     env = dict(os.environ)
     if clock_skew_s:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SKEWED_CLOCK), env.get("PYTHONPATH")]))
         env["APIOPS_TEST_CLOCK_SKEW_S"] = str(clock_skew_s)
-    with (work / f"{name}.log").open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
+    with (work / f"{name}.log").open("ab") as log:
+        return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO, stderr=log, env=env
         )
+
+
+@asynccontextmanager
+async def job_worker(
+    work: Path, name: str, settings: Settings, registry: Registry, clock_skew_s: float = 0.0
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`start_job_worker` for the block; SIGKILLed at the end if still running."""
+    process = await start_job_worker(work, name, settings, registry, clock_skew_s)
     try:
         yield process
     finally:

@@ -93,7 +93,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     if settings.worker_metrics_port is not None:
         ctx["metrics_server"] = await MetricsServer.start(metrics.registry, settings.host, settings.worker_metrics_port)
     clock = RedisClock()
-    await clock.sync(ctx["redis"])
+    try:
+        await clock.sync(ctx["redis"])
+    except Exception as exc:  # read again with each heartbeat; this machine's clock until then
+        logger.warning("could not read Redis' clock yet: %s", exc)
     use_for_deliveries(clock)
     ctx["background"] = [
         asyncio.create_task(

@@ -112,11 +112,16 @@ async def test_a_worker_cut_off_stops_its_step_before_another_takes_the_job_over
                     lambda: _workers(client), until=lambda found: any(not w["accepting_jobs"] for w in found)
                 )
                 assert [w["database"] for w in found if not w["accepting_jobs"]] == ["unreachable"]
-                # A takes no deliveries meanwhile: a new job is picked up at once, by B.
+                # A takes no deliveries meanwhile: new jobs are picked up at once, by B.
                 submitted = time.monotonic()
-                other = await submit(client, "recorder", path=str(tmp_path / "other"), seconds=0.2)
-                assert (await wait_for_status(client, other, "success", within=5))["attempt"] == 1
-                assert time.monotonic() - submitted < 2, "a new job waited on the worker cut off from PostgreSQL"
+                others = [
+                    await submit(client, "recorder", path=str(tmp_path / f"other-{n}"), seconds=0.2) for n in range(5)
+                ]
+                for other in others:
+                    assert (await wait_for_status(client, other, "success", within=5))["attempt"] == 1
+                assert time.monotonic() - submitted < 3, "new jobs waited on the worker cut off from PostgreSQL"
+                a_log = (tmp_path / "a.log").read_text(encoding="utf-8")
+                assert not [other for other in others if other in a_log], "A took a delivery"
             job = await wait_for_status(client, job_id, "success", "failed", within=40)
     finally:
         await postgres.close()

@@ -8,13 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from jobs.noop import JOB as NOOP
 from jobs.runtime.engine import longest_safe_block_s
 from service.jobtypes import Registry
 from service.settings import Settings
-from tests.conftest import api_client, headers, submit, wait_for_status
+from tests.conftest import api_client, free_port, headers, submit, wait_for_status
 from tests.history import assert_no_step_ran_on_two_workers_at_once
 from tests.processes import job_worker
 from tests.testjobs import BLOCKER
@@ -28,11 +29,16 @@ async def test_a_step_that_blocks_the_loop_within_the_bound_costs_no_lease(setti
     async with api_client(steady, registry, headers=headers("writer")) as client:
         # Blocks of 80% of the bound, one after the other, for longer than the lease: at every phase of the renewals.
         job_id = await submit(client, "blocker", block_s=round(bound * 0.8, 2), times=4)
-        async with job_worker(tmp_path, "a", steady, registry), job_worker(tmp_path, "b", steady, registry):
+        metrics_port = free_port()  # the one worker, so that it runs the job
+        async with job_worker(tmp_path, "a", steady.model_copy(update={"worker_metrics_port": metrics_port}), registry):
             job = await wait_for_status(client, job_id, "success", "failed", within=40)
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
 
     assert job["status"] == "success" and job["attempt"] == 1, job
-    log = (tmp_path / "a.log").read_text(encoding="utf-8") + (tmp_path / "b.log").read_text(encoding="utf-8")
+    blocked = next(line for line in metrics.splitlines() if line.startswith("apiops_worker_event_loop_blocked_total"))
+    assert float(blocked.split()[-1]) >= 4, "each block was counted"
+    log = (tmp_path / "a.log").read_text(encoding="utf-8")
     assert "step block blocked the event loop for" in log, "the block was said, naming the step"
 
 

@@ -173,22 +173,21 @@ async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | Validati
 
 
 async def _stalled(runtime: Runtime, lease: Lease) -> Outcome | None:
-    """Fail a job whose step keeps blocking its worker's event loop past the lease (APIOPS_MAX_TAKEOVERS_WITHOUT_
-    PROGRESS runs in a row, each recorded by its worker): it would otherwise go from worker to worker for ever,
-    stalling every job beside it on each. None: run the job."""
+    """Fail a job whose step keeps blocking its worker's event loop past the lease (as many runs in a row as
+    APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS, each recorded by its worker): it would otherwise go from worker to worker
+    for ever, stalling every job beside it on each. None: run the job (a requested cancel, too, is left to it)."""
     bound = runtime.settings.max_takeovers_without_progress
-    if lease.previous_owner is None or lease.blocked_runs < bound:
-        return None
     step = next((row for row in lease.steps if row.order == lease.started_step), None)
-    name = step.name if step is not None else "?"
+    if lease.previous_owner is None or lease.blocked_runs < bound or step is None:
+        return None
     error = (
-        f"step {name} lost its lease {lease.blocked_runs} times in a row without progress, blocking its worker's "
+        f"step {step.name} lost its lease {lease.blocked_runs} times in a row without progress, blocking its worker's "
         f"event loop past the lease each time (APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS={bound}); a step must not "
         f"block the loop (no synchronous sleeps, I/O or long computations): fix it, then retry the job"
     )
     logger.error("job %s: %s", lease.job_id, error)
     runtime.metrics.stalled(lease.type)
-    after = Finished(step, StepStatus.FAILED, f"error: {error}") if step is not None else None
+    after = Finished(step, StepStatus.FAILED, f"error: {error}")
     await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
     return Outcome.FAILED
 

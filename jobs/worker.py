@@ -23,6 +23,8 @@ from pydantic import ValidationError
 
 from jobs.registry import REGISTRY
 from jobs.runtime.engine import RELEASE_TIMEOUT_S, Runtime, run_job
+from jobs.runtime.health import DatabaseHealth
+from jobs.runtime.lag import watch_loop_lag
 from jobs.runtime.leases import Leases
 from jobs.runtime.metrics import MetricsServer, WorkerMetrics
 from jobs.runtime.outcome import Outcome
@@ -31,7 +33,7 @@ from service.db import create_engine, create_sessions
 from service.heartbeats import beat_forever
 from service.jobtypes import Registry
 from service.logs import configure_logging
-from service.queue import RUN_JOB, redis_settings
+from service.queue import RUN_JOB, RedisClock, intake_switch, redis_settings, use_for_deliveries
 from service.settings import INVALID_SETTINGS, Settings, describe_invalid, get_settings, settings_or_exit
 
 logger = logging.getLogger(__name__)
@@ -69,17 +71,51 @@ async def startup(ctx: dict[str, Any]) -> None:
     owner = worker_id()
     ctx["engine"] = engine
     sessions = create_sessions(engine)
-    ctx["runtime"] = Runtime(settings, Leases(sessions, owner, settings.lease_ttl_s), registry, opened)
-    metrics: WorkerMetrics = ctx["runtime"].metrics
+    metrics = WorkerMetrics()
+    intake = intake_switch(ctx)
+    beat_now = asyncio.Event()
+
+    def database_changed(reachable: bool) -> None:
+        metrics.database(reachable)
+        intake(reachable)  # no deliveries while PostgreSQL is unreachable: other workers take them
+        beat_now.set()  # and the heartbeat says so at once
+
+    health = DatabaseHealth(on_change=database_changed)
+    leases = Leases(
+        sessions,
+        owner,
+        settings.lease_ttl_s,
+        margin_s=settings.lease_margin,
+        statement_timeout_s=settings.lease_statement_timeout_s,
+        health=health,
+    )
+    runtime = ctx["runtime"] = Runtime(settings, leases, registry, opened, metrics=metrics)
     if settings.worker_metrics_port is not None:
         ctx["metrics_server"] = await MetricsServer.start(metrics.registry, settings.host, settings.worker_metrics_port)
-    runtime: Runtime = ctx["runtime"]
+    clock = RedisClock()
+    try:
+        await clock.sync(ctx["redis"])
+    except Exception as exc:  # read again with each heartbeat; this machine's clock until then
+        logger.warning("could not read Redis' clock yet: %s", exc)
+    use_for_deliveries(clock)
     ctx["background"] = [
-        asyncio.create_task(reap_forever(sessions, ctx["redis"], settings, owner, metrics), name="apiops-reaper"),
         asyncio.create_task(
-            beat_forever(ctx["redis"], settings.queue_name, owner, lambda: sorted(runtime.running.values())),
+            reap_forever(sessions, ctx["redis"], settings, owner, metrics, health), name="apiops-reaper"
+        ),
+        asyncio.create_task(
+            beat_forever(
+                ctx["redis"],
+                settings.queue_name,
+                owner,
+                lambda: sorted(runtime.running.values()),
+                status=health.status,
+                on_beat=clock.sync,
+                beat_now=beat_now,
+            ),
             name="apiops-heartbeat",
         ),
+        asyncio.create_task(health.watch(leases.ping), name="apiops-database-health"),
+        asyncio.create_task(watch_loop_lag(metrics, lambda: sorted(runtime.running.values())), name="apiops-loop-lag"),
     ]
     # on_startup runs inside arq's main task: cancelling it is how a stopping worker ends arq's poll loop.
     ctx["main_task"] = asyncio.current_task()
@@ -146,6 +182,10 @@ async def run(ctx: dict[str, Any], job_id: str) -> str:
     outcome = await run_job(runtime, job_id)
     if outcome is Outcome.HANDED_BACK:
         raise Retry(defer=0)  # queued again at once, for another worker to resume
+    if outcome is Outcome.NOT_CLAIMED_UNREACHABLE:
+        # Back to the queue at once, for a worker that reaches PostgreSQL: this one takes no more meanwhile.
+        runtime.metrics.handed_back()
+        raise Retry(defer=0)
     return outcome.value  # arq logs the result's repr: the plain word reads better than the enum member's repr
 
 

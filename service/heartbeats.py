@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +26,20 @@ def _key(queue_name: str, worker: str) -> str:
 
 
 async def beat_forever(
-    redis: Redis, queue_name: str, worker: str, running: Callable[[], list[str]], interval_s: float = BEAT_S
+    redis: Redis,
+    queue_name: str,
+    worker: str,
+    running: Callable[[], list[str]],
+    interval_s: float = BEAT_S,
+    *,
+    status: Callable[[], dict[str, object]] | None = None,
+    on_beat: Callable[[Redis], Awaitable[object]] | None = None,
+    beat_now: asyncio.Event | None = None,
 ) -> None:
-    """Until cancelled; then the key is removed, so a worker that stopped cleanly is gone at once."""
+    """Until cancelled; then the key is removed, so a worker that stopped cleanly is gone at once. `status`: more
+    of what the beat says (whether the worker reaches PostgreSQL, and so takes jobs); `on_beat`: run with each
+    beat (the worker's reading of Redis' clock); `beat_now`, when set, brings the next beat forward (the status
+    changed)."""
     started = datetime.now(UTC).isoformat()
     key = _key(queue_name, worker)
     try:
@@ -41,13 +52,24 @@ async def beat_forever(
                 "started_at": started,
                 "seen_at": datetime.now(UTC).isoformat(),
                 "running": running(),
+                **(status() if status is not None else {}),
             }
             try:
                 async with asyncio.timeout(interval_s):
                     await redis.set(key, json.dumps(beat), px=int(interval_s * 3000))
+                    if on_beat is not None:
+                        await on_beat(redis)
             except Exception as exc:  # Redis down: the worker goes on; it shows as gone meanwhile
                 logger.warning("heartbeat not written: %s", exc)
-            await asyncio.sleep(interval_s)
+            if beat_now is None:
+                await asyncio.sleep(interval_s)
+                continue
+            try:
+                async with asyncio.timeout(interval_s):
+                    await beat_now.wait()
+            except TimeoutError:
+                pass
+            beat_now.clear()
     finally:
         try:
             async with asyncio.timeout(1):

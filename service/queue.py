@@ -6,21 +6,28 @@ module means it could be swapped without touching the API or the engine.
 Enqueueing writes what arq's own `enqueue_job` writes (its key prefixes, `serialize_job`, its expiry), in one
 round trip instead of three. That leans on arq's storage format, read from arq 0.28 (the only version pyproject.toml
 allows); every worker test consumes deliveries written this way, so a format change in arq fails them.
+
+One clock. A delivery's score (when it is due) is Redis' own `TIME`, taken by the enqueue script, and a worker
+compares scores with Redis' time too (`RedisClock`), never with its machine's wall clock: a process whose clock is
+off (a submitting API two minutes ahead, a worker behind) changes no pickup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
+import arq.worker
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
-from redis.asyncio import ConnectionPool
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -146,10 +153,59 @@ def _script_input(
 
 # What arq's `enqueue_job` does, as one atomic script: one round trip instead of three (WATCH, EXISTS, then
 # MULTI/EXEC). The job is queued, as arq would queue it, only if neither its key nor its result's key exists; it
-# expires as arq's do. KEYS: job key, result key, queue. ARGV: expiry in ms, arq's serialized job, score, job id.
+# expires as arq's do; its score is Redis' time in ms (the clock every worker compares it with, see RedisClock).
+# KEYS: job key, result key, queue. ARGV: expiry in ms, arq's serialized job, (unused), job id.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[3], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[4])
 return 1
 """
+
+
+class RedisClock:
+    """Redis' `TIME`, as this process sees it: read at each `sync`, and run on from there on the monotonic clock, so
+    that this machine's wall clock (wrong, or stepped) never enters it. Off by at most half a round trip."""
+
+    def __init__(self) -> None:
+        self._offset_ms: float | None = None  # Redis' time minus the monotonic clock, in ms
+
+    async def sync(self, redis: Redis) -> None:
+        before = time.monotonic()
+        seconds, micros = await redis.time()
+        after = time.monotonic()
+        self._offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
+
+    def now_ms(self) -> int:
+        if self._offset_ms is None:  # never read: this machine's clock is all there is
+            return int(time.time() * 1000)
+        return int(time.monotonic() * 1000 + self._offset_ms)
+
+
+def use_for_deliveries(clock: RedisClock) -> None:
+    """arq's worker compares each delivery's score with `timestamp_ms()` when it polls, and adds it to a deferral:
+    make that Redis' time. Process-wide, like arq's own function it replaces; every worker of a process reads the
+    same Redis, so the same clock."""
+    arq.worker.timestamp_ms = clock.now_ms  # type: ignore[attr-defined]
+
+
+def _switch(worker: arq.worker.Worker) -> Callable[[bool], None]:
+    def switch(on: bool) -> None:
+        worker.allow_pick_jobs = on
+
+    return switch
+
+
+def intake_switch(ctx: dict[str, Any]) -> Callable[[bool], None]:
+    """Called from the worker's `on_startup` with arq's ctx: a switch that stops (False) and resumes (True) the
+    arq worker's polling for deliveries. arq hands its `Worker` to no hook, so it is found as the caller that owns
+    `ctx`; if it is not there, the switch does nothing (and deliveries are handed back one by one instead)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        found = frame.f_locals.get("self")
+        if isinstance(found, arq.worker.Worker) and found.ctx is ctx:
+            return _switch(found)
+        frame = frame.f_back  # type: ignore[assignment]
+    logger.warning("arq's worker not found: deliveries are handed back one by one while PostgreSQL is unreachable")
+    return lambda on: None

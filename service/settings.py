@@ -109,6 +109,12 @@ class Settings(EnvSettings):
     worker_max_jobs: Annotated[int, Field(ge=1)] = 20
     worker_poll_delay_s: Annotated[float, Field(gt=0)] = 0.05
     lease_ttl_s: Annotated[float, Field(ge=1)] = 10.0
+    # A worker stops a job's step this long before its lease could expire (docs/architecture.md: the promise);
+    # None: a fifth of the lease TTL.
+    lease_margin_s: Annotated[float, Field(gt=0)] | None = None
+    # A job whose step lost its lease this many times in a row by blocking its worker's event loop, with no step
+    # finishing in between, is failed instead of taken over again.
+    max_takeovers_without_progress: Annotated[int, Field(ge=1)] = 3
     # On SIGTERM, how long running steps may take to finish before they are cancelled and handed back.
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0
     reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
@@ -151,6 +157,26 @@ class Settings(EnvSettings):
                 "(create one with `apiops keys new NAME --scopes jobs:read,jobs:write`)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _margin_inside_lease(self) -> Settings:
+        if self.lease_margin_s is not None and self.lease_margin_s >= self.lease_ttl_s / 2:
+            raise ValueError(
+                f"APIOPS_LEASE_MARGIN_S={self.lease_margin_s:g} must be under half of APIOPS_LEASE_TTL_S "
+                f"({self.lease_ttl_s:g}): a worker must hold a lease for longer than it keeps in reserve"
+            )
+        return self
+
+    @property
+    def lease_margin(self) -> float:
+        """How long before its lease could expire a worker stops acting on a job (APIOPS_LEASE_MARGIN_S)."""
+        return self.lease_ttl_s / 5 if self.lease_margin_s is None else self.lease_margin_s
+
+    @property
+    def lease_statement_timeout_s(self) -> float:
+        """Every lease statement (claim, renew, fenced write) gives up after this: a quarter of the lease, so
+        that a renewal that hangs leaves time for another try before the lease could expire."""
+        return min(self.lease_ttl_s / 4, self.db_command_timeout_s)
 
     @property
     def dev_mode(self) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.processes import TcpProxy
+from tests.proxy import TcpProxy
 
 PREFIX = "aot"  # namespaces aot<run>-<n>, this machine's ends of the links aot<run>h<n> (15 characters at most)
 BLOCK = ipaddress.IPv4Network("10.231.0.0/16")

@@ -1,6 +1,6 @@
 """Real processes for the tests that stop, kill or run several of them: arq workers and `apiops serve` started as
 an operator would, and a Redis server of the test's own (on a free port, so stopping it disturbs nobody else's
-Redis)."""
+Redis). The network between them fails through `tests.proxy.TcpProxy`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from service.jobtypes import Registry
 from service.settings import Settings
+from tests import kit_worker
 from tests.conftest import free_port, key_entries, wait_for
 
 APIOPS = str(Path(sys.executable).with_name("apiops"))
@@ -65,6 +67,9 @@ async def serving_api(
             process.kill()
             await process.wait()
 
+REPO = Path(__file__).resolve().parents[1]
+SKEWED_CLOCK = REPO / "tests" / "skewed_clock"
+
 
 def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     env = {
@@ -104,6 +109,36 @@ async def workers(settings: Settings, count: int, **overrides: Any) -> AsyncIter
                 await process.wait()
 
 
+async def start_job_worker(
+    work: Path, name: str, settings: Settings, registry: Registry, clock_skew_s: float = 0.0
+) -> asyncio.subprocess.Process:
+    """The real worker in a process of its own, with `registry`'s job types (tests/kit_worker.py); its log goes to
+    `work/<name>.log` (appended to); its wall clock `clock_skew_s` off (tests/skewed_clock)."""
+    config = kit_worker.write(work / f"{name}.pickle", settings, registry)
+    env = dict(os.environ)
+    if clock_skew_s:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SKEWED_CLOCK), env.get("PYTHONPATH")]))
+        env["APIOPS_TEST_CLOCK_SKEW_S"] = str(clock_skew_s)
+    with (work / f"{name}.log").open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.kit_worker", str(config), cwd=REPO, stderr=log, env=env
+        )
+
+
+@asynccontextmanager
+async def job_worker(
+    work: Path, name: str, settings: Settings, registry: Registry, clock_skew_s: float = 0.0
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`start_job_worker` for the block; SIGKILLed at the end if still running."""
+    process = await start_job_worker(work, name, settings, registry, clock_skew_s)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 class RedisServer:
     """A redis-server process of the test's own, which it may stop and start again on the same port."""
 
@@ -140,52 +175,3 @@ class RedisServer:
             self.process.terminate()
             await self.process.wait()
         self.process = None
-
-
-class TcpProxy:
-    """Forwards `host:port` (by default a local port; port 0: a free one, kept from then on) to another address;
-    `cut()` drops every connection and refuses new ones until `restore()`: a network outage for whoever connects
-    through it, and nobody else."""
-
-    def __init__(self, port: int, upstream_host: str, upstream_port: int, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.port = port
-        self.upstream = (upstream_host, upstream_port)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def restore(self) -> None:
-        await self.start()

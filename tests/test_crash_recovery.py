@@ -14,9 +14,14 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from jobs.noop import JOB as NOOP
+from service.jobtypes import Registry
 from service.settings import Settings
-from tests.conftest import api_client, free_port, headers, job_summary, read_job, wait_for
-from tests.processes import RedisServer, TcpProxy, start_worker, stop, workers
+from tests.conftest import api_client, free_port, headers, job_summary, read_job, submit, wait_for
+from tests.history import assert_no_step_ran_on_two_workers_at_once, assert_no_two_attempts_ran_at_once, tick_spans
+from tests.processes import RedisServer, start_job_worker, stop, workers
+from tests.proxy import Cut, TcpProxy
+from tests.testjobs import RECORDER
 
 
 async def _until(client: httpx.AsyncClient, job_id: str, check: Any, within: float) -> Any:
@@ -102,65 +107,66 @@ async def test_jobs_accepted_while_redis_is_down_all_run_once_it_is_back(
         await redis.stop()
 
 
-@pytest.mark.timeout(180)  # its own deadline is 120 s; about 20 s on an idle machine
-async def test_soak_200_jobs_with_a_worker_killed_every_few_seconds(
-    client: httpx.AsyncClient, settings: Settings, db: asyncpg.Connection
+@pytest.mark.timeout(180)  # its own deadline is 120 s; about 30 s on an idle machine
+async def test_soak_200_jobs_with_a_worker_killed_or_cut_off_every_few_seconds(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    fast = {"lease_ttl_s": 2, "reaper_interval_s": 0.5, "requeue_pending_after_s": 1, "worker_max_jobs": 10}
-    job_ids = [
-        (await client.post("/ops/jobs/noop", json={"steps": 3, "sleep_s": round(random.uniform(0.1, 0.4), 2)})).json()[
-            "job_id"
-        ]
-        for _ in range(200)
-    ]
-    kills = 0
+    """Two workers; every few seconds one is SIGKILLed (and started again), or worker 0, which reaches PostgreSQL
+    through a proxy, is cut off from it (blackholed) for longer than its lease. A tenth of the jobs record every
+    moment their step runs (tests.testjobs.RECORDER): no two attempts of one ever ran at once."""
+    fast = settings.model_copy(
+        update={"lease_ttl_s": 2, "reaper_interval_s": 0.5, "requeue_pending_after_s": 1, "worker_max_jobs": 10}
+    )
+    registry = Registry([NOOP, RECORDER])
+    proxy = TcpProxy(free_port(), "127.0.0.1", make_url(settings.database_url.get_secret_value()).port or 5432)
+    await proxy.start()
+    url = make_url(settings.database_url.get_secret_value()).set(port=proxy.port).render_as_string(False)
+    through_proxy = fast.model_copy(update={"database_url": Settings(database_url=url).database_url})
+    noops: list[str] = []
+    recorders: dict[str, Path] = {}
+    kills = cuts = 0
 
     async def unfinished() -> int:
         return int(await db.fetchval("SELECT count(*) FROM ops_job WHERE status IN ('pending', 'running')"))
 
-    async with workers(settings, 2, **fast) as pool:
-        deadline = time.monotonic() + 120
-        while await unfinished() and time.monotonic() < deadline:
-            await asyncio.sleep(random.uniform(1.5, 3))
-            victim = random.randrange(len(pool))
-            pool[victim].kill()
-            await pool[victim].wait()
-            kills += 1
-            pool[victim] = await start_worker(settings, **fast)
+    async with api_client(fast, registry, headers=headers("writer")) as client:
+        for n in range(200):
+            if n % 10 == 0:
+                ticks = tmp_path / f"ticks-{n}"
+                recorders[await submit(client, "recorder", path=str(ticks), seconds=random.uniform(0.5, 1.5))] = ticks
+            else:
+                noops.append(await submit(client, "noop", steps=3, sleep_s=round(random.uniform(0.1, 0.4), 2)))
+        configs = [through_proxy, fast]
+        pool = [await start_job_worker(tmp_path, f"worker-{n}", configs[n], registry) for n in range(2)]
+        try:
+            deadline = time.monotonic() + 120
+            while await unfinished() and time.monotonic() < deadline:
+                await asyncio.sleep(random.uniform(1.5, 3))
+                if (kills + cuts) % 3 == 2:
+                    await proxy.turn(Cut.BLACKHOLE)
+                    await asyncio.sleep(2.5)  # past the lease: worker 0's jobs are taken over
+                    await proxy.restore()
+                    cuts += 1
+                    continue
+                victim = random.randrange(len(pool))
+                pool[victim].kill()
+                await pool[victim].wait()
+                kills += 1
+                pool[victim] = await start_job_worker(tmp_path, f"worker-{victim}", configs[victim], registry)
+        finally:
+            for process in pool:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            await proxy.close()
 
     statuses = await db.fetch("SELECT status, count(*) AS n FROM ops_job GROUP BY status")
     assert {r["status"]: r["n"] for r in statuses} == {"success": 200}
-    assert kills >= 3
-    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=3)
-
-
-async def _assert_no_step_ran_on_two_workers_at_once(
-    db: asyncpg.Connection, job_ids: list[str], steps: int, expect_takeover: bool = True
-) -> None:
-    """From the recorded history. Writes are fenced by (attempt, owner) under a row lock and events take their ids
-    from one sequence, so event order is commit order: once any event of attempt N+1 exists, no event of attempt
-    N may follow, every attempt belongs to one worker, and each step succeeds exactly once."""
-    rows = await db.fetch(
-        "SELECT job_id, kind, step, status, attempt, actor FROM ops_job_event WHERE attempt IS NOT NULL"
-        " ORDER BY job_id, event_id"
-    )
-    history: dict[str, list[asyncpg.Record]] = {}
-    for row in rows:
-        history.setdefault(row["job_id"], []).append(row)
-    assert set(history) == set(job_ids)
-    took_over = 0
-    for job_id, events in history.items():
-        attempts = [e["attempt"] for e in events]
-        assert attempts == sorted(attempts), f"{job_id}: an older attempt wrote after a newer one: {attempts}"
-        owners: dict[int, set[str]] = {}
-        for event in events:
-            owners.setdefault(event["attempt"], set()).add(event["actor"])
-        assert all(len(o) == 1 for o in owners.values()), f"{job_id}: one attempt, several workers: {owners}"
-        successes = [e["step"] for e in events if e["kind"] == "step" and e["status"] == "success"]
-        assert sorted(successes) == [f"step-{n}" for n in range(1, steps + 1)], f"{job_id}: {successes}"
-        took_over += len(owners) > 1
-    if expect_takeover:
-        assert took_over > 0, "no job was ever taken over: the kills did not test anything"
+    assert kills >= 3 and cuts >= 1
+    await assert_no_step_ran_on_two_workers_at_once(db, noops, steps=3)
+    await assert_no_step_ran_on_two_workers_at_once(db, list(recorders), steps=["record"], expect_takeover=False)
+    for ticks in recorders.values():
+        assert_no_two_attempts_ran_at_once(tick_spans(ticks))
 
 
 async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
@@ -197,4 +203,4 @@ async def test_jobs_end_correctly_when_postgres_drops_out_while_they_run(
         job = await read_job(client, job_id)
         assert job["status"] == "success", job
         assert [s["status"] for s in job["steps"]] == ["success"] * 4
-    await _assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=4, expect_takeover=False)
+    await assert_no_step_ran_on_two_workers_at_once(db, job_ids, steps=4, expect_takeover=False)

@@ -53,7 +53,7 @@ def test_the_statements_use_the_enums_words() -> None:
     """The scan above means something: the statements do carry status words, rendered from the enums."""
     assert f"status = '{JobStatus.RUNNING}'" in sql.CHECK
     assert f"'{EventKind.CLAIMED}'" in sql.CLAIM
-    assert all(hand_typed(statement) for statement in STATEMENTS.values())
+    assert all(hand_typed(statement) for name, statement in STATEMENTS.items() if name != "PING")
 
 
 def test_every_fenced_transition_has_its_statement() -> None:

@@ -97,3 +97,16 @@ def test_bad_pg_rebuild_settings_are_refused(
 
     with pytest.raises(ValidationError, match=f"for PgRebuildSettings\n{message}"):
         PgRebuildSettings()
+
+
+def test_the_lease_margin_defaults_to_a_fifth_of_the_lease_and_must_stay_under_half(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("APIOPS_LEASE_TTL_S", "10")
+    assert Settings().lease_margin == 2.0 and Settings().lease_statement_timeout_s == 2.5
+    monkeypatch.setenv("APIOPS_LEASE_MARGIN_S", "5")
+
+    with pytest.raises(
+        ValidationError, match=r"APIOPS_LEASE_MARGIN_S=5 must be under half of APIOPS_LEASE_TTL_S \(10\)"
+    ):
+        Settings()

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from jobs.runtime import health
 from service.settings import Settings
 from tests.conftest import wait_for
 from tests.processes import stop, worker_env, workers
@@ -43,3 +45,39 @@ async def test_workers_are_listed_with_their_jobs_while_alive_and_checkable(
 
     assert (await client.get("/ops/workers")).json() == {"workers": []}
     assert await _arq_check(settings) != 0
+
+
+async def test_a_worker_that_cannot_reach_postgres_says_so_at_once_then_every_few_seconds_until_it_can(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "PROBE_S", 0.01)
+    monkeypatch.setattr(health, "SAY_EVERY_S", 0.05)
+    changes: list[bool] = []
+    database = health.DatabaseHealth(on_change=changes.append)
+    answers = False
+
+    async def probe() -> None:  # as a statement does: it reports how it went
+        if answers:
+            database.reached()
+        else:
+            database.failed(OSError("connection refused"))
+
+    def said(words: str) -> int:
+        return sum(words in r.getMessage() for r in caplog.records if r.name == "jobs.runtime.health")
+
+    watching = asyncio.create_task(database.watch(probe))
+    try:
+        database.failed(OSError("connection refused"))
+        assert said("PostgreSQL unreachable: connection refused; this worker takes no jobs") == 1
+        assert database.status()["accepting_jobs"] is False
+        await wait_for(lambda: _async(said("PostgreSQL still unreachable after")), until=lambda n: n >= 2)
+        answers = True
+        await wait_for(lambda: _async(database.reachable))
+    finally:
+        watching.cancel()
+    assert said("PostgreSQL reachable again after") == 1
+    assert changes == [False, True] and database.status() == {"database": "reachable", "accepting_jobs": True}
+
+
+async def _async(value: object) -> object:
+    return value

@@ -1,12 +1,15 @@
 """Job types that exist only in tests: a flaky step (transient errors), a step that outlives its deadline, a per-process
-resource, a step that fails on demand, state across steps, and settings of a job type's own."""
+resource, a step that fails on demand, state across steps, settings of a job type's own, a step that records every
+moment it runs, and a step that blocks its worker's event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -162,6 +165,74 @@ GREETER = JobType[GreetParams](
     steps=[Step("greet", greet)],
     lifespan=voice,
     settings=GreeterSettings,
+)
+
+
+class RecordParams(BaseModel):
+    path: str
+    seconds: float = 6.0
+    # How long attempt 1 runs, when it should outlast whatever a test does to its worker meanwhile.
+    first_attempt_s: float | None = None
+
+
+def _tick(path: Path, attempt: int) -> None:
+    with path.open("a", encoding="utf-8") as ticks:
+        ticks.write(f"{attempt} {time.monotonic():.3f}\n")
+
+
+async def record(ctx: StepContext, params: RecordParams) -> str:
+    """Appends `<attempt> <monotonic time>` to the file `path` every 100 ms for as long as it runs (a file: it does
+    not depend on the worker's network), and reports progress every second, for `seconds` in all."""
+    path = Path(params.path)
+
+    async def ticks() -> None:
+        while True:
+            _tick(path, ctx.attempt)
+            await asyncio.sleep(0.1)
+
+    loop = asyncio.get_running_loop()
+    seconds = params.first_attempt_s if ctx.attempt == 1 and params.first_attempt_s is not None else params.seconds
+    end = loop.time() + seconds
+    async with asyncio.TaskGroup() as group:
+        ticker = group.create_task(ticks())
+        said = 0
+        while (left := end - loop.time()) > 0:
+            said += 1
+            await ctx.progress(f"tick {said}")
+            await asyncio.sleep(min(1.0, left))
+        ticker.cancel()
+    return f"recorded for {seconds:g}s"
+
+
+# Module level, so that a worker process (tests/kit_worker.py) can import it; its tests make a registry.
+RECORDER = JobType[RecordParams](
+    name="recorder",
+    description="records every moment its step runs, in a file",
+    params=RecordParams,
+    steps=[Step("record", record, timeout_s=120)],
+)
+
+
+class BlockParams(BaseModel):
+    block_s: float
+    times: int = 1
+
+
+async def block(ctx: StepContext, params: BlockParams) -> str:
+    """Blocks its worker's event loop (a synchronous sleep) `times` times, yielding for 50 ms in between: what a
+    careless step does."""
+    for n in range(params.times):
+        if n:
+            await asyncio.sleep(0.05)
+        time.sleep(params.block_s)  # noqa: ASYNC251  # the point: a step that blocks the loop
+    return f"blocked the loop {params.times} times for {params.block_s:g}s"
+
+
+BLOCKER = JobType[BlockParams](
+    name="blocker",
+    description="blocks its worker's event loop for block_s",
+    params=BlockParams,
+    steps=[Step("block", block, timeout_s=60)],
 )
 
 JOB_TYPES: list[JobType[Any]] = [FLAKY, SLOW, RESOURCEFUL, FRAGILE, MEMO]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobs.runtime.lag import timed
 from jobs.runtime.leases import CancelRequested, Finished, Lease, LeaseLost, Leases, StepRow
 from jobs.runtime.metrics import WorkerMetrics
 from jobs.runtime.outcome import Outcome
 from service.backoff import Backoff
+from service.db import database_unavailable
 from service.jobtypes import Registry, Step, UnknownJobType
 from service.logs import log_context
 from service.models import JobStatus, StepStatus
@@ -35,9 +38,14 @@ logger = logging.getLogger(__name__)
 STEP_RETRIES = Backoff(initial_s=0.5, cap_s=30.0, jitter=0.5)
 # How often a running job looks for a cancel request: the bound on cancel latency.
 CANCEL_POLL_S = 0.5
-# A failed lease check or renewal is tried again at the next poll, until the lease could have expired.
-LEASE_RETRIES = Backoff(initial_s=CANCEL_POLL_S, factor=1.0)
 RELEASE_TIMEOUT_S = 5.0
+
+
+def longest_safe_block_s(settings: Settings) -> float:
+    """How long a step may block its worker's event loop, at any moment, without the worker losing a lease: a
+    renewal falls due a third of the TTL after the last one was sent, the keeper sees that within CANCEL_POLL_S, and
+    the hold ends at the TTL less the margin. 4.2 s with the default settings (docs/architecture.md)."""
+    return settings.lease_ttl_s * 2 / 3 - settings.lease_margin - CANCEL_POLL_S
 
 
 class Draining(Exception):
@@ -118,7 +126,14 @@ async def run_job(runtime: Runtime, job_id: str) -> Outcome:
     """The arq job: returns what happened, for arq's own log line."""
     if runtime.draining.is_set():
         return Outcome.NOT_CLAIMED_STOPPING
-    lease = await runtime.leases.claim(job_id)
+    if not runtime.leases.health.reachable:
+        return Outcome.NOT_CLAIMED_UNREACHABLE
+    try:
+        lease = await runtime.leases.claim(job_id)
+    except Exception as exc:
+        if not database_unavailable(exc):
+            raise
+        return Outcome.NOT_CLAIMED_UNREACHABLE  # if the claim did get through, the reaper delivers it once it expires
     if lease is None:
         logger.info("job %s is finished, cancelled or held by another worker; nothing to do", job_id)
         return Outcome.NOT_CLAIMED
@@ -136,7 +151,7 @@ async def run_job(runtime: Runtime, job_id: str) -> Outcome:
             except (UnknownJobType, ValidationError) as exc:
                 outcome = await _refuse(runtime, lease, exc)
             else:
-                outcome = await job_run.run()
+                outcome = await _stalled(runtime, lease) or await job_run.run()
             runtime.metrics.job_ran(lease.type, outcome, time.perf_counter() - started)
             logger.info("job %s: %s", job_id, outcome)
             return outcome
@@ -157,6 +172,26 @@ async def _refuse(runtime: Runtime, lease: Lease, exc: UnknownJobType | Validati
     return Outcome.FAILED
 
 
+async def _stalled(runtime: Runtime, lease: Lease) -> Outcome | None:
+    """Fail a job whose step keeps blocking its worker's event loop past the lease (as many runs in a row as
+    APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS, each recorded by its worker): it would otherwise go from worker to worker
+    for ever, stalling every job beside it on each. None: run the job (a requested cancel, too, is left to it)."""
+    bound = runtime.settings.max_takeovers_without_progress
+    step = next((row for row in lease.steps if row.order == lease.started_step), None)
+    if lease.previous_owner is None or lease.blocked_runs < bound or step is None:
+        return None
+    error = (
+        f"step {step.name} lost its lease {lease.blocked_runs} times in a row without progress, blocking its worker's "
+        f"event loop past the lease each time (APIOPS_MAX_TAKEOVERS_WITHOUT_PROGRESS={bound}); a step must not "
+        f"block the loop (no synchronous sleeps, I/O or long computations): fix it, then retry the job"
+    )
+    logger.error("job %s: %s", lease.job_id, error)
+    runtime.metrics.stalled(lease.type)
+    after = Finished(step, StepStatus.FAILED, f"error: {error}")
+    await runtime.leases.finish_job(lease, JobStatus.FAILED, error, after=after)
+    return Outcome.FAILED
+
+
 class _JobRun:
     def __init__(self, runtime: Runtime, lease: Lease) -> None:
         self.runtime = runtime
@@ -168,6 +203,9 @@ class _JobRun:
             lease.params, context=runtime.registry.params_context(lease.type)
         )
         self.current: _Context | None = None
+        # The step that blocked the event loop past the hold, and for how long: noted in the history once the
+        # lease is given up, for the next claims to count.
+        self.blocked_past_lease: tuple[str, float] | None = None
         self.state = dict(lease.state)
         # The result of the step that just ended, until the next write records it with itself (one statement per
         # transition). Recording it twice is harmless (see jobs.runtime.leases): it is kept until a write is sure.
@@ -178,8 +216,10 @@ class _JobRun:
     async def run(self) -> Outcome:
         try:
             failure = await self._steps_with_keeper()
+            return await self._finish(failure)
         except LeaseLost as exc:
             logger.warning("stopped: %s", exc)
+            await self._record_block()
             return Outcome.LEASE_LOST
         except CancelRequested as exc:
             await self._record_cancel(exc)
@@ -190,6 +230,8 @@ class _JobRun:
         except asyncio.CancelledError:
             await self._release("worker stopped; the interrupted step will run again")
             raise
+
+    async def _finish(self, failure: _Failure | None) -> Outcome:
         if failure is None:
             await self.leases.finish_job(self.lease, JobStatus.SUCCESS, after=self.unrecorded)
             return Outcome.SUCCESS
@@ -198,38 +240,46 @@ class _JobRun:
         return Outcome.FAILED
 
     async def _steps_with_keeper(self) -> _Failure | None:
+        """The steps, beside the keeper, under the hold: when it ends (no renewal succeeded in time), the running
+        step is cancelled there and then, whatever any statement is waiting for (fencing in time)."""
+        hold = self.lease.hold
+        self.holding = asyncio.timeout_at(_when(hold.until))
         try:
             async with asyncio.TaskGroup() as group:
                 keeper = group.create_task(self._keep_lease())
-                failure = await self._run_steps()
+                async with self.holding:
+                    failure = await self._run_steps()
                 keeper.cancel()
         except ExceptionGroup as group:
             # Only the steps or the keeper can fail, and the other is then cancelled: surface the one error.
-            raise group.exceptions[0] from None
+            error = group.exceptions[0]
+            if isinstance(error, TimeoutError) and self.holding.expired():
+                late = asyncio.get_running_loop().time() - hold.until
+                self.runtime.metrics.hold_ended(self.lease.type)
+                raise LeaseLost(
+                    f"no lease renewal succeeded for {hold.until + late - hold.renewed_sent_at:.1f}s: "
+                    "the running step was cancelled before the lease could expire"
+                ) from None
+            raise error from None
         return failure
 
     async def _keep_lease(self) -> None:
-        """Watch for a cancel request every CANCEL_POLL_S and renew the lease every third of its TTL; give the
-        job up once the lease could have expired unrenewed (a database outage)."""
+        """Watch for a cancel request every CANCEL_POLL_S and renew the lease every third of its TTL, moving the
+        hold on with each renewal. A statement that fails is tried again (jobs.runtime.leases) until the hold
+        ends, which then cancels the steps."""
         ttl = self.runtime.settings.lease_ttl_s
         loop = asyncio.get_running_loop()
-        renewed_at = loop.time()
-        retries = LEASE_RETRIES.retries(deadline=renewed_at + ttl)
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
-                if loop.time() - renewed_at >= ttl / 3:
+                if loop.time() - self.lease.hold.renewed_sent_at >= ttl / 3:
                     await self.leases.renew(self.lease)
-                    renewed_at = loop.time()
-                    retries.succeeded(deadline=renewed_at + ttl)
+                    self.holding.reschedule(_when(self.lease.hold.until))
                 else:
                     await self.leases.check(self.lease)
             except (LeaseLost, CancelRequested):
                 raise
             except Exception as exc:
-                retries.failed()
-                if retries.exhausted:
-                    raise LeaseLost(f"could not renew the lease for {ttl:g}s: {exc}") from exc
                 logger.warning("lease check failed, retrying: %s", exc)
 
     async def _run_steps(self) -> _Failure | None:
@@ -261,7 +311,7 @@ class _JobRun:
             deadline_cm = asyncio.timeout_at(deadline)
             try:
                 async with deadline_cm:
-                    detail = await step.run(ctx, self.params)
+                    detail = await timed(step.run(ctx, self.params), row.name, self._blocked)
             except TimeoutError as exc:
                 if not deadline_cm.expired():
                     error = _describe(exc)
@@ -281,6 +331,8 @@ class _JobRun:
             except (LeaseLost, CancelRequested, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if isinstance(exc, ExceptionGroup) and (ours := exc.subgroup((LeaseLost, CancelRequested))):
+                    raise ours.exceptions[0] from None  # a write of the step's own task group found the job gone
                 logger.exception("step %s failed", row.name)
                 error = _describe(exc)
             else:
@@ -301,6 +353,21 @@ class _JobRun:
             raise
         self.unrecorded = None
 
+    def _blocked(self, step: str, seconds: float) -> None:
+        """A stretch of `step` without a yield took `seconds`; past the hold, that block cost the lease."""
+        if asyncio.get_running_loop().time() >= self.lease.hold.until:
+            self.blocked_past_lease = (step, seconds)
+
+    async def _record_block(self) -> None:
+        if self.blocked_past_lease is None:
+            return
+        step, seconds = self.blocked_past_lease
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await self.leases.blocked_past_lease(self.lease, step, seconds)
+        except Exception as exc:
+            logger.warning("could not note the block in the job's history: %s", exc)
+
     async def _record_cancel(self, request: CancelRequested) -> None:
         if self.unrecorded is not None:
             # The cancel came between two steps: the one that ended is recorded first, as it ended.
@@ -318,6 +385,10 @@ class _JobRun:
                 await self.leases.release(self.lease, reason, after=self.unrecorded)
         except Exception as exc:
             logger.warning("could not hand the job back (it is reaped once the lease expires): %s", exc)
+
+
+def _when(until: float) -> float | None:
+    return None if math.isinf(until) else until
 
 
 def _describe(exc: BaseException) -> str:

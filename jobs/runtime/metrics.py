@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterable, Iterator
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -66,6 +66,39 @@ class WorkerMetrics:
         )
         for reason in _REDELIVERY_REASONS.values():
             self.redeliveries.labels(reason)
+        self.holds_ended = Counter(
+            "apiops_lease_holds_ended",
+            "Steps this worker cancelled because no lease renewal succeeded in time (the lease could expire), by type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.database_reachable = Gauge(
+            "apiops_worker_database_reachable",
+            "1 while this worker reaches PostgreSQL (and takes jobs), 0 while it cannot",
+            registry=self.registry,
+        )
+        self.database_reachable.set(1)
+        self.deliveries_handed_back = Counter(
+            "apiops_worker_deliveries_handed_back",
+            "Deliveries this worker put straight back on the queue because it could not reach PostgreSQL",
+            registry=self.registry,
+        )
+        self.loop_blocked = Counter(
+            "apiops_worker_event_loop_blocked",
+            "Times this worker's event loop was blocked for longer than the lag monitor allows",
+            registry=self.registry,
+        )
+        self.loop_blocked_seconds = Counter(
+            "apiops_worker_event_loop_blocked_seconds",
+            "Seconds this worker's event loop spent blocked, counted from the blocks the lag monitor saw",
+            registry=self.registry,
+        )
+        self.stalled_jobs = Counter(
+            "apiops_jobs_failed_stalled",
+            "Jobs this worker failed because their step kept losing its lease without progress, by type",
+            ["type"],
+            registry=self.registry,
+        )
 
     def job_ran(self, job_type: str, outcome: Outcome, seconds: float) -> None:
         """Only runs that finished the job count; one that lost its lease or was handed back ends elsewhere."""
@@ -77,6 +110,22 @@ class WorkerMetrics:
 
     def lease_taken_over(self, job_type: str) -> None:
         self.lease_takeovers.labels(job_type).inc()
+
+    def hold_ended(self, job_type: str) -> None:
+        self.holds_ended.labels(job_type).inc()
+
+    def database(self, reachable: bool) -> None:
+        self.database_reachable.set(1 if reachable else 0)
+
+    def handed_back(self) -> None:
+        self.deliveries_handed_back.inc()
+
+    def blocked(self, seconds: float) -> None:
+        self.loop_blocked.inc()
+        self.loop_blocked_seconds.inc(seconds)
+
+    def stalled(self, job_type: str) -> None:
+        self.stalled_jobs.labels(job_type).inc()
 
     def redelivered(self, statuses: Iterable[JobStatus]) -> None:
         for status in statuses:

@@ -19,6 +19,7 @@ class Outcome(StrEnum):
     HANDED_BACK = "handed back: worker stopping"
     NOT_CLAIMED = "not claimed"
     NOT_CLAIMED_STOPPING = "not claimed: worker stopping"
+    NOT_CLAIMED_UNREACHABLE = "not claimed: PostgreSQL unreachable"
 
     @property
     def status(self) -> JobStatus | None:

@@ -11,10 +11,11 @@ import logging
 
 from arq.connections import ArqRedis
 
+from jobs.runtime.health import DatabaseHealth
 from jobs.runtime.leases import due_for_delivery, record_redelivered
 from jobs.runtime.metrics import WorkerMetrics
 from service.backoff import Backoff
-from service.db import Sessions
+from service.db import Sessions, database_unavailable
 from service.queue import Delivery, enqueue_many
 from service.settings import Settings
 
@@ -29,7 +30,8 @@ async def reap_once(
     sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
 ) -> int:
     """Enqueue every job due for a delivery; returns how many were actually put back on the queue."""
-    due = await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH)
+    timeout_s = settings.db_command_timeout_s
+    due = await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH, timeout_s)
     outcomes = await enqueue_many(
         redis,
         [(job.job_id, job.attempt, int(job.waited_s // settings.redeliver_after_s)) for job in due],
@@ -40,13 +42,19 @@ async def reap_once(
     if metrics is not None:
         metrics.redelivered(job.status for job in delivered)
     if delivered:
-        await record_redelivered(sessions, delivered, reaper)
+        await record_redelivered(sessions, delivered, reaper, timeout_s)
     return len(delivered)
 
 
 async def reap_forever(
-    sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
+    sessions: Sessions,
+    redis: ArqRedis,
+    settings: Settings,
+    reaper: str,
+    metrics: WorkerMetrics | None = None,
+    health: DatabaseHealth | None = None,
 ) -> None:
+    """Until cancelled. `health` hears whether PostgreSQL answered: an idle worker learns of an outage here."""
     retries = REAP_RETRIES.retries()
     intervals = 1.0
     while True:
@@ -55,10 +63,14 @@ async def reap_forever(
             async with asyncio.timeout(settings.db_command_timeout_s):
                 count = await reap_once(sessions, redis, settings, reaper, metrics)
         except Exception as exc:  # PostgreSQL down: back off, keep going
+            if health is not None and database_unavailable(exc):
+                health.failed(exc)
             intervals = retries.failed()
             logger.warning("reaper could not run (retrying with backoff): %s", exc)
             continue
         retries.succeeded()
+        if health is not None:
+            health.reached()
         intervals = 1.0
         if count:
             logger.info("reaper delivered %d job(s) again", count)

@@ -27,10 +27,13 @@ from service.models import EventKind, JobStatus, StepStatus
 # The claim: the job row moves to this worker (a takeover only once the lease expired); its first unfinished step
 # starts, unless a cancel was requested; the `claimed` event names whose lease was taken over; and the job's type,
 # params, state and steps (as they were before this statement) come back. No row: someone else holds it, or it ended.
+# `blocked_runs`: how many runs of the job, since a step of it last finished (or it was retried), lost their lease by
+# blocking their worker's event loop (each one's worker recorded it: BLOCKED_PAST_LEASE).
 CLAIM = f"""
 WITH previous AS (
     SELECT lease_owner FROM ops_job WHERE job_id = :job_id
 ),
+
 job AS (
     UPDATE ops_job SET status = '{JobStatus.RUNNING}', attempt = attempt + 1, lease_owner = CAST(:owner AS text),
         lease_expires_at = now() + make_interval(secs => CAST(:ttl AS double precision)),
@@ -65,10 +68,19 @@ event AS (
 )
 SELECT job.attempt, job.type, job.params, job.state, previous.lease_owner AS previous_owner,
     (SELECT step_order FROM started) AS started_step,
+    (SELECT count(*) FROM ops_job_event
+        WHERE job_id = :job_id AND kind = '{EventKind.PROGRESS}' AND attempt IS NULL
+            AND event_id > coalesce((SELECT max(event_id) FROM ops_job_event WHERE job_id = :job_id
+                AND (kind = '{EventKind.RETRIED}' OR (kind = '{EventKind.STEP}'
+                    AND status IN ('{StepStatus.SUCCESS}', '{StepStatus.SKIPPED}', '{StepStatus.FAILED}')))), 0)
+    ) AS blocked_runs,
     (SELECT json_agg(json_build_array(step_order, name, status, attempts, detail) ORDER BY step_order)
         FROM ops_job_step WHERE job_id = :job_id) AS steps
 FROM job, previous
 """
+
+# Does PostgreSQL answer? Sent while it seemed unreachable, to find out when it is back.
+PING = "SELECT 1"
 
 # Writes nothing: is the job still ours, and has a cancel been requested?
 CHECK = f"""
@@ -358,6 +370,14 @@ event AS (
     RETURNING 1
 )
 SELECT EXISTS (SELECT 1 FROM fence) AS held, (SELECT cancel_requested_at FROM fence) AS cancel_requested_at
+"""
+
+# History only: step `step` of the job blocked this worker's event loop past its lease (`detail` says for how long).
+# Not fenced, and no attempt: the lease is gone, and the note may land after the next claim's events, as the reaper's
+# do. The next claims count these notes (CLAIM's `blocked_runs`).
+BLOCKED_PAST_LEASE = f"""
+INSERT INTO ops_job_event (job_id, kind, step, status, detail, actor)
+VALUES (:job_id, '{EventKind.PROGRESS}', CAST(:step AS text), NULL, CAST(:detail AS text), CAST(:actor AS text))
 """
 
 # Who asked for the cancel the worker has just found requested (the latest request), for the job's error.

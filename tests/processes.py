@@ -67,6 +67,7 @@ async def serving_api(
             process.kill()
             await process.wait()
 
+
 REPO = Path(__file__).resolve().parents[1]
 SKEWED_CLOCK = REPO / "tests" / "skewed_clock"
 

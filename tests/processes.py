@@ -1,5 +1,5 @@
-"""Real processes for the crash tests: arq workers started as an operator would, and a Redis server of the
-test's own (on a free port, so stopping it disturbs nobody else's Redis)."""
+"""Real processes for the crash tests: arq workers and the API started as an operator would, and a Redis server of
+the test's own (on a free port, so stopping it disturbs nobody else's Redis)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,41 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from redis.asyncio import Redis
 
 from service.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import key_entries, wait_for
+
+APIOPS = str(Path(sys.executable).with_name("apiops"))
+
+
+def service_env(settings: Settings, port: int, **overrides: Any) -> dict[str, str]:
+    """The environment of `apiops run` or `apiops serve` on `port`, for the test's database, Redis, queue and keys,
+    with `overrides` as `APIOPS_<NAME>`; nothing else of the test's own `APIOPS_*`."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")},
+        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
+        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "APIOPS_QUEUE_NAME": settings.queue_name,
+        "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
+        "APIOPS_PORT": str(port),
+    }
+    env.update({f"APIOPS_{key.upper()}": str(value) for key, value in overrides.items()})
+    return env
+
+
+async def wait_ready(port: int, within: float = 30) -> None:
+    """Until the API on `port` answers /readyz with 200."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
+
+        async def answers() -> bool:
+            try:
+                return (await probe.get("/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(answers, within=within, interval=0.05)
 
 
 def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:

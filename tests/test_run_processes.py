@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,9 +16,10 @@ from typing import Any
 import httpx
 
 from service.settings import Settings
-from tests.conftest import free_port, headers, key_entries, wait_for, wait_for_status
-
-APIOPS = str(Path(sys.executable).with_name("apiops"))
+from tests.conftest import free_port, headers, wait_for, wait_for_status
+from tests.processes import APIOPS
+from tests.processes import service_env as _env
+from tests.processes import wait_ready as _ready
 
 
 async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> None:
@@ -50,29 +50,6 @@ async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> N
 
 
 # Stops, as a supervisor, a container runtime and a person at a terminal make them.
-
-
-def _env(settings: Settings, port: int) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")},
-        "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
-        "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "APIOPS_QUEUE_NAME": settings.queue_name,
-        "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
-        "APIOPS_PORT": str(port),
-    }
-
-
-async def _ready(port: int, within: float = 30) -> None:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
-
-        async def answers() -> bool:
-            try:
-                return (await probe.get("/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(answers, within=within, interval=0.05)
 
 
 def _refused(port: int) -> bool:

@@ -1,0 +1,188 @@
+"""The HTTP server's own bounds, against a real `apiops serve` over real sockets: slow and half-sent connections by
+the thousand under a file limit of 1024, an oversized request head, and the connection cap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.conftest import free_port, headers
+from tests.processes import APIOPS, service_env, wait_ready
+
+# The file limit `apiops serve` runs under here, as in many containers: 1,000 client connections alone would use
+# nearly all of it.
+FILE_LIMIT = 1024
+SLOW_CONNECTIONS = 1000
+
+
+@dataclass
+class Served:
+    port: int
+    log: Path
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def serving(settings: Settings, tmp_path: Path, **overrides: Any) -> AsyncIterator[Served]:
+    """`apiops serve` under a file limit of FILE_LIMIT, its output in a file (a pipe nobody reads could fill up and
+    stall it)."""
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FILE_LIMIT, FILE_LIMIT))
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            APIOPS, "serve", env=service_env(settings, port, **overrides), stderr=out, preexec_fn=limit_files
+        )
+    try:
+        await wait_ready(port)
+        yield Served(port, log)
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@pytest.fixture(autouse=True)
+def _room_for_our_own_sockets() -> None:
+    """The test itself holds a thousand sockets: raise its own soft file limit where the hard one allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * FILE_LIMIT
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"the test needs a file limit of {wanted}; the hard limit here is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def _slow_connections(port: int, count: int) -> AsyncIterator[list[asyncio.StreamReader]]:
+    """`count` connections: the first half send nothing, the second half the start of a request head only. Yields
+    what reads each; all are closed at the end."""
+    opened: list[Connection] = []
+    try:
+        for i in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            opened.append((reader, writer))
+            if i >= count // 2:
+                writer.write(b"GET /livez HTTP/1.1\r\nHost: apiops\r\n")
+        yield [reader for reader, _ in opened]
+    finally:
+        _close_all(opened)
+
+
+def _close_all(connections: list[Connection]) -> None:
+    for _, writer in connections:
+        writer.transport.abort()
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await reader.read()
+
+
+async def test_a_thousand_slow_connections_leave_livez_and_keyed_requests_answering(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with serving(settings, tmp_path, header_timeout_s=120) as served:
+        async with _slow_connections(served.port, SLOW_CONNECTIONS) as slow:
+            async with httpx.AsyncClient(base_url=served.url(), timeout=5) as api:
+                assert (await api.get("/livez")).status_code == 200
+                keyed = await api.get("/ops/jobs", headers=headers("reader"))
+                assert keyed.status_code == 200, keyed.text
+                assert (await api.get("/readyz")).status_code == 200  # PostgreSQL and Redis still get their files
+            # Room was made under the file limit by closing the connections that had waited longest, sending nothing.
+            async with asyncio.timeout(5):
+                assert await _answer(slow[0]) == b""
+        log = served.log.read_text()
+    assert "serving at most" in log and "the file limit (ulimit -n) is 1024" in log
+    assert "Too many open files" not in log and "Traceback" not in log
+
+
+async def test_slow_request_heads_are_closed_at_the_header_timeout_half_sent_ones_with_408(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with (
+        serving(settings, tmp_path, header_timeout_s=1) as served,
+        _slow_connections(served.port, SLOW_CONNECTIONS) as slow,
+        asyncio.timeout(30),
+    ):
+        answers = await asyncio.gather(*(_answer(reader) for reader in slow))
+    idle, half_sent = answers[: SLOW_CONNECTIONS // 2], answers[SLOW_CONNECTIONS // 2 :]
+    assert set(idle) == {b""}  # closed without a word: they never asked anything
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in half_sent), {a[:40] for a in half_sent}
+    body = json.loads(half_sent[0].split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_timeout" and "APIOPS_HEADER_TIMEOUT_S" in body["error"]["message"]
+
+
+async def test_an_oversized_request_head_is_refused_with_431_and_does_not_stall_livez(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with serving(settings, tmp_path) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+
+        async def send_120_mib() -> None:
+            writer.write(b"GET /livez HTTP/1.1\r\nHost: apiops\r\nX-Big: ")
+            chunk = b"a" * (1 << 20)
+            try:
+                for _ in range(120):
+                    writer.write(chunk)
+                    await writer.drain()
+            except ConnectionError:
+                pass  # the server has answered and closed
+
+        sending = asyncio.create_task(send_120_mib())
+        async with httpx.AsyncClient(base_url=served.url(), timeout=2) as api:
+            async with asyncio.timeout(10):
+                status_line = await reader.readuntil(b"\r\n")
+                assert (await api.get("/livez")).status_code == 200
+                await sending
+            # A head just under the limit is served as usual.
+            assert (await api.get("/livez", headers={"X-Big": "a" * 15_000})).status_code == 200
+        writer.transport.abort()
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+
+
+async def test_at_the_connection_cap_an_idle_connection_makes_room_and_busy_ones_mean_503(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with (
+        serving(settings, tmp_path, max_connections=2) as served,
+        httpx.AsyncClient(base_url=served.url(), headers=headers("writer"), timeout=5) as api,
+    ):
+        job_id = (await api.post("/ops/jobs/noop", json={"steps": 1})).json()["job_id"]  # no worker: it stays pending
+        async with api.stream("GET", f"/ops/jobs/{job_id}/events") as busy:  # a request in flight until closed
+            assert busy.status_code == 200
+            idle = await asyncio.open_connection("127.0.0.1", served.port)
+            newcomer = await asyncio.open_connection("127.0.0.1", served.port)
+            try:
+                async with asyncio.timeout(5):
+                    assert await _answer(idle[0]) == b""  # the idle one made room
+                newcomer[1].write(b"GET /livez HTTP/1.1\r\nHost: apiops\r\nConnection: close\r\n\r\n")
+                async with asyncio.timeout(5):
+                    assert (await _answer(newcomer[0])).startswith(b"HTTP/1.1 200 ")
+                async with api.stream("GET", f"/ops/jobs/{job_id}/events") as busy_too:
+                    assert busy_too.status_code == 200
+                    refused = await asyncio.open_connection("127.0.0.1", served.port)
+                    async with asyncio.timeout(5):
+                        answer = await _answer(refused[0])
+                    refused[1].transport.abort()
+            finally:
+                _close_all([idle, newcomer])
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"

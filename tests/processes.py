@@ -134,6 +134,8 @@ class TcpProxy:
         self.upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -150,6 +152,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -169,3 +172,11 @@ class TcpProxy:
 
     async def restore(self) -> None:
         await self.start()
+
+    def stall(self) -> None:
+        """Forward nothing more, in either direction, until `flow()`; connections stay open and new ones are
+        accepted: a server or a network that stops answering, rather than one that is down."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()

@@ -66,6 +66,16 @@ def require(request: Request, scope: Scope) -> Principal:
     return principal
 
 
+def identify(request: Request) -> Principal | None:
+    """The caller if it presents a valid key, else None: for what anyone may ask but only a keyed caller is told
+    in full."""
+    keyring: KeyRing = request.state.app.keyring
+    try:
+        return keyring.authenticate(request.headers.get(API_KEY_HEADER))
+    except Unauthorized:
+        return None
+
+
 def client_ip(request: Request, trusted: Sequence[IpNetwork]) -> str | None:
     """The peer address, unless the peer is a trusted proxy: then the nearest untrusted `X-Forwarded-For` hop."""
     peer = request.client.host if request.client else None

@@ -1,12 +1,15 @@
 """The HTTP server's own bounds, against a real `apiops serve` over real sockets: slow and half-sent connections by
-the thousand under a file limit of 1024, an oversized request head, and the connection cap."""
+the thousand under a file limit of 1024, an oversized request head, and the connection cap; and, however the API is
+started as documented, no forwarded address believed from an untrusted peer."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import resource
-from collections.abc import AsyncIterator
+import shlex
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +37,30 @@ class Served:
         return f"http://127.0.0.1:{self.port}"
 
 
+def apiops_serve(port: int) -> list[str]:
+    return [APIOPS, "serve"]
+
+
+def documented_uvicorn(port: int) -> list[str]:
+    """uvicorn's own command line as docs/operations.md gives it, on `port`."""
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("uvicorn service.api.app:create_app "))
+    command = lines[first]
+    for line in lines[first + 1 :]:
+        if not command.endswith("\\"):
+            break
+        command = command[:-1] + line
+    args = shlex.split(command)
+    args[args.index("--port") + 1] = str(port)
+    return [str(Path(sys.executable).with_name("uvicorn")), *args[1:]]
+
+
 @asynccontextmanager
-async def serving(settings: Settings, tmp_path: Path, **overrides: Any) -> AsyncIterator[Served]:
-    """`apiops serve` under a file limit of FILE_LIMIT, its output in a file (a pipe nobody reads could fill up and
-    stall it)."""
+async def serving(
+    settings: Settings, tmp_path: Path, command: Callable[[int], list[str]] = apiops_serve, **overrides: Any
+) -> AsyncIterator[Served]:
+    """The API started by `command` (by default `apiops serve`) under a file limit of FILE_LIMIT, with `overrides`
+    as settings, its output in a file (a pipe nobody reads could fill up and stall it)."""
 
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FILE_LIMIT, FILE_LIMIT))
@@ -46,7 +69,7 @@ async def serving(settings: Settings, tmp_path: Path, **overrides: Any) -> Async
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
-            APIOPS, "serve", env=service_env(settings, port, **overrides), stderr=out, preexec_fn=limit_files
+            *command(port), env=service_env(settings, port, **overrides), stderr=out, preexec_fn=limit_files
         )
     try:
         await wait_ready(port)
@@ -186,3 +209,29 @@ async def test_at_the_connection_cap_an_idle_connection_makes_room_and_busy_ones
                 _close_all([idle, newcomer])
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
+
+
+def _without_proxy_headers_flag(port: int) -> list[str]:
+    return [arg for arg in documented_uvicorn(port) if arg != "--no-proxy-headers"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [apiops_serve, documented_uvicorn, _without_proxy_headers_flag],
+    ids=["apiops-serve", "documented-uvicorn", "uvicorn-without-no-proxy-headers"],
+)
+async def test_a_forged_x_forwarded_for_is_not_believed_however_the_api_is_started(
+    settings: Settings, tmp_path: Path, command: Callable[[int], list[str]]
+) -> None:
+    async with (
+        serving(settings, tmp_path, command) as served,
+        httpx.AsyncClient(base_url=served.url(), headers=headers("writer"), timeout=5) as api,
+    ):
+        recorded = []
+        for forged in ("203.0.113.9", "<script>", "9" * 3000):
+            job = await api.post("/ops/jobs/noop", json={}, headers={"X-Forwarded-For": forged})
+            assert job.status_code == 202, job.text
+            recorded.append(job.json()["source_ip"])
+        oversized = await api.get("/livez", headers={"X-Big": "a" * 20_000})  # the bounds hold here too
+    assert recorded == ["127.0.0.1"] * 3
+    assert oversized.status_code == 431

@@ -1,7 +1,8 @@
 """The HTTP server's own bounds: uvicorn's httptools protocol with a limit on the request head's size, a deadline for
 reading it, and a cap on client connections. `apiops serve` runs uvicorn with it (`--http
 service.api.bounded_http:BoundedHttpProtocol` on uvicorn's command line); the bounds are `APIOPS_MAX_HEADER_BYTES`,
-`APIOPS_HEADER_TIMEOUT_S` and `APIOPS_MAX_CONNECTIONS`.
+`APIOPS_HEADER_TIMEOUT_S` and `APIOPS_MAX_CONNECTIONS`. It also serves the app without uvicorn's proxy-headers
+middleware, whatever uvicorn's command line says.
 
 uvicorn has none of the three: llhttp buffers a header of any size (120 MiB cost 12 s of CPU and stalled every other
 request), a connection that never finishes its headers is kept for ever, and `--limit-concurrency` answers 503 only
@@ -28,6 +29,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from uvicorn.config import Config
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -87,6 +89,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         bounds: Bounds | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        if isinstance(self.app, ProxyHeadersMiddleware):
+            # uvicorn's own, on unless `--no-proxy-headers`: it would believe any X-Forwarded-For from 127.0.0.1 and
+            # hand it to the app as the peer. The app decides itself whom to believe (APIOPS_TRUSTED_PROXIES).
+            self.app = self.app.app
         self.bounds = bounds or _process_bounds()
         self.waiting = _waiting.setdefault(server_state, {})
         # Bytes of the coming request head fed to the parser so far; None while a body is read. Bytes that follow a

@@ -235,3 +235,15 @@ async def test_a_forged_x_forwarded_for_is_not_believed_however_the_api_is_start
         oversized = await api.get("/livez", headers={"X-Big": "a" * 20_000})  # the bounds hold here too
     assert recorded == ["127.0.0.1"] * 3
     assert oversized.status_code == 431
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_apiops_keep_alive_s(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with serving(settings, tmp_path, keep_alive_s=1) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(b"GET /livez HTTP/1.1\r\nHost: apiops\r\n\r\n")
+        await reader.readuntil(b'{"status":"ok"}')
+        async with asyncio.timeout(3):  # uvicorn's default would keep it for 5 s
+            assert await reader.read() == b""
+        writer.transport.abort()

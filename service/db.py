@@ -9,6 +9,7 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from service.settings import Settings
@@ -36,6 +37,9 @@ def create_engine(settings: Settings, role: str, pre_ping: bool = True) -> Async
         pool_size=settings.db_pool_size,
         max_overflow=0,
         pool_timeout=settings.db_connect_timeout_s,
+        # An error's message then shows the statement without its values: they hold params, targets and idempotency
+        # keys, which no log line may carry.
+        hide_parameters=True,
         connect_args={
             "timeout": settings.db_connect_timeout_s,
             "command_timeout": settings.db_command_timeout_s,
@@ -77,10 +81,12 @@ def asyncpg_dsn(database_url: str, database: str | None = None) -> str:
 
 
 # A failure to reach PostgreSQL: SQLAlchemy's, or what asyncpg itself raises (statements sent straight to the driver,
-# see jobs.runtime.leases) for a connection lost, or a server shutting down or starting up.
+# see jobs.runtime.leases) for a connection lost, or a server shutting down or starting up. A pool whose every
+# connection is held by statements that get no answer (a stalled server or network) times out the next checkout.
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
+    PoolTimeoutError,
     OperationalError,
     InterfaceError,
     asyncpg.InterfaceError,

@@ -96,6 +96,15 @@ class Settings(EnvSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    # The HTTP server's own bounds (service.api.bounded_http): a request line and headers of at most this many bytes,
+    # complete within this many seconds of the connection (or of a kept-alive request's first byte), and at most
+    # this many client connections (fewer if the file limit leaves no room for them).
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    # uvicorn's own: an idle kept-alive connection is closed after this; connections the kernel holds unaccepted.
+    keep_alive_s: Annotated[int, Field(ge=1)] = 5
+    backlog: Annotated[int, Field(ge=1)] = 2048
 
     queue_name: str = "apiops:queue"
     db_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0

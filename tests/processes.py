@@ -24,10 +24,10 @@ from tests.conftest import free_port, key_entries, wait_for
 APIOPS = str(Path(sys.executable).with_name("apiops"))
 
 
-def api_env(settings: Settings, port: int) -> dict[str, str]:
-    """The environment of an API process (or `apiops run`) on `port`: the test's database, Redis, queue and keys,
-    and none of the developer's own APIOPS_* settings."""
-    return {
+def service_env(settings: Settings, port: int, **overrides: Any) -> dict[str, str]:
+    """The environment of `apiops run` or `apiops serve` on `port`, for the test's database, Redis, queue and keys,
+    with `overrides` as `APIOPS_<NAME>`; nothing else of the test's own `APIOPS_*`."""
+    env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("APIOPS_")},
         "APIOPS_DATABASE_URL": settings.database_url.get_secret_value(),
         "APIOPS_REDIS_URL": settings.redis_url.get_secret_value(),
@@ -35,9 +35,12 @@ def api_env(settings: Settings, port: int) -> dict[str, str]:
         "APIOPS_API_KEYS": "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]",
         "APIOPS_PORT": str(port),
     }
+    env.update({f"APIOPS_{key.upper()}": str(value) for key, value in overrides.items()})
+    return env
 
 
 async def wait_ready(port: int, within: float = 30) -> None:
+    """Until the API on `port` answers /readyz with 200."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
 
         async def answers() -> bool:
@@ -57,7 +60,7 @@ async def serving_api(
     still running."""
     port = port or free_port()
     process = await asyncio.create_subprocess_exec(
-        APIOPS, "serve", env=api_env(settings, port), stderr=asyncio.subprocess.PIPE
+        APIOPS, "serve", env=service_env(settings, port), stderr=asyncio.subprocess.PIPE
     )
     try:
         await wait_ready(port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from service.settings import Settings
 from tests.conftest import api_client, headers
@@ -74,3 +75,24 @@ async def test_forwarded_address_is_believed_only_from_a_trusted_proxy(settings:
     assert untrusted["source_ip"] == "10.1.2.3"
     # Both the peer and the nearest hop are proxies we trust; the client is the first untrusted hop.
     assert trusted["source_ip"] == "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "recorded"),
+    [
+        ("<script>alert(1)</script>", "10.1.2.3"),
+        ("9" * 3000, "10.1.2.3"),
+        ("203.0.113.9, <script>", "10.1.2.3"),  # the walk stops at the first hop that is no address
+        ("<script>, 203.0.113.9", "203.0.113.9"),
+        ("203.0.113.9:4711", "203.0.113.9"),
+        ("[2001:db8::7]:4711", "2001:db8::7"),
+        (" , ", "10.1.2.3"),
+    ],
+)
+async def test_source_ip_is_always_an_address_whatever_a_trusted_peer_forwards(
+    settings: Settings, forwarded: str, recorded: str
+) -> None:
+    proxied = settings.model_copy(update={"trusted_proxies": Settings(trusted_proxies="10.1.2.3").trusted_proxies})
+    async with api_client(proxied, headers={**headers("writer"), "X-Forwarded-For": forwarded}) as behind_proxy:
+        job = (await behind_proxy.post("/ops/jobs/noop", json={})).json()
+    assert job["source_ip"] == recorded

@@ -19,13 +19,17 @@ import pytest
 
 from service.settings import Settings
 from tests.conftest import KEYS, free_port, headers, running_worker, wait_for, wait_for_status
-from tests.processes import APIOPS, api_env, serving_api, wait_ready
+from tests.processes import APIOPS, service_env, serving_api, wait_ready
 
 
 async def test_apiops_run_serves_and_works_until_ctrl_c(settings: Settings) -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        APIOPS, "run", env=api_env(settings, port), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        APIOPS,
+        "run",
+        env=service_env(settings, port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await wait_ready(port)
@@ -103,7 +107,7 @@ async def test_sigterm_stops_apiops_serve_as_pid_1_of_its_own_pid_namespace(sett
     port = free_port()
     outer = await asyncio.create_subprocess_exec(
         "unshare", "--pid", "--fork", "--kill-child", APIOPS, "serve",
-        env=api_env(settings, port), stderr=asyncio.subprocess.PIPE,
+        env=service_env(settings, port), stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         await wait_ready(port)
@@ -143,7 +147,7 @@ async def test_a_watch_says_it_waits_while_the_api_restarts_and_resumes_without_
     settings: Settings,
 ) -> None:
     port = free_port()
-    env = {**api_env(settings, port), "APIOPS_URL": f"http://127.0.0.1:{port}", "APIOPS_API_KEY": KEYS["writer"][0]}
+    env = {**service_env(settings, port), "APIOPS_URL": f"http://127.0.0.1:{port}", "APIOPS_API_KEY": KEYS["writer"][0]}
     async with serving_api(settings, port) as (server, _):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers("writer")) as api:
             job_id = (await api.post("/ops/jobs/noop", json={"steps": 3})).json()["job_id"]  # no worker yet
@@ -173,7 +177,7 @@ async def test_a_watch_says_it_waits_while_the_api_restarts_and_resumes_without_
 async def _run(settings: Settings, port: int) -> asyncio.subprocess.Process:
     # A session of its own, as in a terminal: Ctrl-C is SIGINT to the whole foreground process group.
     return await asyncio.create_subprocess_exec(
-        APIOPS, "run", env=api_env(settings, port), stderr=asyncio.subprocess.PIPE, start_new_session=True
+        APIOPS, "run", env=service_env(settings, port), stderr=asyncio.subprocess.PIPE, start_new_session=True
     )
 
 

@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             await redis.aclose(close_connection_pool=True)
             await engine.dispose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *jobs.routes,
             *events.routes,
@@ -83,6 +83,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # A path with a trailing slash is a 404 like any other unknown path. Starlette's redirect to the path without it
+    # is built from the request's Host header, before authentication: an open redirect to wherever the client says.
+    app.router.redirect_slashes = False
+    return app
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

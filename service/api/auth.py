@@ -107,24 +107,54 @@ async def require(request: Request, scope: Scope) -> Principal:
     return principal
 
 
-def client_ip(request: Request, trusted: Sequence[IpNetwork]) -> str | None:
-    """The peer address, unless the peer is a trusted proxy: then the nearest untrusted `X-Forwarded-For` hop."""
-    peer = request.client.host if request.client else None
-    if peer is None or not trusted or not _is_trusted(peer, trusted):
-        return peer
-    hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not _is_trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
+async def identify(request: Request) -> Principal | None:
+    """The caller if it presents a valid key, else None: for what anyone may ask but only a keyed caller is told
+    in full."""
+    keyring: KeyRing = request.state.app.keyring
     try:
-        ip = ipaddress.ip_address(address)
+        return await keyring.authenticate(request.headers.get(API_KEY_HEADER))
+    except Unauthorized:
+        return None
+
+
+def client_ip(request: Request, trusted: Sequence[IpNetwork]) -> str | None:
+    """The peer's address, unless the peer is a trusted proxy: then the nearest `X-Forwarded-For` hop that is not
+    itself trusted. Always an IP address, as `ipaddress` writes it, or None (no peer address, as on a Unix socket):
+    the walk through the hops stops at one that is not an address, at the last address a trusted proxy vouched for,
+    so whatever a client writes there (`<script>`, 3,000 characters) is never stored."""
+    peer = _address(request.client.host) if request.client else None
+    if peer is None or not _is_trusted(peer, trusted):
+        return None if peer is None else str(peer)
+    nearest = peer
+    for hop in reversed(request.headers.get("x-forwarded-for", "").split(",")):
+        if not hop.strip():
+            continue
+        address = _address(hop.strip())
+        if address is None:
+            break
+        nearest = address
+        if not _is_trusted(address, trusted):
+            break
+    return str(nearest)
+
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> IpAddress | None:
+    """The address in a hop as proxies write it: bare, `1.2.3.4:port` or `[::1]:port`; None if it is none."""
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(ip in network for network in trusted)
+        return None
+
+
+def _is_trusted(address: IpAddress, trusted: Sequence[IpNetwork]) -> bool:
+    return any(address in network for network in trusted)
 
 
 def caller_of(request: Request, principal: Principal) -> Caller:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -48,8 +49,10 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
 EXCEPTION_HANDLERS = {
     ServiceError: service_error_handler,
     HTTPException: http_error_handler,
-    # Connection failures surface as SQLAlchemy's DBAPIError, or as OSError/TimeoutError while connecting.
+    # Connection failures surface as SQLAlchemy's DBAPIError, or as OSError/TimeoutError while connecting; a stalled
+    # database as the pool's timeout.
     DBAPIError: database_error_handler,
+    PoolTimeoutError: database_error_handler,
     OSError: database_error_handler,
     TimeoutError: database_error_handler,
     Exception: unexpected_error_handler,

@@ -268,12 +268,17 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
     }
     probe: dict[str, Any] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
     paths["/livez"] = {"get": {"summary": "The process answers", "security": [], "responses": _ok("alive", probe)}}
+    checks = {"type": "object", "description": "each dependency's check; only to a caller with a valid key"}
     paths["/readyz"] = {
         "get": _operation(
             "PostgreSQL and Redis answer within the readiness timeout",
-            _ok("ready", {**probe, "properties": {**probe["properties"], "checks": {"type": "object"}}}),
+            _ok("ready", {**probe, "properties": {**probe["properties"], "checks": checks}}),
             503,
-            security=[],
+            description=(
+                "No key needed; without a valid one the answer says ready or not ready (503) and nothing else. With "
+                "any valid key it also names each dependency's check, and on 503 what failed (`details.checks`)."
+            ),
+            security=[{}, {"ApiKey": []}],
         )
     }
     paths["/metrics"] = {

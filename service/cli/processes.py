@@ -29,6 +29,10 @@ ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"
 STOP_EXTRA_S = 10.0
 
 
+# uvicorn's HTTP protocol with the service's bounds on request heads and connections.
+BOUNDED_HTTP = "service.api.bounded_http:BoundedHttpProtocol"
+
+
 def _serve_command() -> list[str]:
     return [sys.executable, "-m", "service.cli", "serve"]
 
@@ -43,10 +47,13 @@ def serve(settings: Settings) -> int:
     gets no default ones). The first SIGTERM or SIGINT stops it gracefully, a second SIGINT at once."""
     import uvicorn
 
-    # The service decides itself which forwarded addresses to believe (APIOPS_TRUSTED_PROXIES).
+    # The service decides itself which forwarded addresses to believe (APIOPS_TRUSTED_PROXIES). The HTTP protocol
+    # bounds each request head's size and read time, and the connections (named, not imported: the CLI imports no
+    # API module).
     config = uvicorn.Config(
         "service.api.app:create_app", factory=True, host=settings.host, port=settings.port,
-        proxy_headers=False, access_log=False, log_config=None,
+        proxy_headers=False, access_log=False, log_config=None, http=BOUNDED_HTTP,
+        timeout_keep_alive=settings.keep_alive_s, backlog=settings.backlog,
     )  # fmt: skip
     # Until uvicorn installs its own handlers, and again after its graceful stop (when it raises the signal once
     # more for the handlers it found), a stop signal ends the process quietly: exit 0, neither a KeyboardInterrupt

@@ -202,6 +202,7 @@ def start_api(stack: Stack) -> Proc:
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "service.api.app:create_app", "--host", "127.0.0.1",
         "--port", str(stack.api_port), "--no-proxy-headers", "--no-access-log",
+        "--http", "service.api.bounded_http:BoundedHttpProtocol",
     ]  # fmt: skip
     return _start(stack, "api", command, SERVICE_QUEUE)
 

@@ -1,4 +1,8 @@
-"""Probes: `/livez` (the process answers) and `/readyz` (PostgreSQL and Redis answer, within a short timeout)."""
+"""Probes: `/livez` (the process answers) and `/readyz` (PostgreSQL and Redis answer, within a short timeout).
+
+Neither needs a key: an orchestrator's probe has none. `/readyz` then says only ready or not: what each check found
+(addresses, exception text) is for a caller with a valid key.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service.api.auth import identify
 from service.api.repository import ping
 from service.api.state import AppState
 from service.errors import DependencyUnavailable
@@ -32,6 +37,10 @@ async def readyz(request: Request) -> JSONResponse:
     results = await asyncio.gather(*(_check(c, state.settings.readiness_timeout_s) for c in (postgres, redis)))
     checks = dict(zip(names, results, strict=True))
     down = [name for name, result in checks.items() if result != "ok"]
+    if await identify(request) is None:
+        if down:
+            raise DependencyUnavailable("not ready")
+        return JSONResponse({"status": "ready"})
     if down:
         raise DependencyUnavailable(f"not ready: {', '.join(down)} unavailable", details={"checks": checks})
     return JSONResponse({"status": "ready", "checks": checks})

@@ -170,5 +170,8 @@ class Registry:
             known = ", ".join(sorted(self._types))
             raise UnknownJobType(f"unknown job type {name!r}; known types: {known}") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
     def __iter__(self) -> Iterator[JobType[Any]]:
         return iter(self._types.values())

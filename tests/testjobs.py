@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.jobtypes import JobType, Step, StepContext, TransientError, settings_from
 from service.settings import EnvSettings
@@ -18,7 +18,11 @@ from service.settings import EnvSettings
 TRIES: Counter[str] = Counter()
 
 
+# The test types forbid unknown params, as docs/job-development.md asks of every type: the OpenAPI document then says
+# so (`additionalProperties: false`), and a schema-valid body is one the API accepts.
 class FlakyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     fail_times: int = 2
 
 
@@ -30,7 +34,7 @@ async def flaky_step(ctx: StepContext, params: FlakyParams) -> str:
 
 
 class SlowParams(BaseModel):
-    pass
+    model_config = ConfigDict(extra="forbid")
 
 
 async def slow_step(ctx: StepContext, params: SlowParams) -> str:
@@ -126,6 +130,8 @@ class GreeterSettings(EnvSettings):
 
 
 class GreetParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     names: list[str]
     greeting: Annotated[str | None, Field(validate_default=True)] = None
 

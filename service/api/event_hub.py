@@ -22,6 +22,7 @@ from service.api.repository import events_by_id
 from service.api.schemas import EventOut
 from service.backoff import Backoff
 from service.db import asyncpg_dsn
+from service.logs import detached
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class EventHub:
         if self._running is None:
             # Listen from the first watcher on: a process that streams nothing holds no extra connection. Events
             # committed before the listening starts are caught up by the resync that follows it.
-            self._running = asyncio.create_task(self.run(), name="apiops-live-events")
+            # Outside the watcher's request: the listener serves every stream, its lines name none of them.
+            self._running = asyncio.create_task(self.run(), name="apiops-live-events", context=detached())
         queue: asyncio.Queue[Item] = asyncio.Queue()
         if self.closing:
             queue.put_nowait(CLOSING)

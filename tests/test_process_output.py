@@ -55,11 +55,13 @@ async def _answers(port: int) -> bool:
             return False
 
 
+@pytest.mark.parametrize("serve", [["apiops", "serve"], ["uvicorn", "--factory", "service.api.app:create_app"]])
 async def test_in_prod_every_line_of_the_api_and_a_worker_is_json_naming_its_request_or_job(
-    settings: Settings,
+    settings: Settings, serve: list[str]
 ) -> None:
     port = free_port()
-    api = await _start(["apiops", "serve"], prod_env(settings, port=port))
+    command = [*serve, "--port", str(port)] if serve[0] == "uvicorn" else serve
+    api = await _start(command, prod_env(settings, port=port))
     worker = await _start(["arq", "jobs.worker.WorkerSettings"], prod_env(settings))
     try:
         await wait_for(lambda: _answers(port), within=30, interval=0.05)

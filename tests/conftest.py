@@ -57,7 +57,7 @@ TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
 
 # Fuzzing (tests/test_fuzz.py): the same examples on every run (derandomized, no database of earlier ones), so that
 # CI is reproducible and a failure there fails the same way locally; no deadline, as the machine may be busy. The
-# `explore` profile (`pytest --hypothesis-profile=explore`) tries new examples, ten times as many.
+# `explore` profile (`pytest --hypothesis-profile=explore`) tries new examples, three times as many.
 hypothesis.settings.register_profile(
     "ci",
     derandomize=True,
@@ -71,7 +71,7 @@ hypothesis.settings.register_profile(
     "explore",
     hypothesis.settings.get_profile("ci"),
     derandomize=False,
-    max_examples=1000,
+    max_examples=300,
 )
 hypothesis.settings.load_profile("ci")
 

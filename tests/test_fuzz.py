@@ -4,7 +4,7 @@ through the real app (its middleware, handlers and PostgreSQL) with hostile bodi
 Whatever a client sends, the API answers below 500, every error in the one JSON shape, and nothing reaches the
 parser unchecked or PostgreSQL unstorable (PostgreSQL's refusal would be a 500). The examples are derandomized
 (the `ci` profile of tests/conftest.py): every run tries the same ones, so a failure in CI reproduces locally.
-`pytest tests/test_fuzz.py --hypothesis-profile=explore` tries new ones, ten times as many.
+`pytest tests/test_fuzz.py --hypothesis-profile=explore` tries new ones, three times as many.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ JSON_VALUES = st.recursive(
     SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(HOSTILE_TEXT, inner, max_size=4), max_leaves=12
 )
 TYPES = ["noop", "flaky", "no-such-type", "pg-rebuild"]
-# Multiples of the profile's: 1,000 and 500 in the `ci` profile, ten times as many in `explore`.
+# Multiples of the profile's: 1,000 and 500 in the `ci` profile, three times as many in `explore`.
 PARSER_EXAMPLES = 10 * settings().max_examples
 ROUTE_EXAMPLES = 5 * settings().max_examples
 

@@ -19,7 +19,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from arq.worker import Retry, func
-from pydantic import ValidationError
 
 from jobs.registry import REGISTRY
 from jobs.runtime.engine import RELEASE_TIMEOUT_S, Runtime, run_job
@@ -32,9 +31,9 @@ from jobs.runtime.reaper import reap_forever
 from service.db import create_engine, create_sessions
 from service.heartbeats import beat_forever
 from service.jobtypes import Registry
-from service.logs import configure_logging
-from service.queue import RUN_JOB, RedisClock, intake_switch, redis_settings, use_for_deliveries
-from service.settings import INVALID_SETTINGS, Settings, describe_invalid, get_settings, settings_or_exit
+from service.logs import bind_log_context, configure_logging
+from service.queue import RUN_JOB, RedisClock, intake_switch, job_of_delivery, redis_settings, use_for_deliveries
+from service.settings import Settings, get_settings, settings_or_exit
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +51,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.setdefault("settings", get_settings())
     registry: Registry = ctx.setdefault("registry", REGISTRY)
     configure_logging(settings)
-    for job_type in registry:  # each job type's settings, read now: an invalid one stops the worker, said plainly
-        try:
-            registry.settings(job_type.name)
-        except ValidationError as exc:
-            assert job_type.settings is not None
-            for line in describe_invalid(exc, job_type.settings):
-                logger.error("invalid setting of job type %s: %s", job_type.name, line)
-            raise SystemExit(INVALID_SETTINGS) from None
+    registry.load_settings_or_exit()
     engine = create_engine(settings, "worker", pre_ping=False)
     # Each job type's per-process resources (a Kubernetes ApiClient, ...), closed at shutdown.
     resources = ctx["resources"] = AsyncExitStack()
@@ -174,6 +166,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["metrics_server"].stop()
 
 
+async def on_job_start(ctx: dict[str, Any]) -> None:
+    # In the task arq runs the delivery in, before arq's own lines about it: those name the job too.
+    bind_log_context(job_id=job_of_delivery(ctx["job_id"]))
+
+
 async def run(ctx: dict[str, Any], job_id: str) -> str:
     runtime: Runtime = ctx["runtime"]
     if runtime.draining.is_set():
@@ -210,6 +207,7 @@ class WorkerSettings:
     functions = [func(run, name=RUN_JOB, timeout=ARQ_JOB_TIMEOUT_S, max_tries=100)]
     on_startup = startup
     on_shutdown = shutdown
+    on_job_start = on_job_start
     redis_settings = redis_settings(_settings)
     queue_name = _settings.queue_name
     max_jobs = _settings.worker_max_jobs

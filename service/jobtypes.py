@@ -10,15 +10,19 @@ This module is the job author's SDK: it imports neither the API nor the worker r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationInfo
+from pydantic import BaseModel, ValidationError, ValidationInfo
 from pydantic_settings import BaseSettings
 
 from service.errors import NotFound
+from service.settings import INVALID_SETTINGS, describe_invalid
+
+logger = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=BaseModel)
 P_contra = TypeVar("P_contra", bound=BaseModel, contravariant=True)
@@ -164,10 +168,26 @@ class Registry:
             self._settings[name] = model()
         return self._settings[name]
 
-    def load_settings(self) -> None:
-        """Read every job type's settings now, so that an invalid variable is reported at start-up."""
-        for name in self._types:
-            self.settings(name)
+    def invalid_settings(self) -> list[str]:
+        """Read every job type's settings now; one line per invalid variable (`describe_invalid`'s, after the job
+        type's name), none when all are valid."""
+        problems = []
+        for job_type in self:
+            try:
+                self.settings(job_type.name)
+            except ValidationError as exc:
+                assert job_type.settings is not None
+                problems += [f"job type {job_type.name}: {line}" for line in describe_invalid(exc, job_type.settings)]
+        return problems
+
+    def load_settings_or_exit(self) -> None:
+        """At a process's start (the API's, a worker's): every job type's settings, or each invalid one logged in one
+        line naming its variable, and exit 2 as on a usage error: an operator reads what to fix, not a traceback."""
+        problems = self.invalid_settings()
+        for problem in problems:
+            logger.error("invalid setting of %s", problem)
+        if problems:
+            raise SystemExit(INVALID_SETTINGS)
 
     def params_context(self, name: str) -> dict[str, Any]:
         """The validation context of job type `name`'s params: `model_validate(raw, context=...)`."""
@@ -179,6 +199,9 @@ class Registry:
         except KeyError:
             known = ", ".join(sorted(self._types))
             raise UnknownJobType(f"unknown job type {name!r}; known types: {known}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
 
     def __iter__(self) -> Iterator[JobType[Any]]:
         return iter(self._types.values())

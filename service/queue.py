@@ -99,6 +99,11 @@ def delivery_id(job_id: str, attempt: int, round_: int = 0) -> str:
     return f"{job_id}:{attempt}" if round_ == 0 else f"{job_id}:{attempt}:{round_}"
 
 
+def job_of_delivery(delivery: str) -> str:
+    """The job id a delivery id (`delivery_id`) delivers."""
+    return delivery.split(":", 1)[0]
+
+
 class Delivery(Enum):
     QUEUED = "queued"
     ALREADY_QUEUED = "already queued"

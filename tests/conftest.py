@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 import httpx
+import hypothesis
 import pytest
 import uvicorn
 from alembic.config import Config
@@ -72,6 +73,26 @@ KEYS: dict[str, KeyGiven] = {
 ACTORS = {"blue-writer": "writer"}
 
 TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
+
+# Fuzzing (tests/test_fuzz.py): the same examples on every run (derandomized, no database of earlier ones), so that
+# CI is reproducible and a failure there fails the same way locally; no deadline, as the machine may be busy. The
+# `explore` profile (`pytest --hypothesis-profile=explore`) tries new examples, three times as many.
+hypothesis.settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    # The app and its database are set up once per test and shared by its examples, on purpose.
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture, hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.register_profile(
+    "explore",
+    hypothesis.settings.get_profile("ci"),
+    derandomize=False,
+    max_examples=300,
+)
+hypothesis.settings.load_profile("ci")
 
 # The job author's test kit (the `job_kit` fixture): docs/job-development.md, "Testing a job type".
 pytest_plugins = ["tests.kit"]

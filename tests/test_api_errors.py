@@ -100,3 +100,15 @@ async def test_wrong_method_is_405_in_the_same_shape(client: httpx.AsyncClient) 
 
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_a_405_allows_the_methods_of_the_url_it_was_sent_to(client: httpx.AsyncClient) -> None:
+    """`/ops/jobs/<type>` and `/ops/jobs/<job_id>` share one route; each URL takes only its own methods, as the
+    OpenAPI document lists them."""
+    on_type = [await client.request(method, "/ops/jobs/noop") for method in ("GET", "DELETE", "OPTIONS")]
+    on_job = await client.request("DELETE", "/ops/jobs/noop-00000000000000000000000000")
+
+    for response in on_type:
+        assert (response.status_code, response.headers["allow"]) == (405, "POST"), response.text
+        assert response.json()["error"]["code"] == "method_not_allowed"
+    assert (on_job.status_code, on_job.headers["allow"]) == (405, "GET, HEAD")

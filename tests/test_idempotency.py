@@ -20,7 +20,7 @@ async def test_same_key_and_body_returns_the_original_job(client: httpx.AsyncCli
     assert await db.fetchval("SELECT count(*) FROM ops_job") == 1
 
 
-async def test_same_key_with_another_body_is_422_naming_the_job(
+async def test_same_key_with_another_body_is_a_409_conflict_naming_the_job(
     client: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
     first = (await client.post("/ops/jobs/noop", json={"steps": 3}, headers={"Idempotency-Key": "k1"})).json()
@@ -29,10 +29,10 @@ async def test_same_key_with_another_body_is_422_naming_the_job(
     other_type = await client.post("/ops/jobs/flaky", json={}, headers={"Idempotency-Key": "k1"})
 
     for response in (other_params, other_type):
-        assert response.status_code == 422
+        assert response.status_code == 409
         error = response.json()["error"]
-        assert error["code"] == "invalid_params" and first["job_id"] in error["message"]
-        assert error["details"][0]["field"] == "Idempotency-Key"
+        assert error["code"] == "conflict" and first["job_id"] in error["message"]
+        assert error["details"] == {"field": "Idempotency-Key", "job_id": first["job_id"]}
     assert await db.fetchval("SELECT count(*) FROM ops_job") == 1
 
 

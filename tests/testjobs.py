@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.jobtypes import JobType, Step, StepContext, TransientError, settings_from
 from service.settings import EnvSettings
@@ -21,7 +21,11 @@ from service.settings import EnvSettings
 TRIES: Counter[str] = Counter()
 
 
+# The test types forbid unknown params, as docs/job-development.md asks of every type: the OpenAPI document then says
+# so (`additionalProperties: false`), and a schema-valid body is one the API accepts.
 class FlakyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     fail_times: int = 2
 
 
@@ -33,7 +37,7 @@ async def flaky_step(ctx: StepContext, params: FlakyParams) -> str:
 
 
 class SlowParams(BaseModel):
-    pass
+    model_config = ConfigDict(extra="forbid")
 
 
 async def slow_step(ctx: StepContext, params: SlowParams) -> str:
@@ -129,6 +133,8 @@ class GreeterSettings(EnvSettings):
 
 
 class GreetParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     names: list[str]
     greeting: Annotated[str | None, Field(validate_default=True)] = None
 

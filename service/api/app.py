@@ -27,18 +27,22 @@ from service.db import autocommit, create_engine
 from service.jobtypes import Registry
 from service.logs import configure_logging
 from service.queue import create_redis
-from service.settings import Settings, get_settings
+from service.settings import Settings, settings_or_exit
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
-    settings = settings or get_settings()
+    """The app; without arguments (`uvicorn service.api.app:create_app --factory`), with the environment's settings
+    and the registered job types. An invalid setting is said in one line naming its variable, and the process
+    exits 2: here, before the server runs the lifespan (which would log a traceback around it)."""
+    settings = settings or settings_or_exit("api")
     registry = registry or REGISTRY
+    configure_logging(settings)  # from the server's first line on, however it was started
+    registry.load_settings_or_exit()
     metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, AppState]]:
-        configure_logging(settings)
-        registry.load_settings()
+        configure_logging(settings)  # again: a server configured after the app was made (tests) has its own
         engine = create_engine(settings, "api")
         redis = create_redis(settings)
         in_autocommit = autocommit(engine)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -20,16 +22,25 @@ logger = logging.getLogger(__name__)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
+class ErrorResponse(JSONResponse):
+    """An error in the one shape, as ASCII JSON: a message may quote what the client sent (a field name, a value),
+    lone UTF-16 surrogates included, which `\\u` escapes carry and UTF-8 cannot (Starlette's JSONResponse would fail
+    to encode them, and the client would get a 500 instead of its 422)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def service_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return JSONResponse(error_body(exc.code, exc.message, exc.details), exc.status_code, headers=exc.headers)
+    return ErrorResponse(error_body(exc.code, exc.message, exc.details), exc.status_code, headers=exc.headers)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     message = "no such route" if exc.status_code == 404 else str(exc.detail)
-    return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
+    return ErrorResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
 
 async def database_error_handler(request: Request, exc: Exception) -> Response:
@@ -38,12 +49,12 @@ async def database_error_handler(request: Request, exc: Exception) -> Response:
     # Nothing was written: the transaction never reached PostgreSQL, or was rolled back with the connection.
     logger.error("PostgreSQL unavailable on %s %s: %s", request.method, request.url.path, exc)
     message = "the database is unavailable; nothing was changed, try again shortly"
-    return JSONResponse(error_body("dependency_unavailable", message, {"dependency": "postgres"}), 503)
+    return ErrorResponse(error_body("dependency_unavailable", message, {"dependency": "postgres"}), 503)
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body("internal_error", "internal error; the service log has the details"), 500)
+    return ErrorResponse(error_body("internal_error", "internal error; the service log has the details"), 500)
 
 
 EXCEPTION_HANDLERS = {

@@ -24,6 +24,7 @@ from service.api.repository import events_by_id
 from service.api.schemas import EventOut
 from service.backoff import Backoff
 from service.db import asyncpg_dsn
+from service.logs import detached
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class EventHub:
     def start(self) -> None:
         """Listen from now on (the first watcher starts it otherwise); idempotent."""
         if self._running is None:
-            self._running = asyncio.create_task(self.run(), name="apiops-listen")
+            # Outside whichever request starts it: the listener serves every stream, its lines name none of them.
+            self._running = asyncio.create_task(self.run(), name="apiops-listen", context=detached())
 
     async def close(self) -> None:
         if self._running is not None:

@@ -70,11 +70,20 @@ def _ok(description: str, schema: dict[str, Any], status: int = 200) -> dict[str
     return {str(status): {"description": description, "content": _json(schema)}}
 
 
+# What a URL may not hold: a NUL (`%00`) is refused before any route (service.api.input_limits).
+NO_NUL = "^[^\\u0000]*$"
+# An Idempotency-Key: printable ASCII, as a header value is on the wire (service.api.routes.jobs).
+IDEMPOTENCY_KEY = "^[\\x20-\\x7e]{1,200}$"
+
+
 def _path_param(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+    schema = {"type": "string", "pattern": NO_NUL}
+    return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    if schema.get("type") == "string" and "enum" not in schema:
+        schema = {**schema, "pattern": NO_NUL}
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
@@ -111,7 +120,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY},
                         "description": "the same key from the same actor within 24 h returns the original job",
                     }
                 ],

@@ -182,8 +182,10 @@ async def _idempotent_replay(
         return None  # freed meanwhile
     earlier = jobs[0]
     if earlier.type != job_type.name or earlier.params != values:
+        # 409, not 422: the request is valid in itself (no schema can refuse it); it conflicts with the job that the
+        # key already names, as a second submission racing on one key does.
         message = f"Idempotency-Key {key!r} was used for a different request (job {earlier.job_id})"
-        raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
+        raise Conflict(message, details={"field": "Idempotency-Key", "job_id": earlier.job_id})
     return earlier
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import signal
 import subprocess
@@ -21,6 +22,9 @@ from service.settings import ApiKeyEntry, Settings, hash_key
 
 # asyncpg, SQLAlchemy and alembic are imported where they are used: the client commands, which need none of them,
 # then start in half the time.
+
+# `apiops run`'s own lines; in the text format they read `... apiops: stopping now`.
+logger = logging.getLogger("apiops")
 
 # The project's alembic.ini (its `script_location` is relative to it): service/cli/main.py -> the project's root.
 ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"
@@ -89,15 +93,16 @@ def _start(command: list[str]) -> subprocess.Popen[bytes]:
 def run(settings: Settings) -> int:
     """Both processes in the foreground; Ctrl-C (or SIGTERM) stops both gracefully, a second Ctrl-C at once; either
     one exiting stops the other."""
+    configure_logging(settings)  # its own lines too, in the format of its children's
     children = [_start(_serve_command()), _start(_worker_command())]
-    print(f"apiops: API on http://{settings.host}:{settings.port} and a worker; Ctrl-C stops both", file=sys.stderr)
+    logger.info("API on http://%s:%d and a worker; Ctrl-C stops both", settings.host, settings.port)
     requests = 0
 
     def stop(signum: int, frame: object) -> None:
         nonlocal requests
         requests += 1
         if requests == 2:
-            print("apiops: stopping now", file=sys.stderr)
+            logger.warning("stopping now")
         # SIGTERM: a graceful stop for both; the worker stops at once on a second one. The API's graceful stop is
         # already short (its event streams end at once), and uvicorn's "at once" would skip the app's own shutdown.
         for child in children:
@@ -112,7 +117,7 @@ def run(settings: Settings) -> int:
         time.sleep(0.2)
     if not requests:
         code = next(child.returncode for child in children if child.returncode is not None)
-        print(f"apiops: a process exited with status {code}; stopping the other", file=sys.stderr)
+        logger.warning("a process exited with status %d; stopping the other", code)
         stop(signal.SIGTERM, None)
     deadline = time.monotonic() + settings.shutdown_grace_s + STOP_EXTRA_S
     for child in children:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.endpoints import HTTPEndpoint
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.api.auth import caller_of, require
+from service.api.openapi import IDEMPOTENCY_KEY
 from service.api.repository import (
     ListFilter,
     cancel_job,
@@ -102,8 +105,8 @@ def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    if not 1 <= len(key) <= 200 or not key.isprintable():
-        message = "Idempotency-Key must be 1 to 200 printable characters"
+    if re.fullmatch(IDEMPOTENCY_KEY, key) is None:
+        message = "Idempotency-Key must be 1 to 200 printable ASCII characters"
         raise InvalidParams(message, details=[{"field": "Idempotency-Key", "message": message}])
     return key
 
@@ -136,14 +139,25 @@ async def list_job_types(request: Request) -> JSONResponse:
 
 
 class JobOrType(HTTPEndpoint):
-    """`/ops/jobs/{name}` is a job (GET, by id) or a job type (POST, to submit one): one route, so that a 405
-    names every method the URL takes."""
+    """`/ops/jobs/{name}`: a job type's URL takes POST (submit a job of that type), any other names a job, read with
+    GET (a job id is never a type's name). One route for both; the methods a URL takes, and a 405's `Allow`, are
+    those of the URL itself, as the OpenAPI document lists them (where a concrete path wins over a template)."""
 
     async def get(self, request: Request) -> Response:
+        if _names_a_type(request):
+            return await self.method_not_allowed(request)
         return await read_job(request)
 
     async def post(self, request: Request) -> Response:
+        # Any other name is an unknown type: a 404 that lists the known ones says more than a 405 would.
         return await submit_job(request)
+
+    async def method_not_allowed(self, request: Request) -> Response:
+        raise HTTPException(405, headers={"Allow": "POST" if _names_a_type(request) else "GET, HEAD"})
+
+
+def _names_a_type(request: Request) -> bool:
+    return request.path_params["name"] in AppState.of(request).registry
 
 
 routes = [

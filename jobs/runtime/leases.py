@@ -266,6 +266,7 @@ _RELEASE = _after_done(sql.RELEASE, sql.RELEASE_AFTER_DONE)
 _CANCEL_REQUESTED_BY = _Statement.of(sql.CANCEL_REQUESTED_BY)
 _DUE_FOR_DELIVERY = _Statement.of(sql.DUE_FOR_DELIVERY)
 _RECORD_REDELIVERED = _Statement.of(sql.RECORD_REDELIVERED)
+_EXPIRE_APPROVALS = _Statement.of(sql.EXPIRE_APPROVALS)
 
 
 @dataclass(frozen=True)
@@ -302,3 +303,9 @@ async def record_redelivered(sessions: Sessions, delivered: list[Due], reaper: s
         "actor": f"reaper:{reaper}",
     }
     await _fetch(_engine(sessions), _RECORD_REDELIVERED, values)
+
+
+async def expire_approvals(sessions: Sessions, limit: int, reaper: str) -> list[str]:
+    """Reject the jobs whose approval is overdue (`approval expired`); their ids."""
+    rows = await _fetch(_engine(sessions), _EXPIRE_APPROVALS, {"limit": limit, "actor": f"reaper:{reaper}"})
+    return [row["job_id"] for row in rows]

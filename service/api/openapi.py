@@ -180,7 +180,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
     decision = {"type": "object", "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}}}
     paths["/ops/jobs/{job_id}/approve"] = {
         "post": _operation(
-            "Approve a job of your team awaiting approval (scope jobs:approve; never your own); enough approvals run it",
+            "Approve a job of your team awaiting approval (jobs:approve; never your own); enough run it",
             _ok("the job: still awaiting approval, or pending", job),
             401,
             403,

@@ -494,6 +494,7 @@ JOB = JobType[RebuildParams](
     steps=STEPS,
     target=target,
     target_kind="k8s",
+    changes_nothing=lambda params: params.dry_run,
     lifespan=kube_lifespan,
     settings=PgRebuildSettings,
 )

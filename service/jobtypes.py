@@ -95,6 +95,8 @@ class JobType(Generic[P]):
     # kind, so free-form params of one type cannot claim, and so block, what another acts on. Job types that act on
     # the same things share a kind (every PostgreSQL-on-Kubernetes job: `k8s`). By default, the type's own name.
     target_kind: str | None = None
+    # Which submissions change nothing in the world (a dry run): those never wait for an approval.
+    changes_nothing: Callable[[P], bool] = field(default=lambda params: False)
     # For types whose step list depends on the params (noop); by default every step runs.
     plan: Callable[[P], Sequence[Step[P]]] | None = None
     # Entered once per worker process at start-up with the job type's settings (None without a model), exited at

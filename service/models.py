@@ -28,15 +28,19 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class JobStatus(StrEnum):
+    # Recorded and holding its target, never delivered to a worker until enough approvals make it pending.
+    AWAITING_APPROVAL = "awaiting_approval"
     PENDING = "pending"
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Refused by an approver, or not approved in time: it never ran.
+    REJECTED = "rejected"
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in (JobStatus.SUCCESS, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.REJECTED)
 
 
 class StepStatus(StrEnum):
@@ -57,6 +61,9 @@ class EventKind(StrEnum):
     REDELIVERED = "redelivered"
     CANCEL_REQUESTED = "cancel_requested"
     RETRIED = "retried"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVED = "approved"
+    REJECTED = "rejected"
     FINISHED = "finished"
 
 
@@ -81,8 +88,12 @@ def _one_of(values: Iterable[StrEnum]) -> str:
 
 
 # The statuses of a job that is not finished: at most one such job per target.
-ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+ACTIVE = (JobStatus.AWAITING_APPROVAL, JobStatus.PENDING, JobStatus.RUNNING)
 _ACTIVE = text(_one_of(ACTIVE))
+# The statuses of a job that a worker should be running (the reaper's scan); an approval's wait is the reaper's too,
+# by its own deadline and index.
+RUNNABLE = (JobStatus.PENDING, JobStatus.RUNNING)
+_RUNNABLE = text(_one_of(RUNNABLE))
 # The unique index that finds a target busy; its name is what the driver reports on a violation.
 ACTIVE_TARGET_INDEX = "uq_ops_job_active_target"
 
@@ -107,6 +118,11 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz())
     cancel_requested_at: Mapped[datetime | None] = mapped_column(_tz())
+    # Under an approval policy: how many approvals it needs, how many it has, and until when (the database's clock)
+    # it may get them; after that the reaper rejects it.
+    approvals_required: Mapped[int | None] = mapped_column(Integer)
+    approvals_given: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    approval_expires_at: Mapped[datetime | None] = mapped_column(_tz())
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(_tz())
@@ -134,7 +150,13 @@ class Job(Base):
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
         # The reaper's scan of unfinished jobs. Not on lease_expires_at, so lease renewals stay HOT updates.
-        Index("ix_ops_job_active_created_at", "created_at", postgresql_where=_ACTIVE),
+        Index("ix_ops_job_active_created_at", "created_at", postgresql_where=_RUNNABLE),
+        # The reaper's scan of approvals past their deadline.
+        Index(
+            "ix_ops_job_approval_expires_at",
+            "approval_expires_at",
+            postgresql_where=text(f"status = '{JobStatus.AWAITING_APPROVAL.value}'"),
+        ),
     )
 
 
@@ -193,3 +215,18 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(_tz())
 
     __table_args__ = (CheckConstraint("cardinality(scopes) > 0", name="scopes"),)
+
+
+class Approval(Base):
+    """One approver's vote for a job awaiting approval: who, from where, when and why. One vote per approver and
+    job; a retry that needs approval again starts from none (the votes stay in the job's history)."""
+
+    __tablename__ = "ops_job_approval"
+
+    job_id: Mapped[str] = mapped_column(Text, ForeignKey("ops_job.job_id", ondelete="CASCADE"), primary_key=True)
+    # The approver: a key's name within its team (two teams may each have a key of the same name).
+    team: Mapped[str] = mapped_column(Text, primary_key=True)
+    approver: Mapped[str] = mapped_column(Text, primary_key=True)
+    source_ip: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz(), server_default=func.now())

@@ -11,17 +11,29 @@ import ipaddress
 import json
 import sys
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Scope(StrEnum):
     READ = "jobs:read"
     WRITE = "jobs:write"
+    # Approving or rejecting the team's jobs that await approval (never one's own).
+    APPROVE = "jobs:approve"
     # Everything a key of the team may do, on any job of its team (not only the jobs it submitted).
     ADMIN = "jobs:admin"
     # Everything, on every team's jobs: the operators of the service itself.
@@ -50,6 +62,25 @@ class ApiKeyEntry(BaseModel):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+
+class ApprovalPolicy(BaseModel):
+    """Which submissions need approvals: of `job_type`, on a target matching one of `targets` (default: any); how
+    many approvals, from how many other people; and how long they may take."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_type: Annotated[str, Field(min_length=1)]
+    targets: Annotated[tuple[TargetPattern, ...], Field(min_length=1)] | None = None
+    approvals: Annotated[int, Field(ge=1, le=10)] = 1
+    expires_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 4 * 3600.0
+
+    def covers(self, job_type: str, target: str | None) -> bool:
+        if job_type != self.job_type:
+            return False
+        if self.targets is None:
+            return True
+        return target is not None and any(fnmatchcase(target, pattern) for pattern in self.targets)
 
 
 def hash_key(key: str) -> str:
@@ -89,6 +120,8 @@ class Settings(EnvSettings):
     api_keys: Annotated[tuple[ApiKeyEntry, ...], NoDecode] = ()
     api_keys_file: Path | None = None
     trusted_proxies: Annotated[tuple[IpNetwork, ...], NoDecode] = ()
+    approval_policies: Annotated[tuple[ApprovalPolicy, ...], NoDecode] = ()
+    approval_policies_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # `text` for people, `json` (one object per line) for log collectors; unset: text in dev, json in prod.
     log_format: Literal["text", "json"] | None = None
@@ -140,23 +173,26 @@ class Settings(EnvSettings):
     def _parse_keys(cls, value: object) -> object:
         return _json_list(value, "APIOPS_API_KEYS")
 
+    @field_validator("approval_policies", mode="before")
+    @classmethod
+    def _parse_policies(cls, value: object) -> object:
+        return _json_list(value, "APIOPS_APPROVAL_POLICIES")
+
     _parse_list = field_validator("trusted_proxies", mode="before")(env_list)
 
     @model_validator(mode="after")
-    def _load_keys_file(self) -> Settings:
-        if self.api_keys_file is None:
-            return self
-        try:
-            raw = self.api_keys_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"APIOPS_API_KEYS_FILE {self.api_keys_file}: {exc.strerror}") from exc
-        try:
-            entries = _json_list(raw, "APIOPS_API_KEYS_FILE")
-            from_file = tuple(ApiKeyEntry.model_validate(e) for e in entries) if isinstance(entries, list) else ()
-        except ValidationError as exc:
-            raise ValueError(f"APIOPS_API_KEYS_FILE {self.api_keys_file}: {exc}") from exc
-        object.__setattr__(self, "api_keys", self.api_keys + from_file)
+    def _load_files(self) -> Settings:
+        """A list from a file is added to the one from its variable."""
+        keys = _list_file(self.api_keys_file, "APIOPS_API_KEYS_FILE", ApiKeyEntry)
+        policies = _list_file(self.approval_policies_file, "APIOPS_APPROVAL_POLICIES_FILE", ApprovalPolicy)
+        object.__setattr__(self, "api_keys", self.api_keys + keys)
+        object.__setattr__(self, "approval_policies", self.approval_policies + policies)
         return self
+
+    def approval_policy(self, job_type: str, target: str | None) -> ApprovalPolicy | None:
+        """The policy a submission falls under: of those that cover it, the one asking the most approvals."""
+        covering = [p for p in self.approval_policies if p.covers(job_type, target)]
+        return max(covering, key=lambda p: (p.approvals, -p.expires_s), default=None)
 
     @model_validator(mode="after")
     def _prod_needs_keys(self) -> Settings:
@@ -194,6 +230,23 @@ class Settings(EnvSettings):
     @property
     def effective_log_format(self) -> Literal["text", "json"]:
         return self.log_format or ("text" if self.dev_mode else "json")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _list_file(path: Path | None, name: str, model: type[M]) -> tuple[M, ...]:
+    if path is None:
+        return ()
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: {exc.strerror}") from exc
+    try:
+        entries = _json_list(raw, name)
+        return tuple(model.model_validate(e) for e in entries) if isinstance(entries, list) else ()
+    except ValidationError as exc:
+        raise ValueError(f"{name} {path}: {exc}") from exc
 
 
 def _json_list(value: object, name: str) -> object:

@@ -66,6 +66,9 @@ KEYS: dict[str, KeyGiven] = {
     "blue-staging": KeyGiven(
         "blue-staging-key", frozenset({KeyScope.READ, KeyScope.WRITE}), team="blue", targets=("noop/staging/*",)
     ),
+    # Approvers of the default team (jobs:admin may approve too).
+    "approver": KeyGiven("approver-key", frozenset({KeyScope.READ, KeyScope.APPROVE})),
+    "approver2": KeyGiven("approver2-key", frozenset({KeyScope.READ, KeyScope.APPROVE})),
     # The service's operators: every team.
     "operator": KeyGiven("operator-key", frozenset({KeyScope.SERVICE_ADMIN}), team="ops"),
 }

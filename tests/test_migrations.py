@@ -39,6 +39,13 @@ async def test_downgrade_to_base_removes_everything_and_upgrade_restores_it(sett
         await migrate(engine, "base", downgrade=True)
         assert await tables() == {"alembic_version"}
         await migrate(engine, "head")
-        assert await tables() == {"alembic_version", "ops_job", "ops_job_step", "ops_job_event", "ops_api_key"}
+        assert await tables() == {
+            "alembic_version",
+            "ops_job",
+            "ops_job_step",
+            "ops_job_event",
+            "ops_api_key",
+            "ops_job_approval",
+        }
     finally:
         await engine.dispose()

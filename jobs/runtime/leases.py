@@ -364,6 +364,7 @@ _PING = _Statement.of(sql.PING)
 _BLOCKED_PAST_LEASE = _Statement.of(sql.BLOCKED_PAST_LEASE)
 _DUE_FOR_DELIVERY = _Statement.of(sql.DUE_FOR_DELIVERY)
 _RECORD_REDELIVERED = _Statement.of(sql.RECORD_REDELIVERED)
+_EXPIRE_APPROVALS = _Statement.of(sql.EXPIRE_APPROVALS)
 
 
 @dataclass(frozen=True)
@@ -401,3 +402,10 @@ async def record_redelivered(sessions: Sessions, delivered: list[Due], reaper: s
         "actor": f"reaper:{reaper}",
     }
     await _fetch(_engine(sessions), _RECORD_REDELIVERED, values, timeout_s)
+
+
+async def expire_approvals(sessions: Sessions, limit: int, reaper: str, timeout_s: float) -> list[str]:
+    """Reject the jobs whose approval is overdue (`approval expired`); their ids."""
+    values = {"limit": limit, "actor": f"reaper:{reaper}"}
+    rows = await _fetch(_engine(sessions), _EXPIRE_APPROVALS, values, timeout_s)
+    return [row["job_id"] for row in rows]

@@ -1,7 +1,8 @@
 """The reaper: every worker runs one. It delivers jobs that PostgreSQL says should run but Redis may not hold:
 pending ones that never reached the queue (Redis was down at submit) and running ones whose lease expired
 (their worker died). Safe to run on every worker at once: deliveries are deduplicated by arq's job id
-(`service.queue.delivery_id`) and only one claim can win in PostgreSQL.
+(`service.queue.delivery_id`) and only one claim can win in PostgreSQL. It also ends the wait of jobs whose approval
+is overdue, which no worker would otherwise ever look at.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from arq.connections import ArqRedis
 
 from jobs.runtime.health import DatabaseHealth
-from jobs.runtime.leases import due_for_delivery, record_redelivered
+from jobs.runtime.leases import due_for_delivery, expire_approvals, record_redelivered
 from jobs.runtime.metrics import WorkerMetrics
 from service.backoff import Backoff
 from service.db import Sessions, database_unavailable
@@ -29,8 +30,11 @@ REAP_RETRIES = Backoff(initial_s=2.0, cap_s=16.0)
 async def reap_once(
     sessions: Sessions, redis: ArqRedis, settings: Settings, reaper: str, metrics: WorkerMetrics | None = None
 ) -> int:
-    """Enqueue every job due for a delivery; returns how many were actually put back on the queue."""
+    """Reject overdue approvals, enqueue every job due for a delivery; returns how many were actually put back on
+    the queue."""
     timeout_s = settings.db_command_timeout_s
+    for job_id in await expire_approvals(sessions, BATCH, reaper, timeout_s):
+        logger.info("job %s rejected: approval expired", job_id)
     due = await due_for_delivery(sessions, settings.requeue_pending_after_s, BATCH, timeout_s)
     outcomes = await enqueue_many(
         redis,

@@ -411,3 +411,33 @@ SELECT d.job_id, '{EventKind.REDELIVERED}', d.status, d.detail, CAST(:actor AS t
 FROM unnest(CAST(:job_ids AS text[]), CAST(:statuses AS text[]), CAST(:details AS text[]))
     AS d (job_id, status, detail)
 """
+
+# The reaper's end of an approval's wait: jobs still awaiting approval past their deadline (the database's clock, as
+# set when the approval was requested) are rejected, oldest deadline first, each with its `rejected` and `finished`
+# events. SKIP LOCKED: an approval or a cancel holding the row decides it instead; reapers on other workers take
+# other rows. Served by the partial index `ix_ops_job_approval_expires_at`.
+EXPIRE_APPROVALS = f"""
+WITH expired AS (
+    UPDATE ops_job SET status = '{JobStatus.REJECTED}', finished_at = now(), error = 'approval expired'
+    WHERE job_id IN (
+        SELECT job_id FROM ops_job
+        WHERE status = '{JobStatus.AWAITING_APPROVAL}' AND approval_expires_at <= now()
+        ORDER BY approval_expires_at
+        LIMIT CAST(:limit AS bigint)
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING job_id, approvals_given, approvals_required, approval_expires_at
+),
+event AS (
+    INSERT INTO ops_job_event (job_id, kind, status, detail, actor)
+    SELECT expired.job_id, e.kind, '{JobStatus.REJECTED}', e.detail, CAST(:actor AS text)
+    FROM expired, LATERAL (VALUES
+        (1, '{EventKind.REJECTED}', format('approval expired: %s of %s approvals by %s',
+            expired.approvals_given, expired.approvals_required, expired.approval_expires_at)),
+        (2, '{EventKind.FINISHED}', NULL)
+    ) AS e (n, kind, detail)
+    ORDER BY expired.job_id, e.n
+    RETURNING 1
+)
+SELECT job_id FROM expired
+"""

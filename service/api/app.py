@@ -21,7 +21,7 @@ from service.api.keys import CHANNEL as KEY_CHANNEL
 from service.api.keys import KeyStore
 from service.api.metrics import ApiMetrics
 from service.api.middleware import RequestContext
-from service.api.routes import docs, events, health, jobs, keys, workers
+from service.api.routes import approvals, docs, events, health, jobs, keys, workers
 from service.api.state import AppState
 from service.db import autocommit, create_engine
 from service.jobtypes import Registry
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app = Starlette(
         routes=[
             *jobs.routes,
+            *approvals.routes,
             *events.routes,
             *keys.routes,
             *workers.routes,

@@ -186,6 +186,42 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             parameters=[job_id],
         )  # fmt: skip
     }
+    decision = {"type": "object", "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}}}
+    paths["/ops/jobs/{job_id}/approve"] = {
+        "post": _operation(
+            "Approve a job of your team awaiting approval (jobs:approve; never your own); enough run it",
+            _ok("the job: still awaiting approval, or pending", job),
+            401,
+            403,
+            404,
+            409,
+            413,
+            415,
+            422,
+            503,
+            parameters=[job_id],
+            requestBody={"required": False, "content": _json({**decision, "additionalProperties": False})},
+        )  # fmt: skip
+    }
+    paths["/ops/jobs/{job_id}/reject"] = {
+        "post": _operation(
+            "Reject a job awaiting approval (scope jobs:approve); it ends rejected and never runs",
+            _ok("the job, rejected", job),
+            401,
+            403,
+            404,
+            409,
+            413,
+            415,
+            422,
+            503,
+            parameters=[job_id],
+            requestBody={
+                "required": True,
+                "content": _json({**decision, "required": ["reason"], "additionalProperties": False}),
+            },
+        )  # fmt: skip
+    }
     paths["/ops/jobs/{job_id}/events"] = {
         "get": _operation(
             "The job's history, then its changes live (Server-Sent Events); ends after the job finishes",

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from pydantic import BaseModel, BeforeValidator, TypeAdapter
-from sqlalchemy import DateTime, Select, Text, bindparam, cast, column, func, literal_column, select, text, tuple_
+from sqlalchemy import Select, Text, bindparam, cast, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +32,7 @@ from service.api.schemas import EventOut, JobOut, JobPage, StepOut
 from service.errors import Conflict, Forbidden, InvalidParams, NotFound
 from service.jobtypes import JobType
 from service.models import ACTIVE, ACTIVE_TARGET_INDEX, Base, Event, EventKind, Job, JobStatus, Step, StepStatus
+from service.settings import ApprovalPolicy
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -75,12 +76,23 @@ class Created:
 
 # Job, steps and `created` event in one statement (one round trip, its own transaction). A job with an
 # Idempotency-Key its actor already used is not inserted (no row comes back); a busy target raises a unique violation.
+# Under an approval policy (`approvals` given) it awaits approval until now() + `expires_s` (the database's clock),
+# with an `approval_requested` event after `created`.
 _INSERT_JOB = text(f"""
 WITH job AS (
-    INSERT INTO ops_job (job_id, type, status, params, target, actor, team, source_ip, idempotency_key, attempt)
-    VALUES (:job_id, :type, '{JobStatus.PENDING}', CAST(:params AS jsonb), :target, :actor, :team, :source_ip, :key, 0)
+    INSERT INTO ops_job (
+        job_id, type, status, params, target, actor, team, source_ip, idempotency_key, attempt,
+        approvals_required, approval_expires_at
+    )
+    VALUES (
+        :job_id, :type,
+        CASE WHEN CAST(:approvals AS integer) IS NULL
+            THEN '{JobStatus.PENDING}' ELSE '{JobStatus.AWAITING_APPROVAL}' END,
+        CAST(:params AS jsonb), :target, :actor, :team, :source_ip, :key, 0,
+        :approvals, now() + make_interval(secs => CAST(:expires_s AS double precision))
+    )
     ON CONFLICT (team, actor, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING job_id, created_at
+    RETURNING job_id, status, created_at, approval_expires_at
 ),
 steps AS (
     INSERT INTO ops_job_step (job_id, step_order, name, status, attempts)
@@ -89,12 +101,19 @@ steps AS (
     RETURNING 1
 ),
 event AS (
-    INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)
-    SELECT job.job_id, '{EventKind.CREATED}', '{JobStatus.PENDING}', :actor, :source_ip FROM job
+    INSERT INTO ops_job_event (job_id, kind, status, detail, actor, source_ip)
+    SELECT job.job_id, e.kind, job.status, e.detail, :actor, :source_ip
+    FROM job, LATERAL (VALUES
+        (1, '{EventKind.CREATED}', NULL, true),
+        (2, '{EventKind.APPROVAL_REQUESTED}', CAST(:approval_detail AS text),
+            job.status = '{JobStatus.AWAITING_APPROVAL}')
+    ) AS e (n, kind, detail, ok)
+    WHERE e.ok
+    ORDER BY e.n
     RETURNING 1
 )
-SELECT created_at FROM job
-""").columns(column("created_at", DateTime(timezone=True)))
+SELECT created_at, approval_expires_at FROM job
+""")
 # An expired Idempotency-Key is freed for a new job; the old job keeps everything else.
 _FREE_EXPIRED_KEY = text("""
 UPDATE ops_job SET idempotency_key = NULL
@@ -111,32 +130,36 @@ async def create_job(
     target: str | None,
     caller: Caller,
     idempotency_key: str | None,
+    policy: ApprovalPolicy | None = None,
 ) -> Created:
     """Write the job (acting on `target`, which the caller may touch), its planned steps and its `created` event in
     one statement (`conn` is best in autocommit), and return the new job as the API shows it; or return the job the
-    same Idempotency-Key created."""
+    same Idempotency-Key created. Under `policy`, the job awaits its approvals instead of being pending."""
     values = params.model_dump(mode="json")
     job_id = new_id(job_type.name)
     steps = [step.name for step in job_type.steps_for(params)]
     row = {
         "job_id": job_id, "type": job_type.name, "params": json.dumps(values), "target": target,
-        "key": idempotency_key, "steps": steps, **_caller_columns(caller),
+        "key": idempotency_key, "steps": steps, **caller_columns(caller), **approval_columns(policy),
     }  # fmt: skip
     # Twice at most: a key whose job expired is freed, then the insert is tried again.
     for _ in range(2):
         try:
-            created_at = await conn.scalar(_INSERT_JOB, row)
+            created = (await conn.execute(_INSERT_JOB, row)).one_or_none()
         except IntegrityError as exc:
             if _violated_constraint(exc) != ACTIVE_TARGET_INDEX:
                 raise
             await conn.rollback()
             raise await _target_busy(conn, target, caller.only_team) from None
-        if created_at is not None:
+        if created is not None:
             return Created(
                 JobOut(
                     job_id=job_id,
                     type=job_type.name,
-                    status=JobStatus.PENDING,
+                    status=JobStatus.PENDING if policy is None else JobStatus.AWAITING_APPROVAL,
+                    approvals_required=policy.approvals if policy else None,
+                    approvals_given=0,
+                    approval_expires_at=created.approval_expires_at,
                     params=values,
                     target=target,
                     actor=caller.actor,
@@ -144,7 +167,7 @@ async def create_job(
                     source_ip=caller.source_ip,
                     attempt=0,
                     error=None,
-                    created_at=created_at,
+                    created_at=created.created_at,
                     started_at=None,
                     finished_at=None,
                     steps=[
@@ -189,9 +212,11 @@ async def _idempotent_replay(
     return earlier
 
 
+# A job that no worker has started: cancelled at once.
+_WAITING = f"('{JobStatus.PENDING}', '{JobStatus.AWAITING_APPROVAL}')"
 # Cancel, in one statement. The job row is locked and read as it was, for the answer (404, 403, 409 or done); another
 # team's job is not read at all (`only_team`: the caller's team, NULL for the service's operators). If the
-# caller may act on it and it is unfinished: a cancel is requested, once (asking again changes nothing), and a pending
+# caller may act on it and it is unfinished: a cancel is requested, once (asking again changes nothing), and a waiting
 # job is cancelled at once; each with its event. A running job is only flagged: its worker stops it within a second.
 _CANCEL_JOB = text(f"""
 WITH job AS (
@@ -202,13 +227,13 @@ WITH job AS (
 go AS (
     SELECT job_id, status, cancel_requested_at FROM job
     WHERE (actor = :actor OR CAST(:may_act_for_others AS boolean))
-        AND status IN ('{JobStatus.PENDING}', '{JobStatus.RUNNING}')
+        AND status IN ('{JobStatus.AWAITING_APPROVAL}', '{JobStatus.PENDING}', '{JobStatus.RUNNING}')
 ),
 cancelled AS (
     UPDATE ops_job SET cancel_requested_at = coalesce(go.cancel_requested_at, now()),
-        status = CASE WHEN go.status = '{JobStatus.PENDING}' THEN '{JobStatus.CANCELLED}' ELSE go.status END,
-        finished_at = CASE WHEN go.status = '{JobStatus.PENDING}' THEN now() ELSE ops_job.finished_at END,
-        error = CASE WHEN go.status = '{JobStatus.PENDING}' THEN CAST(:error AS text) ELSE ops_job.error END
+        status = CASE WHEN go.status IN {_WAITING} THEN '{JobStatus.CANCELLED}' ELSE go.status END,
+        finished_at = CASE WHEN go.status IN {_WAITING} THEN now() ELSE ops_job.finished_at END,
+        error = CASE WHEN go.status IN {_WAITING} THEN CAST(:error AS text) ELSE ops_job.error END
     FROM go
     WHERE ops_job.job_id = go.job_id
     RETURNING 1
@@ -218,7 +243,7 @@ event AS (
     SELECT go.job_id, e.kind, e.status, :actor, :source_ip
     FROM go, LATERAL (VALUES
         (1, '{EventKind.CANCEL_REQUESTED}', go.status, go.cancel_requested_at IS NULL),
-        (2, '{EventKind.FINISHED}', '{JobStatus.CANCELLED}', go.status = '{JobStatus.PENDING}')
+        (2, '{EventKind.FINISHED}', '{JobStatus.CANCELLED}', go.status IN {_WAITING})
     ) AS e (n, kind, status, ok)
     WHERE e.ok
     ORDER BY e.n
@@ -228,7 +253,8 @@ SELECT actor, status, EXISTS (SELECT 1 FROM go) AS done FROM job
 """)
 # Retry, in one statement: like cancel, the job row is locked and read as it was. If the caller may act on it and it
 # failed or was cancelled, it is pending again from its first unfinished step (the steps that failed, were cancelled
-# or were left running are pending again), with its `retried` event. A busy target violates ACTIVE_TARGET_INDEX.
+# or were left running are pending again), with its `retried` event. Under an approval policy (`approvals`) it
+# awaits approval again, from no votes. A busy target violates ACTIVE_TARGET_INDEX.
 _RETRY_JOB = text(f"""
 WITH job AS (
     SELECT job_id, actor, status FROM ops_job
@@ -241,9 +267,18 @@ go AS (
         AND status IN ('{JobStatus.FAILED}', '{JobStatus.CANCELLED}')
 ),
 retried AS (
-    UPDATE ops_job SET status = '{JobStatus.PENDING}', error = NULL, finished_at = NULL, cancel_requested_at = NULL
+    UPDATE ops_job SET
+        status = CASE WHEN CAST(:approvals AS integer) IS NULL
+            THEN '{JobStatus.PENDING}' ELSE '{JobStatus.AWAITING_APPROVAL}' END,
+        error = NULL, finished_at = NULL, cancel_requested_at = NULL,
+        approvals_required = :approvals, approvals_given = 0,
+        approval_expires_at = now() + make_interval(secs => CAST(:expires_s AS double precision))
     FROM go
     WHERE ops_job.job_id = go.job_id
+    RETURNING ops_job.job_id, ops_job.status
+),
+votes AS (
+    DELETE FROM ops_job_approval USING go WHERE ops_job_approval.job_id = go.job_id
     RETURNING 1
 ),
 steps AS (
@@ -254,8 +289,15 @@ steps AS (
     RETURNING 1
 ),
 event AS (
-    INSERT INTO ops_job_event (job_id, kind, status, actor, source_ip)
-    SELECT job_id, '{EventKind.RETRIED}', '{JobStatus.PENDING}', :actor, :source_ip FROM go
+    INSERT INTO ops_job_event (job_id, kind, status, detail, actor, source_ip)
+    SELECT retried.job_id, e.kind, retried.status, e.detail, :actor, :source_ip
+    FROM retried, LATERAL (VALUES
+        (1, '{EventKind.RETRIED}', NULL, true),
+        (2, '{EventKind.APPROVAL_REQUESTED}', CAST(:approval_detail AS text),
+            retried.status = '{JobStatus.AWAITING_APPROVAL}')
+    ) AS e (n, kind, detail, ok)
+    WHERE e.ok
+    ORDER BY e.n
     RETURNING 1
 )
 SELECT actor, status, EXISTS (SELECT 1 FROM go) AS done FROM job
@@ -266,20 +308,30 @@ async def cancel_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act
     """A pending job is cancelled at once; a running one is flagged, and its worker stops it within a second.
     One statement (`conn` is best in autocommit), then the job as it left it. Another team's job is not found."""
     error = f"cancelled by {caller.actor} before it ran"
-    values = {"job_id": job_id, "may_act_for_others": may_act_for_others, "error": error, **_caller_columns(caller)}
+    values = {"job_id": job_id, "may_act_for_others": may_act_for_others, "error": error, **caller_columns(caller)}
     row = _allowed(
         (await conn.execute(_CANCEL_JOB, values)).one_or_none(), job_id, caller, may_act_for_others, "cancel"
     )
     if not row.done:
         status = JobStatus(row.status)
         raise Conflict(f"job {job_id} is already {status}; there is nothing to cancel", details={"status": status})
-    return await _job_as_left(conn, job_id)
+    return await job_as_left(conn, job_id)
 
 
-async def retry_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_for_others: bool) -> JobOut:
-    """Pending again from the first unfinished step; same job id, history kept. One statement (`conn` is best in
-    autocommit), then the job as it left it. The caller enqueues it. Another team's job is not found."""
-    values = {"job_id": job_id, "may_act_for_others": may_act_for_others, **_caller_columns(caller)}
+async def retry_job(
+    conn: AsyncConnection,
+    job_id: str,
+    caller: Caller,
+    may_act_for_others: bool,
+    policy: ApprovalPolicy | None = None,
+) -> JobOut:
+    """Pending again from the first unfinished step (under `policy`: awaiting approval again); same job id, history
+    kept. One statement (`conn` is best in autocommit), then the job as it left it. The caller enqueues it if it is
+    pending. Another team's job is not found."""
+    values = {
+        "job_id": job_id, "may_act_for_others": may_act_for_others, **caller_columns(caller),
+        **approval_columns(policy),
+    }  # fmt: skip
     try:
         result = (await conn.execute(_RETRY_JOB, values)).one_or_none()
     except IntegrityError as exc:
@@ -293,7 +345,7 @@ async def retry_job(conn: AsyncConnection, job_id: str, caller: Caller, may_act_
             f"job {job_id} is {row.status}; only a failed or cancelled job can be retried",
             details={"status": row.status},
         )
-    return await _job_as_left(conn, job_id)
+    return await job_as_left(conn, job_id)
 
 
 def _allowed(row: Row[Any] | None, job_id: str, caller: Caller, may_act_for_others: bool, verb: str) -> Row[Any]:
@@ -308,14 +360,26 @@ def _allowed(row: Row[Any] | None, job_id: str, caller: Caller, may_act_for_othe
     return row
 
 
-async def _job_as_left(conn: AsyncConnection, job_id: str) -> JobOut:
+async def job_as_left(conn: AsyncConnection, job_id: str) -> JobOut:
     """The job as a write just left it: read right after it, on the same connection."""
     jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
     assert jobs, "a job is never deleted"
     return jobs[0]
 
 
-def _caller_columns(caller: Caller) -> dict[str, Any]:
+def approval_columns(policy: ApprovalPolicy | None) -> dict[str, Any]:
+    """The statement parameters that put a job under `policy` (None: under none)."""
+    if policy is None:
+        return {"approvals": None, "expires_s": None, "approval_detail": None}
+    targets = ", ".join(policy.targets) if policy.targets else "any target"
+    detail = (
+        f"needs {policy.approvals} approval(s) by other people of the team within {policy.expires_s:g}s "
+        f"(policy: {policy.job_type} on {targets})"
+    )
+    return {"approvals": policy.approvals, "expires_s": policy.expires_s, "approval_detail": detail}
+
+
+def caller_columns(caller: Caller) -> dict[str, Any]:
     return {"actor": caller.actor, "team": caller.team, "source_ip": caller.source_ip, "only_team": caller.only_team}
 
 

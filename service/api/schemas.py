@@ -39,6 +39,10 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # Under an approval policy: the approvals it needs, those it has, and until when it may get them.
+    approvals_required: int | None
+    approvals_given: int
+    approval_expires_at: datetime | None
     steps: list[StepOut]
 
 

@@ -125,6 +125,13 @@ class ApiClient:
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         return await self._call("DELETE", f"/ops/keys/{_segment(key_id)}")
 
+    async def approve(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
+        body = {"reason": reason} if reason else {}
+        return await self._call("POST", f"/ops/jobs/{_segment(job_id)}/approve", json=body)
+
+    async def reject(self, job_id: str, reason: str) -> dict[str, Any]:
+        return await self._call("POST", f"/ops/jobs/{_segment(job_id)}/reject", json={"reason": reason})
+
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/ops/jobs/{_segment(job_id)}/cancel")
 

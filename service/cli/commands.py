@@ -27,18 +27,18 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 CLIENT_EPILOG = f"""\
 exit status of the client commands (submit, get, list, cancel, retry, watch, job-types, keys): 0 done; 3 the API
 refused (its error is printed as one line: status, code, message) or could not be reached; 2 a usage error.
-`watch` and `submit --watch`: 0 the job ended success, 1 failed, 2 cancelled, 3 the API refused or could not be
-reached, 130 interrupted (Ctrl-C; the job goes on).
+`watch` and `submit --watch`: 0 the job ended success, 1 failed, 2 cancelled, 4 rejected (not approved), 3 the API
+refused or could not be reached, 130 interrupted (Ctrl-C; the job goes on).
 
 environment: APIOPS_URL (default {DEFAULT_URL}; the scheme may be left out: localhost:8080) and APIOPS_API_KEY;
 --url and --api-key, before or after the command, override them.
 """
 
-CLIENT_COMMANDS = ("submit", "get", "list", "cancel", "retry", "watch", "job-types", "keys")
+CLIENT_COMMANDS = ("submit", "get", "list", "cancel", "retry", "approve", "reject", "watch", "job-types", "keys")
 USAGE = 2
 API_FAILED = 3
 INTERRUPTED = 130
-WATCH_EXIT = {"success": 0, "failed": 1, "cancelled": 2}
+WATCH_EXIT = {"success": 0, "failed": 1, "cancelled": 2, "rejected": 4}
 
 
 class UsageError(Exception):
@@ -104,6 +104,8 @@ async def _client_command(api: ApiClient, args: argparse.Namespace, params: dict
         return await _list(api, args, as_json)
     if args.command == "keys":
         return await _keys(api, args, as_json)
+    if args.command in ("approve", "reject"):
+        return await _decide(api, args, as_json)
     if args.command == "job-types":
         types = (await api.job_types())["job_types"]
         _print_json(types) if as_json else console.print_job_types(types, sys.stdout)
@@ -136,6 +138,22 @@ def key_request(args: argparse.Namespace) -> dict[str, Any]:
     if args.expires_at is not None:
         body["expires_at"] = args.expires_at
     return body
+
+
+async def _decide(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
+    if args.command == "approve":
+        job = await api.approve(args.job_id, args.reason)
+    else:
+        job = await api.reject(args.job_id, args.reason)
+    if as_json:
+        _print_json(job)
+    elif job["status"] == "pending":
+        print(f"{job['job_id']}: approved ({job['approvals_given']} of {job['approvals_required']}); it runs now")
+    elif job["status"] == "awaiting_approval":
+        print(f"{job['job_id']}: approved ({job['approvals_given']} of {job['approvals_required']}); awaits more")
+    else:
+        print(f"{job['job_id']}: rejected; it will not run")
+    return 0
 
 
 async def _keys(api: ApiClient, args: argparse.Namespace, as_json: bool) -> int:
@@ -237,7 +255,10 @@ def add_client_parsers(commands: Any, connection: argparse.ArgumentParser) -> No
     submit.add_argument("--watch", action="store_true", help="then watch the job until it ends")
     add("get", "show a job and its steps").add_argument("job_id")
     jobs = add("list", "list jobs, newest first")
-    jobs.add_argument("--status", choices=["pending", "running", "success", "failed", "cancelled"])
+    jobs.add_argument(
+        "--status",
+        choices=["awaiting_approval", "pending", "running", "success", "failed", "cancelled", "rejected"],
+    )
     jobs.add_argument("--type")
     jobs.add_argument("--actor")
     jobs.add_argument("--target")
@@ -246,6 +267,12 @@ def add_client_parsers(commands: Any, connection: argparse.ArgumentParser) -> No
     jobs.add_argument("--all", action="store_true", help="every page, not just the first")
     add("cancel", "cancel a pending or running job").add_argument("job_id")
     add("retry", "run a failed or cancelled job again from its first unfinished step").add_argument("job_id")
+    approve = add("approve", "approve a job of your team awaiting approval (not your own); enough approvals run it")
+    approve.add_argument("job_id")
+    approve.add_argument("--reason", help="why; recorded in the job's history")
+    reject = add("reject", "reject a job awaiting approval: it never runs")
+    reject.add_argument("job_id")
+    reject.add_argument("--reason", required=True, help="why; recorded in the job's history and its error")
     add("watch", "show a job's steps live until it ends; the exit status says how it ended").add_argument("job_id")
     add("job-types", "list the job types with their steps and params")
     keys = add("keys", "API keys managed at run time (scope admin)")

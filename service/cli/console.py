@@ -21,9 +21,12 @@ from rich.text import Text
 
 from service.cli.client import ApiClient, JobEvent
 
-FINISHED = ("success", "failed", "cancelled")
+FINISHED = ("success", "failed", "cancelled", "rejected")
 STEP_DONE = ("success", "failed", "cancelled", "skipped")
-STYLES = {"running": "bold yellow", "success": "green", "failed": "bold red", "cancelled": "magenta"}
+STYLES = {
+    "awaiting_approval": "bold cyan", "running": "bold yellow", "success": "green", "failed": "bold red",
+    "cancelled": "magenta", "rejected": "bold magenta",
+}  # fmt: skip
 
 
 def _time(value: str | None) -> datetime | None:
@@ -103,6 +106,15 @@ class JobView:
                 if step.status in ("failed", "cancelled", "running"):
                     step.status, step.finished_at = "pending", None
             return f"job retried{by}"
+        if event.kind == "approval_requested":
+            self.status = event.status or self.status
+            return f"job awaiting approval: {event.detail}"
+        if event.kind == "approved":
+            self.status = event.status or self.status
+            runs = "; it runs now" if self.status == "pending" else ""
+            return f"job approved{by}: {event.detail}{runs}"
+        if event.kind == "rejected":
+            return f"job rejected{by}: {event.detail}"
         if event.kind in ("claimed", "released", "created") and event.status:
             self.status = event.status
         attempt, detail = "", event.detail
@@ -199,6 +211,9 @@ def print_job(job: dict[str, Any], out: TextIO) -> None:
         ("created", _utc(created)),
         ("params", json.dumps(job["params"])),
     ]
+    if job.get("approvals_required"):
+        until = _utc(datetime.fromisoformat(job["approval_expires_at"]))
+        fields.append(("approval", f"{job['approvals_given']} of {job['approvals_required']}, until {until}"))
     if job["error"]:
         fields.append(("error", job["error"]))
     for name, value in fields:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.endpoints import HTTPEndpoint
@@ -27,8 +27,10 @@ from service.api.request_body import read_json_object, validate
 from service.api.schemas import JobOut, JobPage, JobWithEvents, ModelResponse, job_type_json
 from service.api.state import AppState
 from service.errors import InvalidParams
+from service.jobtypes import JobType
+from service.models import JobStatus
 from service.queue import enqueue
-from service.settings import Scope
+from service.settings import ApprovalPolicy, Scope
 
 
 async def submit_job(request: Request) -> Response:
@@ -40,15 +42,25 @@ async def submit_job(request: Request) -> Response:
     params = validate(job_type.params, body, context=state.registry.params_context(job_type.name))
     target = job_type.target_of(params)
     principal.check_target(target)
+    policy = _approval_policy(state, job_type, params, target)
     async with state.autocommit.connect() as conn:
-        created = await create_job(conn, job_type, params, target, caller_of(request, principal), key)
+        created = await create_job(conn, job_type, params, target, caller_of(request, principal), key, policy)
     job = created.job
     headers = {"Location": f"/ops/jobs/{job.job_id}"}
     if created.replayed:
         return ModelResponse(job, status_code=200, headers=headers)
     # Only after the commit: a worker must never receive an id whose row it cannot see yet.
-    await _enqueue(state, job)
+    await enqueue_if_pending(state, job)
     return ModelResponse(job, status_code=202, headers=headers)
+
+
+def _approval_policy(
+    state: AppState, job_type: JobType[Any], params: BaseModel, target: str | None
+) -> ApprovalPolicy | None:
+    """The approval policy a run of these params falls under; none for a run that changes nothing (a dry run)."""
+    if job_type.changes_nothing(params):
+        return None
+    return state.settings.approval_policy(job_type.name, target)
 
 
 async def read_job(request: Request) -> Response:
@@ -77,11 +89,16 @@ async def cancel(request: Request) -> Response:
 async def retry(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.WRITE)
+    job_id = request.path_params["job_id"]
     async with state.autocommit.connect() as conn:
-        job = await retry_job(
-            conn, request.path_params["job_id"], caller_of(request, principal), principal.allows(Scope.ADMIN)
-        )
-    await _enqueue(state, job)
+        # A retry runs the job again: it needs approval again if a policy covers it now. Type, params and target
+        # never change, so reading them first is safe.
+        earlier = await get_job(conn, job_id, team=principal.team_filter)
+        job_type = state.registry.get(earlier.type)
+        params = validate(job_type.params, earlier.params, context=state.registry.params_context(job_type.name))
+        policy = _approval_policy(state, job_type, params, earlier.target)
+        job = await retry_job(conn, job_id, caller_of(request, principal), principal.allows(Scope.ADMIN), policy)
+    await enqueue_if_pending(state, job)
     return ModelResponse(job, status_code=202)
 
 
@@ -91,7 +108,10 @@ class ReadQuery(BaseModel):
     include: Literal["events"] | None = None
 
 
-async def _enqueue(state: AppState, job: JobOut) -> None:
+async def enqueue_if_pending(state: AppState, job: JobOut) -> None:
+    """Deliver a job that may run now; one awaiting approval is delivered once approved."""
+    if job.status != JobStatus.PENDING:
+        return
     await enqueue(
         state.redis,
         job.job_id,

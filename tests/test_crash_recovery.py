@@ -140,8 +140,10 @@ async def test_soak_200_jobs_with_a_worker_killed_or_cut_off_every_few_seconds(
         pool = [await start_job_worker(tmp_path, f"worker-{n}", configs[n], registry) for n in range(2)]
         try:
             deadline = time.monotonic() + 120
-            while await unfinished() and time.monotonic() < deadline:
-                await asyncio.sleep(random.uniform(1.5, 3))
+            # Until every job is done, and at least three kills and a cut have happened (on a fast machine the jobs
+            # may all be done before that).
+            while (await unfinished() or kills < 3 or cuts < 1) and time.monotonic() < deadline:
+                await asyncio.sleep(random.uniform(1, 2))
                 if (kills + cuts) % 3 == 2:
                     await proxy.turn(Cut.BLACKHOLE)
                     await asyncio.sleep(2.5)  # past the lease: worker 0's jobs are taken over

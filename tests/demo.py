@@ -2,8 +2,10 @@
 
 Starts the simulated Kubernetes cluster (demo speed) as its own process, then `apiops run` (API and a worker)
 on a database (`apiops_demo`, recreated each time) and a queue of its own, so the user's `apiops` data is never
-touched. Submits a pg-rebuild of db/pg/pg-1 over HTTP with the development key, prints every change of a step's
-status or detail as it happens, prints the final job as JSON, stops everything and exits 0 on success.
+touched. Submits a pg-rebuild of db/pg/pg-1 over HTTP with the development key; an approval policy covers the
+demo's namespace, so the job waits until a second key (`oncall-2`) approves it, after the requester's own approval
+is refused. Prints every change of a step's status or detail as it happens, prints the final job as JSON, stops
+everything and exits 0 on success. The simulated cluster enforces the worker's shipped Role (deploy/).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,10 +29,11 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from service.db import asyncpg_dsn
-from service.settings import DEV_API_KEY, get_settings
+from service.settings import DEV_API_KEY, get_settings, hash_key
 
 DEMO_DATABASE = "apiops_demo"
 DEMO_QUEUE = "apiops-demo:queue"
+RBAC = Path(__file__).resolve().parents[1] / "deploy" / "worker-rbac.yaml"
 JOB_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 
@@ -67,7 +71,11 @@ async def recreate_database(url: str) -> None:
         await admin.close()
 
 
-def demo_env(kubeconfig: Path, api_port: int) -> tuple[dict[str, str], str]:
+# The demo's namespace is production here: a real rebuild needs a second person's approval.
+POLICIES = [{"job_type": "pg-rebuild", "targets": ["k8s/default/db/*"], "approvals": 1, "expires_s": 600}]
+
+
+def demo_env(kubeconfig: Path, api_port: int, approver_key: str) -> tuple[dict[str, str], str]:
     base = get_settings()
     database_url = (
         make_url(base.database_url.get_secret_value()).set(database=DEMO_DATABASE).render_as_string(hide_password=False)
@@ -83,6 +91,11 @@ def demo_env(kubeconfig: Path, api_port: int) -> tuple[dict[str, str], str]:
         "APIOPS_LOG_LEVEL": "WARNING",
         "APIOPS_KUBECONFIG": str(kubeconfig),
         "APIOPS_PG_REBUILD_POLL_INTERVAL_S": "0.5",
+        "APIOPS_APPROVAL_POLICIES": json.dumps(POLICIES),
+        # The second person: a key of the same (default) team that may approve.
+        "APIOPS_API_KEYS": json.dumps(
+            [{"name": "oncall-2", "sha256": hash_key(approver_key), "scopes": ["jobs:read", "jobs:approve"]}]
+        ),
     }
     return env, database_url
 
@@ -101,7 +114,7 @@ def follow(api: httpx.Client, job_id: str) -> dict[str, Any]:
                 if step["status"] != "pending":
                     elapsed = time.monotonic() - started
                     print(f"{elapsed:6.1f}s  {step['name']:<21} {step['status']:<9} {step['detail'] or ''}", flush=True)
-        if job["status"] in ("success", "failed", "cancelled"):
+        if job["status"] in ("success", "failed", "cancelled", "rejected"):
             return job
         time.sleep(0.25)
     raise RuntimeError(f"job {job_id} did not finish within {JOB_TIMEOUT_S:g}s")
@@ -125,13 +138,14 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="apiops-demo-"))
     kubeconfig = workdir / "kubeconfig"
     sim_port, api_port = free_port(), free_port()
-    env, database_url = demo_env(kubeconfig, api_port)
+    approver_key = f"apiops_{secrets.token_urlsafe(32)}"
+    env, database_url = demo_env(kubeconfig, api_port, approver_key)
     processes: list[subprocess.Popen[bytes]] = []
     try:
         say(f"starting the simulated Kubernetes cluster on 127.0.0.1:{sim_port} (kubeconfig {kubeconfig})")
         sim = subprocess.Popen(
             [sys.executable, "-m", "tests.kube_sim", "--port", str(sim_port), "--kubeconfig", str(kubeconfig)]
-            + ["--speed", "demo", "--log-level", "WARNING"]
+            + ["--speed", "demo", "--log-level", "WARNING", "--rbac", str(RBAC)]
         )
         processes.append(sim)
         wait_http(f"http://127.0.0.1:{sim_port}/version", 15, sim)
@@ -150,7 +164,15 @@ def main() -> int:
             if created.status_code != 202:
                 say(f"submission refused: {created.status_code} {created.text}")
                 return 1
-            job = follow(api, created.json()["job_id"])
+            job_id = created.json()["job_id"]
+            say(f"{job_id} is {created.json()['status']}: policy {json.dumps(POLICIES[0])}")
+            own = api.post(f"/ops/jobs/{job_id}/approve", json={})
+            say(f"the requester's own approval: {own.status_code} {own.json()['error']['message']}")
+            approved = api.post(
+                f"/ops/jobs/{job_id}/approve", json={"reason": "demo"}, headers={"X-API-Key": approver_key}
+            )
+            say(f"approved by oncall-2: {approved.status_code}, now {approved.json()['status']}")
+            job = follow(api, job_id)
         print(json.dumps(job, indent=2))
         say(f"job {job['job_id']} finished: {job['status']}")
         return 0 if job["status"] == "success" else 1

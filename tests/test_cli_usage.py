@@ -81,6 +81,15 @@ async def test_an_invalid_setting_is_one_line_naming_the_variable_and_exits_2(
     assert "Traceback" not in err and "pydantic" not in err
 
 
+async def test_an_approval_policy_for_an_unknown_job_type_stops_the_api_in_one_line() -> None:
+    policies = '[{"job_type": "pg-rebuid", "targets": ["k8s/prod/*"]}]'  # misspelt: it would never apply
+    code, out, err = await run("serve", env={"APIOPS_APPROVAL_POLICIES": policies, "APIOPS_PORT": str(free_port())})
+    assert code == 2 and out == "", err
+    (line,) = err.splitlines()
+    assert "APIOPS_APPROVAL_POLICIES names job type 'pg-rebuid', which this service does not have" in line
+    assert "pg-rebuild" in line and "Traceback" not in err
+
+
 async def test_a_broken_pipe_ends_the_command_quietly() -> None:
     # A reader that is already gone, as after `apiops list | head` has read its lines.
     read_end, write_end = os.pipe()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +28,9 @@ from service.db import autocommit, create_engine
 from service.jobtypes import Registry
 from service.logs import configure_logging
 from service.queue import create_redis
-from service.settings import Settings, settings_or_exit
+from service.settings import INVALID_SETTINGS, Settings, settings_or_exit
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
@@ -38,6 +41,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     registry = registry or REGISTRY
     configure_logging(settings)  # from the server's first line on, however it was started
     registry.load_settings_or_exit()
+    _policies_name_known_types_or_exit(settings, registry)
     metrics = ApiMetrics()
 
     @asynccontextmanager
@@ -92,6 +96,19 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     # is built from the request's Host header, before authentication: an open redirect to wherever the client says.
     app.router.redirect_slashes = False
     return app
+
+
+def _policies_name_known_types_or_exit(settings: Settings, registry: Registry) -> None:
+    """A policy for a job type the service does not know would never apply: a misspelt name must not silently let
+    production jobs run without approval."""
+    unknown = sorted({p.job_type for p in settings.approval_policies} - {t.name for t in registry})
+    for name in unknown:
+        known = ", ".join(sorted(t.name for t in registry))
+        logger.error(
+            "APIOPS_APPROVAL_POLICIES names job type %r, which this service does not have; known: %s", name, known
+        )
+    if unknown:
+        raise SystemExit(INVALID_SETTINGS)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -10,6 +10,7 @@ import httpx
 
 from service.settings import Settings
 from tests.conftest import headers, submit, wait_for
+from tests.processes import serving_api
 
 
 async def _count_jobs(db: asyncpg.Connection) -> int:
@@ -136,3 +137,22 @@ async def test_workers_show_each_team_only_its_own_running_jobs(client: httpx.As
     await wait_for(both_shown, within=15, until=lambda jobs: jobs == {red, blue.json()["job_id"]})
     assert await running("writer") == {red}
     assert await running("blue-writer") == {blue.json()["job_id"]}
+
+
+async def test_isolation_holds_over_http_against_a_real_api_process(settings: Settings) -> None:
+    async with serving_api(settings) as (_, port), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as api:
+        red = (await api.post("/ops/jobs/noop", json={"steps": 1}, headers=headers("writer"))).json()["job_id"]
+        blue = headers("blue-admin")  # every scope of its own team
+        for method, path in [
+            ("GET", f"/ops/jobs/{red}"),
+            ("GET", f"/ops/jobs/{red}/events"),
+            ("POST", f"/ops/jobs/{red}/cancel"),
+            ("POST", f"/ops/jobs/{red}/retry"),
+            ("POST", f"/ops/jobs/{red}/approve"),
+            ("POST", f"/ops/jobs/{red}/reject"),
+        ]:
+            body = {"reason": "x"} if path.endswith("reject") else None
+            response = await api.request(method, path, headers=blue, json=body)
+            assert response.status_code == 404, (method, path, response.text)
+        assert (await api.get("/ops/jobs", params={"status": "pending"}, headers=blue)).json()["jobs"] == []
+        assert (await api.get(f"/ops/jobs/{red}", headers=headers("operator"))).status_code == 200

@@ -186,42 +186,38 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             parameters=[job_id],
         )  # fmt: skip
     }
-    decision = {"type": "object", "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}}}
-    paths["/ops/jobs/{job_id}/approve"] = {
-        "post": _operation(
-            "Approve a job of your team awaiting approval (jobs:approve; never your own); enough run it",
-            _ok("the job: still awaiting approval, or pending", job),
-            401,
-            403,
-            404,
-            409,
-            413,
-            415,
-            422,
-            503,
-            parameters=[job_id],
-            requestBody={"required": False, "content": _json({**decision, "additionalProperties": False})},
-        )  # fmt: skip
-    }
-    paths["/ops/jobs/{job_id}/reject"] = {
-        "post": _operation(
-            "Reject a job awaiting approval (scope jobs:approve); it ends rejected and never runs",
-            _ok("the job, rejected", job),
-            401,
-            403,
-            404,
-            409,
-            413,
-            415,
-            422,
-            503,
-            parameters=[job_id],
-            requestBody={
-                "required": True,
-                "content": _json({**decision, "required": ["reason"], "additionalProperties": False}),
-            },
-        )  # fmt: skip
-    }
+    reason = {"type": "string", "minLength": 1, "maxLength": 1000}
+
+    def decision(summary: str, answer: str, reason_required: bool) -> dict[str, Any]:
+        body = {"type": "object", "properties": {"reason": reason}, "additionalProperties": False}
+        body |= {"required": ["reason"]} if reason_required else {}
+        return {
+            "post": _operation(
+                summary,
+                _ok(answer, job),
+                401,
+                403,
+                404,
+                409,
+                413,
+                415,
+                422,
+                503,
+                parameters=[job_id],
+                requestBody={"required": reason_required, "content": _json(body)},
+            )  # fmt: skip
+        }
+
+    paths["/ops/jobs/{job_id}/approve"] = decision(
+        "Approve a job of your team awaiting approval (jobs:approve; never your own); enough run it",
+        "the job: still awaiting approval, or pending",
+        reason_required=False,
+    )
+    paths["/ops/jobs/{job_id}/reject"] = decision(
+        "Reject a job awaiting approval (scope jobs:approve); it ends rejected and never runs",
+        "the job, rejected",
+        reason_required=True,
+    )
     paths["/ops/jobs/{job_id}/events"] = {
         "get": _operation(
             "The job's history, then its changes live (Server-Sent Events); ends after the job finishes",

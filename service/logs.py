@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import Context, ContextVar, copy_context
@@ -147,7 +146,6 @@ def configure_logging(settings: Settings) -> None:
             arq_logger.addFilter(_ToHandler(handler))
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
-    threading.excepthook = _log_uncaught_in_thread
 
 
 def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
@@ -155,8 +153,3 @@ def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: Tr
         sys.__excepthook__(kind, error, traceback)
         return
     logging.getLogger("service").critical("uncaught exception: %s", error, exc_info=(kind, error, traceback))
-
-
-def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
-    if args.exc_value is not None:
-        _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)

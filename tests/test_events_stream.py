@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -16,45 +14,7 @@ import httpx
 
 from service.settings import Settings
 from tests.conftest import headers, live_api, running_worker
-
-
-@dataclass
-class Message:
-    id: int | None
-    event: str | None
-    data: dict[str, Any] | None
-    comment: str | None
-    received_at: float  # time.time(), comparable with the event's created_at
-
-
-class SseReader:
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self._lines = response.aiter_lines()
-
-    async def next(self) -> Message | None:
-        """The next message or comment; None when the server ends the stream."""
-        fields: dict[str, str] = {}
-        comment = None
-        async for line in self._lines:
-            if line == "":
-                if fields or comment is not None:
-                    data = json.loads(fields["data"]) if "data" in fields else None
-                    raw_id = fields.get("id")
-                    return Message(int(raw_id) if raw_id else None, fields.get("event"), data, comment, time.time())
-                continue
-            if line.startswith(":"):
-                comment = line[1:].strip()
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")
-        return None
-
-    async def all(self) -> list[Message]:
-        messages = []
-        while (message := await self.next()) is not None:
-            messages.append(message)
-        return messages
+from tests.sse import SseReader
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from service.api.keys import KeyStore
 from service.api.metrics import ApiMetrics
 from service.api.middleware import RequestContext
 from service.api.routes import approvals, docs, events, health, jobs, keys, workers
+from service.api.session import Sessions
 from service.api.state import AppState
 from service.db import autocommit, create_engine
 from service.jobtypes import Registry
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                     keyring=KeyRing.from_settings(settings, key_store),
                     keys=key_store,
                     hub=hub,
+                    sessions=Sessions.from_settings(settings),
                 )
             }
         finally:

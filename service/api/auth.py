@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from starlette.requests import Request
 
 from service.api.keys import KeyStore
+from service.api.listing import ListFilter
 from service.api.repository import Caller
 from service.errors import Forbidden, Unauthorized
 from service.settings import DEFAULT_TEAM, DEV_API_KEY, ApiKeyEntry, IpNetwork, Scope, Settings, hash_key
@@ -20,6 +21,8 @@ from service.settings import DEFAULT_TEAM, DEV_API_KEY, ApiKeyEntry, IpNetwork, 
 logger = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
+# Requests that change nothing: the only ones a console session may make outside the console's own forms.
+SAFE_METHODS = ("GET", "HEAD")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,15 @@ class Principal:
     def team_filter(self) -> str | None:
         """The team every read and write of this caller is confined to, in SQL; None for the service's operators."""
         return None if self.all_teams else self.team
+
+    def confine(self, filters: ListFilter) -> ListFilter | None:
+        """`filters` narrowed to the jobs this caller may see; None if they ask for another team's only."""
+        team = self.team_filter
+        if team is None:
+            return filters
+        if filters.team not in (None, team):
+            return None
+        return filters.model_copy(update={"team": team})
 
     def may_target(self, target: str | None) -> bool:
         """A job with no target acts on nothing shared, so any key may submit it."""
@@ -83,7 +95,10 @@ class KeyRing:
     async def authenticate(self, presented: str | None) -> Principal:
         if not presented:
             raise Unauthorized(f"missing API key; send it in the {API_KEY_HEADER!r} header")
-        digest = hashlib.sha256(presented.encode()).digest()
+        return await self.by_sha256(hashlib.sha256(presented.encode()).digest())
+
+    async def by_sha256(self, digest: bytes) -> Principal:
+        """The key whose SHA-256 is `digest` (a console session holds only that)."""
         found: Principal | None = None
         # Compare with every entry, so the time taken says nothing about which (if any) matched.
         for stored, principal in self._entries:
@@ -99,9 +114,15 @@ class KeyRing:
 
 
 async def require(request: Request, scope: Scope) -> Principal:
-    """The caller, who must hold `scope` (or `jobs:admin`, or `admin`)."""
+    """The caller, who must hold `scope` (or `jobs:admin`, or `admin`): by the key in the header, or for a read
+    (GET), by the console's session (its pages' live streams cannot send a header)."""
     keyring: KeyRing = request.state.app.keyring
-    principal = await keyring.authenticate(request.headers.get(API_KEY_HEADER))
+    presented = request.headers.get(API_KEY_HEADER)
+    session = None if presented or request.method not in SAFE_METHODS else request.state.app.sessions.of(request)
+    if session is not None:
+        principal = await keyring.by_sha256(session.key_sha256)
+    else:
+        principal = await keyring.authenticate(presented)
     if not principal.allows(scope):
         raise Forbidden(f"API key {principal.name!r} lacks the scope {scope.value!r}", details={"scope": scope.value})
     return principal

@@ -5,6 +5,9 @@ event id. The hub keeps one connection listening; for the jobs somebody is watch
 batches and in order, and hands them to each watcher's queue. No watcher polls the database. If the listening
 connection drops, every watcher is told to re-read what it may have missed once the hub is listening again.
 
+A list-level watcher (`watch_all`) gets every event of every job, with its job (`service.api.listing.ListedEvent`),
+and filters what it passes on: the console's pages and `GET /ops/events`.
+
 Other parts of the process may listen on the same connection (`also_listen`: the key store hears revocations).
 """
 
@@ -20,7 +23,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.repository import events_by_id
+from service.api.listing import ListedEvent, events_by_id
 from service.api.schemas import EventOut
 from service.backoff import Backoff
 from service.db import asyncpg_dsn
@@ -54,9 +57,24 @@ class Closing:
 
 CLOSING = Closing()
 
+
+@dataclass(frozen=True)
+class Listed:
+    """One event for the list-level watchers: with its job, to filter on, and rendered once as its SSE message (the
+    event with its job's id, type, target and status)."""
+
+    event: ListedEvent
+    text: str
+
+    @classmethod
+    def of(cls, listed: ListedEvent) -> Listed:
+        return cls(listed, f"id: {listed.event.event_id}\nevent: {listed.event.kind}\ndata: {listed.data()}\n\n")
+
+
 # A watcher's queue carries messages; None: "you may have missed some; read the history after your last id";
 # or CLOSING.
 Item = Message | Closing | None
+ListItem = Listed | Closing | None
 
 
 class EventHub:
@@ -66,6 +84,7 @@ class EventHub:
         self._connect_timeout = settings.db_connect_timeout_s
         self._db = db
         self._watchers: dict[str, set[asyncio.Queue[Item]]] = {}
+        self._all: set[asyncio.Queue[ListItem]] = set()
         self._announced: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self._running: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
@@ -108,16 +127,31 @@ class EventHub:
             if not watchers:
                 self._watchers.pop(job_id, None)
 
+    @asynccontextmanager
+    async def watch_all(self) -> AsyncIterator[asyncio.Queue[ListItem]]:
+        """A queue of every job's new events, from now on (the caller filters them)."""
+        self.start()
+        queue: asyncio.Queue[ListItem] = asyncio.Queue()
+        if self.closing:
+            queue.put_nowait(CLOSING)
+        self._all.add(queue)
+        try:
+            yield queue
+        finally:
+            self._all.discard(queue)
+
+    def _queues(self) -> list[asyncio.Queue[Item] | asyncio.Queue[ListItem]]:
+        return [*(queue for queues in self._watchers.values() for queue in queues), *self._all]
+
     def end_streams(self) -> None:
         """Tell every stream, now and from now on, to end: the process is stopping."""
         self.closing = True
-        for queues in self._watchers.values():
-            for queue in queues:
-                queue.put_nowait(CLOSING)
+        for queue in self._queues():
+            queue.put_nowait(CLOSING)
 
     @property
     def watcher_count(self) -> int:
-        return sum(len(queues) for queues in self._watchers.values())
+        return len(self._queues())
 
     async def run(self) -> None:
         """Listen (reconnecting with backoff) and fan out, until cancelled."""
@@ -166,7 +200,7 @@ class EventHub:
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         job_id, _, event_id = str(payload).rpartition(" ")
-        if job_id in self._watchers:
+        if self._all or job_id in self._watchers:
             self._announced.put_nowait((job_id, int(event_id)))
 
     async def _fan_out(self) -> None:
@@ -174,7 +208,7 @@ class EventHub:
             batch = [await self._announced.get()]
             while not self._announced.empty():
                 batch.append(self._announced.get_nowait())
-            ids = [event_id for job_id, event_id in batch if job_id in self._watchers]
+            ids = [event_id for job_id, event_id in batch if self._all or job_id in self._watchers]
             if not ids:
                 continue
             try:
@@ -184,12 +218,16 @@ class EventHub:
                 logger.warning("live events: cannot read announced events: %s", exc)
                 self._resync_everyone()
                 continue
-            for job_id, event in events:
-                message = Message.of(event)
-                for queue in self._watchers.get(job_id, ()):
-                    queue.put_nowait(message)
+            for listed in events:
+                if listed.job_id in self._watchers:
+                    message = Message.of(listed.event)
+                    for queue in self._watchers[listed.job_id]:
+                        queue.put_nowait(message)
+                if self._all:
+                    everyone = Listed.of(listed)
+                    for all_queue in self._all:
+                        all_queue.put_nowait(everyone)
 
     def _resync_everyone(self) -> None:
-        for queues in self._watchers.values():
-            for queue in queues:
-                queue.put_nowait(None)
+        for queue in self._queues():
+            queue.put_nowait(None)

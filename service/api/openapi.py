@@ -12,7 +12,7 @@ from pydantic.json_schema import models_json_schema
 from service.api.keys import KeyList, KeyOut, MintedKey, NewKey
 from service.api.schemas import EventOut, JobOut, JobPage, JobTypeOut, JobWithEvents
 from service.jobtypes import Registry
-from service.models import JobStatus
+from service.models import EventKind, JobStatus
 
 REF = "#/components/schemas/{model}"
 
@@ -81,6 +81,15 @@ def _path_param(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
 
 
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    "description": "resume after this event",
+}
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     if schema.get("type") == "string" and "enum" not in schema:
         schema = {**schema, "pattern": NO_NUL}
@@ -138,13 +147,18 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             503,
             parameters=[
                 _query("type", {"type": "string"}, "only jobs of this type"),
-                _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}, "only this status"),
+                _query(
+                    "status",
+                    {"type": "array", "items": {"type": "string", "enum": [s.value for s in JobStatus]}},
+                    "only jobs of these statuses: repeat the parameter, or separate them with commas",
+                ),
                 _query("actor", {"type": "string"}, "only jobs created with this key name"),
                 _query("target", {"type": "string"}, "only jobs acting on this target"),
                 _query(
                     "team", {"type": "string"}, "only this team's jobs (keys other than `admin` see only their own)"
                 ),
                 _query("since", {"type": "string", "format": "date-time"}, "only jobs created at or after"),
+                _query("until", {"type": "string", "format": "date-time"}, "only jobs created before"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, "page size"),
                 _query("cursor", {"type": "string"}, "`next_cursor` of the previous page, unchanged"),
             ],
@@ -234,13 +248,42 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             503,
             parameters=[
                 job_id,
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                    "description": "resume after this event",
-                },
+                LAST_EVENT_ID,
+            ],
+        )  # fmt: skip
+    }
+    paths["/ops/events"] = {
+        "get": _operation(
+            "Every event of the jobs the key may see, live (Server-Sent Events), filtered as the job list is",
+            {
+                "200": {
+                    "description": "`id: <event_id>`, `event: <kind>`, `data: <Event as JSON with job_id, job_type, "
+                    "job_target and job_status>` per message; from `Last-Event-ID` (or `after`) on when given, else "
+                    "from now on; at least once across a resume",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                }
+            },
+            401,
+            403,
+            422,
+            503,
+            parameters=[
+                _query("type", {"type": "string"}, "only events of jobs of this type"),
+                _query(
+                    "status",
+                    {"type": "array", "items": {"type": "string", "enum": [s.value for s in JobStatus]}},
+                    "only events of jobs whose status, when the event is sent, is one of these",
+                ),
+                _query("actor", {"type": "string"}, "only events of jobs created with this key name"),
+                _query("target", {"type": "string"}, "only events of jobs acting on this target"),
+                _query("team", {"type": "string"}, "only events of this team's jobs (`admin` keys see every team's)"),
+                _query(
+                    "kind",
+                    {"type": "array", "items": {"type": "string", "enum": [k.value for k in EventKind]}},
+                    "only events of these kinds: repeat the parameter, or separate them with commas",
+                ),
+                _query("after", {"type": "string", "pattern": "^[0-9]+$"}, "resume after this event"),
+                LAST_EVENT_ID,
             ],
         )  # fmt: skip
     }

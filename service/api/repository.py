@@ -1,4 +1,5 @@
-"""All reads and writes of the API side: create a job with its steps, fetch one, list them with keyset pagination.
+"""The API side's writes and its reads of one job: create a job with its steps, cancel or retry it, fetch it with its
+events. Lists of jobs are `service.api.listing`'s.
 
 Every statement is one SQLAlchemy Core expression or one named SQL statement written out whole, run on a connection
 in autocommit: each is its own transaction and one round trip. Reads return the response models. The worker's
@@ -7,29 +8,25 @@ statements live in `jobs.runtime.sql`; the rule for both is in docs/database.md.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
 import itertools
 import json
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from datetime import timedelta
+from typing import Any
 
 import asyncpg
-from pydantic import BaseModel, BeforeValidator, TypeAdapter
-from sqlalchemy import Select, Text, bindparam, cast, func, literal_column, select, text, tuple_
+from pydantic import BaseModel, TypeAdapter
+from sqlalchemy import Select, Text, bindparam, cast, func, literal_column, select, text
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import KeyedColumnElement
 
-from service.api.input_limits import unstorable
-from service.api.schemas import EventOut, JobOut, JobPage, StepOut
-from service.errors import Conflict, Forbidden, InvalidParams, NotFound
+from service.api.schemas import EventOut, JobOut, StepOut
+from service.errors import Conflict, Forbidden, NotFound
 from service.jobtypes import JobType
 from service.models import ACTIVE, ACTIVE_TARGET_INDEX, Base, Event, EventKind, Job, JobStatus, Step, StepStatus
 from service.settings import ApprovalPolicy
@@ -200,7 +197,7 @@ async def _idempotent_replay(
     keyed = {"team": caller.team, "actor": caller.actor, "key": key}
     if await conn.scalar(_FREE_EXPIRED_KEY, {**keyed, "window": window}) is not None:
         return None
-    jobs = await _read_jobs(conn, _KEYED_JOB, keyed)
+    jobs = await read_jobs(conn, _KEYED_JOB, keyed)
     if not jobs:
         return None  # freed meanwhile
     earlier = jobs[0]
@@ -362,7 +359,7 @@ def _allowed(row: Row[Any] | None, job_id: str, caller: Caller, may_act_for_othe
 
 async def job_as_left(conn: AsyncConnection, job_id: str) -> JobOut:
     """The job as a write just left it: read right after it, on the same connection."""
-    jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
+    jobs = await read_jobs(conn, _GET_JOB, {"job_id": job_id})
     assert jobs, "a job is never deleted"
     return jobs[0]
 
@@ -443,30 +440,25 @@ _STEPS_JSON = (
     .where(Step.job_id == Job.job_id)
     .scalar_subquery()
 )
-_JOBS_OUT = select(cast(_json_object(_columns(Job, JobOut), steps=_STEPS_JSON), Text))
+JOBS_OUT = select(cast(_json_object(_columns(Job, JobOut), steps=_STEPS_JSON), Text))
 _JOB_LIST = TypeAdapter(list[JobOut])
 
 
-async def _read_jobs(conn: AsyncConnection, query: Select[Any], params: dict[str, Any] | None = None) -> list[JobOut]:
+async def read_jobs(conn: AsyncConnection, query: Select[Any], params: dict[str, Any] | None = None) -> list[JobOut]:
     rendered = (await conn.execute(query, params)).scalars().all()
     return _JOB_LIST.validate_json(f"[{','.join(rendered)}]")
 
 
 # Built once, parameters bound at each call: a statement built per call costs its cache key every time.
-_GET_JOB = _JOBS_OUT.where(Job.job_id == bindparam("job_id"))
+_GET_JOB = JOBS_OUT.where(Job.job_id == bindparam("job_id"))
 _GET_TEAM_JOB = _GET_JOB.where(Job.team == bindparam("team"))
-_KEYED_JOB = _JOBS_OUT.where(
+_KEYED_JOB = JOBS_OUT.where(
     Job.team == bindparam("team"), Job.actor == bindparam("actor"), Job.idempotency_key == bindparam("key")
 )
 _EVENT_COLUMNS = _columns(Event, EventOut)
 _GET_EVENTS = (
     select(*_EVENT_COLUMNS)
     .where(Event.job_id == bindparam("job_id"), Event.event_id > bindparam("after"))
-    .order_by(Event.event_id)
-)
-_EVENTS_BY_ID = (
-    select(Event.job_id, *_EVENT_COLUMNS)
-    .where(Event.event_id.in_(bindparam("ids", expanding=True)))
     .order_by(Event.event_id)
 )
 
@@ -491,9 +483,9 @@ async def get_job(conn: AsyncConnection, job_id: str, *, team: str | None) -> Jo
     """The job and its steps in one statement: one round trip, and one snapshot of both. With `team`, another
     team's job is not found, as if it did not exist."""
     if team is None:
-        jobs = await _read_jobs(conn, _GET_JOB, {"job_id": job_id})
+        jobs = await read_jobs(conn, _GET_JOB, {"job_id": job_id})
     else:
-        jobs = await _read_jobs(conn, _GET_TEAM_JOB, {"job_id": job_id, "team": team})
+        jobs = await read_jobs(conn, _GET_TEAM_JOB, {"job_id": job_id, "team": team})
     if not jobs:
         raise NotFound(f"no job {job_id!r}")
     return jobs[0]
@@ -514,73 +506,3 @@ async def team_job_ids(conn: AsyncConnection, job_ids: list[str], team: str) -> 
 async def get_events(conn: AsyncConnection, job_id: str, after: int = 0) -> list[EventOut]:
     rows = await conn.execute(_GET_EVENTS, {"job_id": job_id, "after": after})
     return [EventOut.model_validate(row, from_attributes=True) for row in rows]
-
-
-async def events_by_id(conn: AsyncConnection, event_ids: list[int]) -> list[tuple[str, EventOut]]:
-    """These events in order, each with its job's id."""
-    rows = await conn.execute(_EVENTS_BY_ID, {"ids": event_ids})
-    return [(row.job_id, EventOut.model_validate(row, from_attributes=True)) for row in rows]
-
-
-def _iso8601(value: object) -> object:
-    """ISO 8601 only (pydantic alone would also take a number as a Unix time); without a zone, UTC."""
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("expected an ISO 8601 date-time, e.g. 2026-11-29T08:00:00Z") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return value
-
-
-class ListFilter(BaseModel):
-    type: str | None = None
-    status: JobStatus | None = None
-    actor: str | None = None
-    target: str | None = None
-    team: str | None = None
-    since: Annotated[datetime, BeforeValidator(_iso8601)] | None = None
-
-
-def encode_cursor(created_at: datetime, job_id: str) -> str:
-    raw = json.dumps([created_at.isoformat(), job_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        if unstorable(job_id) is not None:
-            raise ValueError("not a job id")
-        return datetime.fromisoformat(created_at), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidParams(
-            "invalid cursor; pass back the next_cursor of a previous page unchanged",
-            details=[{"field": "cursor", "message": "not a cursor this service issued"}],
-        ) from None
-
-
-async def list_jobs(conn: AsyncConnection, filters: ListFilter, limit: int, cursor: str | None) -> JobPage:
-    """Newest first; one page plus the cursor of the next (None on the last page)."""
-    params: dict[str, Any] = {name: value for name, value in filters if value is not None}
-    if cursor is not None:
-        params["after_created_at"], params["after_job_id"] = _decode_cursor(cursor)
-    jobs = await _read_jobs(conn, _list_query(frozenset(params)), {**params, "limit": limit + 1})
-    page = jobs[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].job_id) if len(jobs) > limit else None
-    return JobPage(jobs=page, next_cursor=next_cursor)
-
-
-@functools.cache
-def _list_query(given: frozenset[str]) -> Select[Any]:
-    """The page query for one set of given filters (and cursor), built once (see `_GET_JOB`)."""
-    query = _JOBS_OUT
-    for name in sorted(given - {"since", "after_created_at", "after_job_id"}):
-        query = query.where(Job.__table__.c[name] == bindparam(name))
-    if "since" in given:
-        query = query.where(Job.created_at >= bindparam("since"))
-    if "after_created_at" in given:
-        after = tuple_(bindparam("after_created_at", type_=Job.created_at.type), bindparam("after_job_id"))
-        query = query.where(tuple_(Job.created_at, Job.job_id) < after)
-    return query.order_by(Job.created_at.desc(), Job.job_id.desc()).limit(bindparam("limit"))

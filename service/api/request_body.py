@@ -61,9 +61,22 @@ def validate(model: type[M], data: dict[str, Any] | bytes, context: dict[str, An
             return model.model_validate_json(data, strict=True, context=context)
         return model.model_validate(data, context=context)
     except ValidationError as exc:
+        # A query's field is the parameter (`status`, not `status.0` for the first of several values).
+        in_query = not isinstance(data, bytes)
         details = [
-            {"field": ".".join(str(part) for part in error["loc"]) or None, "message": error["msg"]}
+            {"field": ".".join(str(part) for part in error["loc"][: 1 if in_query else None]) or None,
+             "message": error["msg"]}
             for error in exc.errors(include_url=False, include_input=False)
-        ]
+        ]  # fmt: skip
         summary = "; ".join(f"{d['field'] or 'params'}: {d['message']}" for d in details)
         raise InvalidParams(f"invalid params: {summary}", details=details) from None
+
+
+def query_of(request: Request, repeatable: tuple[str, ...] = ("status",)) -> dict[str, Any]:
+    """The query string as `validate` takes it: each parameter once (the last), but those in `repeatable`, which
+    keep every value (`status=failed&status=cancelled`; each may also be a comma-separated list)."""
+    query: dict[str, Any] = dict(request.query_params)
+    for name in repeatable:
+        if name in query:
+            query[name] = request.query_params.getlist(name)
+    return query

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from service.api.auth import KeyRing
 from service.api.event_hub import EventHub
 from service.api.keys import KeyStore
+from service.api.session import Sessions
 from service.jobtypes import Registry
 from service.settings import Settings
 
@@ -26,6 +27,7 @@ class AppState:
     keyring: KeyRing
     keys: KeyStore
     hub: EventHub
+    sessions: Sessions
 
     @staticmethod
     def of(request: Request) -> AppState:

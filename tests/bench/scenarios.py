@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from service.api.repository import encode_cursor
+from service.api.listing import encode_cursor
 from tests.bench.floor import FloorClient
 from tests.bench.load import HttpClient, Run, closed_loop, open_loop, percentile
 from tests.bench.stack import FLOOR_SCHEMA

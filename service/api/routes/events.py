@@ -1,7 +1,9 @@
-"""`GET /ops/jobs/{job_id}/events`: a job's history, then its changes as they happen, as Server-Sent Events.
+"""Live events as Server-Sent Events: `GET /ops/jobs/{job_id}/events`, a job's history then its changes as they
+happen; `GET /ops/events`, every event of the jobs the caller may see, filtered as the job list is.
 
-Each message carries the event id, so a client that reconnects with `Last-Event-ID` resumes without a gap or a
-repeat. The stream ends once the job has finished (for a finished job, right after its history).
+Each message carries the event id, so a client that reconnects with `Last-Event-ID` resumes without a gap. A job's
+stream ends once the job has finished (for a finished job, right after its history); the list-level stream only
+when the process stops.
 """
 
 from __future__ import annotations
@@ -9,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from typing import Annotated, TypeVar
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from service.api.auth import require
-from service.api.event_hub import CLOSING, Message
+from service.api.event_hub import CLOSING, Listed, Message
+from service.api.listing import ListedEvent, ListFilter, Statuses, comma_list, events_after
 from service.api.repository import get_events, get_job
+from service.api.request_body import query_of, validate
 from service.api.state import AppState
 from service.errors import InvalidParams
 from service.models import EventKind, JobStatus
@@ -38,7 +44,6 @@ async def job_events(request: Request) -> StreamingResponse:
 
 
 async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str]:
-    keepalive = state.settings.sse_keepalive_s
     # Watch first, then read the history: an event committed in between arrives both ways and is sent once.
     async with state.hub.watch(job_id) as live:
         last = after
@@ -48,17 +53,10 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
             last = message.event_id
         if finished:
             return
-        while True:
-            try:
-                # Not wait_for: that wraps every wait in a task of its own, for each watcher at each event.
-                async with asyncio.timeout(keepalive):
-                    item = await live.get()
-            except TimeoutError:
-                yield ": keep-alive\n\n"
+        async for items in _batches(live, state.settings.sse_keepalive_s):
+            if not items:
+                yield KEEPALIVE
                 continue
-            items = [item]
-            while not live.empty():  # a burst: what is already queued goes out in one write
-                items.append(live.get_nowait())
             if None in items:  # the hub may have missed announcements: catch up from the database
                 finished, messages = await _history(state, job_id, last)
             else:
@@ -75,6 +73,27 @@ async def _stream(state: AppState, job_id: str, after: int) -> AsyncIterator[str
             # Last-Event-ID, on another replica or once this one is back.
             if finished or CLOSING in items:
                 return
+
+
+KEEPALIVE = ": keep-alive\n\n"
+T = TypeVar("T")
+
+
+async def _batches(live: asyncio.Queue[T], keepalive_s: float) -> AsyncIterator[list[T]]:
+    """What arrives on `live`, a burst at a time (what is already queued goes out in one write); an empty batch when
+    nothing came for `keepalive_s`, so that the stream sends a comment and proxies keep it open."""
+    while True:
+        try:
+            # Not wait_for: that wraps every wait in a task of its own, for each watcher at each event.
+            async with asyncio.timeout(keepalive_s):
+                item = await live.get()
+        except TimeoutError:
+            yield []
+            continue
+        items = [item]
+        while not live.empty():
+            items.append(live.get_nowait())
+        yield items
 
 
 async def _history(state: AppState, job_id: str, after: int) -> tuple[bool, list[Message]]:
@@ -97,4 +116,108 @@ def _resume_point(request: Request) -> int:
     return int(raw)
 
 
-routes = [Route("/ops/jobs/{job_id}/events", job_events, methods=["GET"])]
+class EventsQuery(BaseModel):
+    """`GET /ops/events`: which jobs' events (as `GET /ops/jobs` filters them, at each event) and which kinds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str | None = None
+    status: Statuses | None = None
+    actor: str | None = None
+    target: str | None = None
+    team: str | None = None
+    kind: Annotated[tuple[EventKind, ...], BeforeValidator(comma_list)] | None = None
+    after: str | None = None  # read by _resume_point
+
+
+# A resuming list-level stream reads what it missed this many events at a time.
+CATCH_UP_BATCH = 500
+
+
+async def all_events(request: Request) -> StreamingResponse:
+    """Every event of the jobs the caller may see, live, filtered; from `Last-Event-ID` on when given (else from
+    now on)."""
+    state = AppState.of(request)
+    principal = await require(request, Scope.READ)
+    query = validate(EventsQuery, query_of(request, repeatable=("status", "kind")))
+    after = _resume_point(request)
+    filters = principal.confine(ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields))))
+    return StreamingResponse(
+        _ListStream(state, filters, frozenset(query.kind or EventKind), after).run(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+class _ListStream:
+    """One list-level stream. `filters` None: another team's jobs were asked for; as for a list, there are none
+    (the stream stays open).
+
+    Events of different jobs are committed by different writers, so they may arrive out of id order; the stream
+    sends each as it comes and, after a resume or a gap, re-reads from the last id it sent: at least once, never a
+    gap."""
+
+    def __init__(self, state: AppState, filters: ListFilter | None, kinds: frozenset[str], after: int) -> None:
+        self._state = state
+        self._filters = filters
+        self._kinds = kinds
+        self._last = after
+        self._caught_up: set[int] = set()  # what the last catch-up read, which may arrive live as well
+
+    def _wanted(self, listed: ListedEvent) -> bool:
+        return self._filters is not None and listed.event.kind in self._kinds and listed.matches(self._filters)
+
+    def _fresh(self, listed: ListedEvent) -> bool:
+        """Wanted, and not sent already by the last catch-up."""
+        return self._wanted(listed) and listed.event_id not in self._caught_up
+
+    async def run(self) -> AsyncIterator[str]:
+        async with self._state.hub.watch_all() as live:
+            if self._last > 0:
+                async for text in self._catch_up():
+                    yield text
+            async for items in _batches(live, self._state.settings.sse_keepalive_s):
+                if None in items:  # the hub may have missed announcements
+                    async for text in self._catch_up():
+                        yield text
+                fresh = [
+                    item
+                    for item in items
+                    if isinstance(item, Listed)
+                    and self._wanted(item.event)
+                    and item.event.event_id not in self._caught_up
+                ]
+                self._last = max([self._last, *(item.event.event_id for item in fresh)])
+                if fresh:
+                    yield "".join(item.text for item in fresh)
+                elif not items:
+                    yield KEEPALIVE
+                if CLOSING in items:
+                    return
+
+    async def _catch_up(self) -> AsyncIterator[str]:
+        self._caught_up.clear()
+        async for batch in _missed(self._state, self._filters, self._last):
+            self._caught_up.update(listed.event_id for listed in batch)
+            self._last = max(self._last, batch[-1].event_id)
+            text = "".join(Listed.of(listed).text for listed in batch if self._wanted(listed))
+            if text:
+                yield text
+
+
+async def _missed(state: AppState, filters: ListFilter | None, after: int) -> AsyncIterator[list[ListedEvent]]:
+    """The events after `after` of the jobs that pass `filters`, a batch at a time, in id order."""
+    while filters is not None:
+        async with state.autocommit.connect() as conn:
+            batch = await events_after(conn, after, filters, CATCH_UP_BATCH)
+        if batch:
+            yield batch
+        if len(batch) < CATCH_UP_BATCH:
+            return
+        after = batch[-1].event_id
+
+
+routes = [
+    Route("/ops/events", all_events, methods=["GET"]),
+    Route("/ops/jobs/{job_id}/events", job_events, methods=["GET"]),
+]

@@ -13,17 +13,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.api.auth import caller_of, require
+from service.api.listing import ListFilter, list_jobs
 from service.api.openapi import IDEMPOTENCY_KEY
-from service.api.repository import (
-    ListFilter,
-    cancel_job,
-    create_job,
-    get_events,
-    get_job,
-    list_jobs,
-    retry_job,
-)
-from service.api.request_body import read_json_object, validate
+from service.api.repository import cancel_job, create_job, get_events, get_job, retry_job
+from service.api.request_body import query_of, read_json_object, validate
 from service.api.schemas import JobOut, JobPage, JobWithEvents, ModelResponse, job_type_json
 from service.api.state import AppState
 from service.errors import InvalidParams
@@ -141,12 +134,10 @@ class ListQuery(ListFilter):
 async def list_job_page(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.READ)
-    query = validate(ListQuery, dict(request.query_params))
-    filters = ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields)))
-    if principal.team_filter is not None:
-        if filters.team not in (None, principal.team_filter):
-            return ModelResponse(JobPage(jobs=[], next_cursor=None))  # another team's jobs: as if there were none
-        filters = filters.model_copy(update={"team": principal.team_filter})
+    query = validate(ListQuery, query_of(request))
+    filters = principal.confine(ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields))))
+    if filters is None:
+        return ModelResponse(JobPage(jobs=[], next_cursor=None))  # another team's jobs: as if there were none
     async with state.autocommit.connect() as conn:
         page = await list_jobs(conn, filters, query.limit, query.cursor)
     return ModelResponse(page)

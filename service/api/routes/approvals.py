@@ -7,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.api.approvals import Approve, Reject, approve_job, reject_job
+from service.api import actions
+from service.api.approvals import Approve, Reject
 from service.api.auth import caller_of, require
 from service.api.request_body import read_json_object, validate
-from service.api.routes.jobs import enqueue_if_pending
 from service.api.schemas import ModelResponse
 from service.api.state import AppState
 from service.settings import Scope
@@ -20,9 +20,7 @@ async def approve(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.APPROVE)
     approval = validate(Approve, await read_json_object(request, state.settings.max_body_bytes))
-    async with state.autocommit.connect() as conn:
-        job = await approve_job(conn, request.path_params["job_id"], caller_of(request, principal), approval)
-    await enqueue_if_pending(state, job)  # the last approval needed: it runs now
+    job = await actions.approve(state, caller_of(request, principal), request.path_params["job_id"], approval)
     return ModelResponse(job)
 
 
@@ -30,8 +28,7 @@ async def reject(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.APPROVE)
     rejection = validate(Reject, await read_json_object(request, state.settings.max_body_bytes))
-    async with state.autocommit.connect() as conn:
-        job = await reject_job(conn, request.path_params["job_id"], caller_of(request, principal), rejection)
+    job = await actions.reject(state, caller_of(request, principal), request.path_params["job_id"], rejection)
     return ModelResponse(job)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.endpoints import HTTPEndpoint
@@ -12,48 +12,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.api import actions
 from service.api.auth import caller_of, require
 from service.api.listing import ListFilter, list_jobs
 from service.api.openapi import IDEMPOTENCY_KEY
-from service.api.repository import cancel_job, create_job, get_events, get_job, retry_job
+from service.api.repository import get_events, get_job
 from service.api.request_body import query_of, read_json_object, validate
-from service.api.schemas import JobOut, JobPage, JobWithEvents, ModelResponse, job_type_json
+from service.api.schemas import JobPage, JobWithEvents, ModelResponse, job_type_json
 from service.api.state import AppState
 from service.errors import InvalidParams
-from service.jobtypes import JobType
-from service.models import JobStatus
-from service.queue import enqueue
-from service.settings import ApprovalPolicy, Scope
+from service.settings import Scope
 
 
 async def submit_job(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.WRITE)
-    job_type = state.registry.get(request.path_params["name"])
+    type_name = request.path_params["name"]
+    state.registry.get(type_name)  # an unknown type is a 404 before the body is read
     key = _idempotency_key(request)
     body = await read_json_object(request, state.settings.max_body_bytes)
-    params = validate(job_type.params, body, context=state.registry.params_context(job_type.name))
-    target = job_type.target_of(params)
-    principal.check_target(target)
-    policy = _approval_policy(state, job_type, params, target)
-    async with state.autocommit.connect() as conn:
-        created = await create_job(conn, job_type, params, target, caller_of(request, principal), key, policy)
-    job = created.job
-    headers = {"Location": f"/ops/jobs/{job.job_id}"}
-    if created.replayed:
-        return ModelResponse(job, status_code=200, headers=headers)
-    # Only after the commit: a worker must never receive an id whose row it cannot see yet.
-    await enqueue_if_pending(state, job)
-    return ModelResponse(job, status_code=202, headers=headers)
-
-
-def _approval_policy(
-    state: AppState, job_type: JobType[Any], params: BaseModel, target: str | None
-) -> ApprovalPolicy | None:
-    """The approval policy a run of these params falls under; none for a run that changes nothing (a dry run)."""
-    if job_type.changes_nothing(params):
-        return None
-    return state.settings.approval_policy(job_type.name, target)
+    created = await actions.submit(state, principal, caller_of(request, principal), type_name, body, key)
+    headers = {"Location": f"/ops/jobs/{created.job.job_id}"}
+    return ModelResponse(created.job, status_code=200 if created.replayed else 202, headers=headers)
 
 
 async def read_job(request: Request) -> Response:
@@ -70,28 +50,16 @@ async def read_job(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    state = AppState.of(request)
     principal = await require(request, Scope.WRITE)
-    async with state.autocommit.connect() as conn:
-        job = await cancel_job(
-            conn, request.path_params["job_id"], caller_of(request, principal), principal.allows(Scope.ADMIN)
-        )
+    job_id = request.path_params["job_id"]
+    job = await actions.cancel(AppState.of(request), principal, caller_of(request, principal), job_id)
     return ModelResponse(job, status_code=202)
 
 
 async def retry(request: Request) -> Response:
-    state = AppState.of(request)
     principal = await require(request, Scope.WRITE)
     job_id = request.path_params["job_id"]
-    async with state.autocommit.connect() as conn:
-        # A retry runs the job again: it needs approval again if a policy covers it now. Type, params and target
-        # never change, so reading them first is safe.
-        earlier = await get_job(conn, job_id, team=principal.team_filter)
-        job_type = state.registry.get(earlier.type)
-        params = validate(job_type.params, earlier.params, context=state.registry.params_context(job_type.name))
-        policy = _approval_policy(state, job_type, params, earlier.target)
-        job = await retry_job(conn, job_id, caller_of(request, principal), principal.allows(Scope.ADMIN), policy)
-    await enqueue_if_pending(state, job)
+    job = await actions.retry(AppState.of(request), principal, caller_of(request, principal), job_id)
     return ModelResponse(job, status_code=202)
 
 
@@ -99,19 +67,6 @@ class ReadQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include: Literal["events"] | None = None
-
-
-async def enqueue_if_pending(state: AppState, job: JobOut) -> None:
-    """Deliver a job that may run now; one awaiting approval is delivered once approved."""
-    if job.status != JobStatus.PENDING:
-        return
-    await enqueue(
-        state.redis,
-        job.job_id,
-        job.attempt,
-        queue_name=state.settings.queue_name,
-        timeout_s=state.settings.enqueue_timeout_s,
-    )
 
 
 def _idempotency_key(request: Request) -> str | None:

@@ -12,7 +12,7 @@ PG_PORT ?= 5432
 REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379
 
-.PHONY: help install services migrate run test lint typecheck pytest clean demo bench
+.PHONY: help install services browser migrate run test lint typecheck pytest clean demo bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,13 @@ services: ## start local PostgreSQL and Redis if they are installed but down
 	  for i in $$(seq 50); do redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.2; done; \
 	  redis-cli -h $(REDIS_HOST) -p $(REDIS_PORT) ping >/dev/null || { echo "Redis did not come up" >&2; exit 1; }; fi
 
+# Root installs directly; anyone else through sudo. Idempotent: nothing is fetched once chromium is there.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+browser: ## Debian's chromium and chromedriver, for the console's browser tests (installed once)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing Debian's chromium and chromium-driver"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+
 migrate: install services ## create the database if missing and apply the migrations
 	$(BIN)/apiops db upgrade
 
@@ -61,7 +68,7 @@ lint: install ## ruff (lint and format check) and the import contracts of pyproj
 typecheck: install ## mypy --strict over service, jobs and tests
 	$(BIN)/mypy
 
-pytest: install services ## the test suite alone (real PostgreSQL and Redis)
+pytest: install services browser ## the test suite alone (real PostgreSQL, Redis and Chromium)
 	$(BIN)/pytest
 
 test: lint typecheck pytest ## everything CI runs: lint, typecheck, tests

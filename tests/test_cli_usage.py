@@ -90,6 +90,17 @@ async def test_an_approval_policy_for_an_unknown_job_type_stops_the_api_in_one_l
     assert "pg-rebuild" in line and "Traceback" not in err
 
 
+async def test_the_api_in_prod_without_a_session_secret_stops_in_one_line() -> None:
+    env = {"APIOPS_ENV": "prod", "APIOPS_API_KEYS": API_KEYS_JSON, "APIOPS_PORT": str(free_port())}
+    code, out, err = await run("serve", env=env)
+    assert code == 2 and out == "", err
+    (line,) = [line for line in err.splitlines() if "APIOPS_SESSION_SECRET" in line]
+    assert "APIOPS_ENV=prod needs APIOPS_SESSION_SECRET" in line and "Traceback" not in err
+
+
+API_KEYS_JSON = '[{"name": "x", "sha256": "' + "0" * 64 + '", "scopes": ["jobs:read"]}]'
+
+
 async def test_a_broken_pipe_ends_the_command_quietly() -> None:
     # A reader that is already gone, as after `apiops list | head` has read its lines.
     read_end, write_end = os.pipe()

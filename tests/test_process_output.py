@@ -25,7 +25,7 @@ API_KEYS = "[" + ",".join(k.model_dump_json() for k in key_entries()) + "]"
 
 
 def prod_env(settings: Settings, **overrides: Any) -> dict[str, str]:
-    return worker_env(settings, env="prod", log_format="json", api_keys=API_KEYS, **overrides)
+    return worker_env(settings, env="prod", log_format="json", api_keys=API_KEYS, session_secret="s" * 32, **overrides)
 
 
 def json_lines(output: bytes, process: str) -> list[dict[str, Any]]:

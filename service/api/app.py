@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 
 from jobs.registry import REGISTRY
 from service.api.auth import KeyRing
+from service.api.console import pages as console_pages
 from service.api.error_handlers import EXCEPTION_HANDLERS
 from service.api.event_hub import EventHub
 from service.api.input_limits import RefuseUnstorableUrls
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     configure_logging(settings)  # from the server's first line on, however it was started
     registry.load_settings_or_exit()
     _policies_name_known_types_or_exit(settings, registry)
+    _session_secret_in_prod_or_exit(settings)
     metrics = ApiMetrics()
 
     @asynccontextmanager
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             *health.routes,
             *docs.routes,
             metrics.route(),
+            *console_pages.routes,
         ],  # fmt: skip
         middleware=[Middleware(RequestContext, metrics=metrics), Middleware(RefuseUnstorableUrls)],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -111,6 +114,18 @@ def _policies_name_known_types_or_exit(settings: Settings, registry: Registry) -
         )
     if unknown:
         raise SystemExit(INVALID_SETTINGS)
+
+
+def _session_secret_in_prod_or_exit(settings: Settings) -> None:
+    """In prod, console sessions must outlive a restart and hold across replicas: one secret, configured. (The API
+    alone signs sessions: the worker and the migrations run without it.)"""
+    if settings.dev_mode or settings.session_secret is not None:
+        return
+    logger.error(
+        "APIOPS_ENV=prod needs APIOPS_SESSION_SECRET (32 random characters at least, the same on every API replica: "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`) to sign the console's sessions"
+    )
+    raise SystemExit(INVALID_SETTINGS)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

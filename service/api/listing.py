@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.api.input_limits import unstorable
 from service.api.repository import JOBS_OUT, read_jobs
-from service.api.schemas import EventOut, JobPage
+from service.api.schemas import EventOut, JobOut, JobPage
 from service.errors import InvalidParams
 from service.models import Event, Job, JobStatus
 
@@ -125,6 +125,18 @@ def _list_query(given: frozenset[str]) -> Select[Any]:
     )
 
 
+_BY_ID = "ids"
+
+
+async def jobs_by_id(conn: AsyncConnection, job_ids: list[str], filters: ListFilter) -> list[JobOut]:
+    """Those of these jobs that pass `filters`, newest first (what a live page refreshes)."""
+    params = filters.bound()
+    query = JOBS_OUT.where(Job.job_id.in_(bindparam(_BY_ID, expanding=True)), *_conditions(params)).order_by(
+        Job.created_at.desc(), Job.job_id.desc()
+    )
+    return await read_jobs(conn, query, {**params, _BY_ID: job_ids})
+
+
 # Counting stops here for each status: an exact count of a million finished jobs would cost a scan of them at every
 # page view, and "1000+" says as much to a person. Each count is then at most this many index entries.
 COUNT_CAP = 1000
@@ -150,7 +162,7 @@ async def count_by_status(conn: AsyncConnection, filters: ListFilter) -> dict[Jo
     """How many jobs of each status match `filters` but their status, each count capped at COUNT_CAP."""
     params = filters.model_copy(update={"status": None}).bound()
     row = (await conn.execute(_count_query(frozenset(params)), params)).one()
-    return {status: row[status.value] for status in JobStatus}
+    return {status: row._mapping[status.value] for status in JobStatus}
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ async def read_sources(state: AppState) -> list[Metric]:
     timeout_s = state.settings.readiness_timeout_s
     counts, depth = await asyncio.gather(
         _timed("postgres", timeout_s, _job_counts(state)),
-        _timed("redis", timeout_s, _queue_depth(state)),
+        _timed("redis", timeout_s, queue_depth(state)),
     )
     up = GaugeMetricFamily(
         "apiops_metrics_source_up", "1 if the source answered this scrape within its timeout", labels=["source"]
@@ -137,7 +137,7 @@ async def _job_counts(state: AppState) -> list[tuple[str, str, int]]:
         return await count_jobs(conn)
 
 
-async def _queue_depth(state: AppState) -> int:
+async def queue_depth(state: AppState) -> int:
     # arq's queue is a sorted set of delivery ids (deferred ones included).
     return int(await state.redis.zcard(state.settings.queue_name))
 

@@ -15,8 +15,8 @@ from service.errors import InvalidParams, MalformedJson, PayloadTooLarge, Unsupp
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_json_object(request: Request, limit: int) -> bytes:
-    """The body as a JSON object; an empty body means `{}` (every param at its default)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to be over `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
@@ -25,6 +25,12 @@ async def read_json_object(request: Request, limit: int) -> bytes:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def read_json_object(request: Request, limit: int) -> bytes:
+    """The body as a JSON object; an empty body means `{}` (every param at its default)."""
+    body = await read_body(request, limit)
     if not body.strip():
         return b"{}"
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

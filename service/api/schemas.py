@@ -43,6 +43,8 @@ class JobOut(BaseModel):
     approvals_required: int | None
     approvals_given: int
     approval_expires_at: datetime | None
+    # The worker running it now (until its lease ends); None when no worker holds it.
+    lease_owner: str | None = None
     steps: list[StepOut]
 
 

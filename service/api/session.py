@@ -68,13 +68,17 @@ class Sessions:
             return None
 
 
-def check_same_origin(request: Request, session: Session, token: str | None) -> None:
+def check_origin(request: Request) -> None:
     """A state-changing request of the console must come from its own pages: the browser's `Origin` (or, where a
-    browser sends none, `Referer`) names this host, and the form carries the session's token. SameSite=Strict
-    already keeps the cookie off cross-site requests; this holds even where a browser does not."""
+    browser sends none, `Referer`) names this host. SameSite=Strict already keeps the cookie off cross-site
+    requests; this holds even where a browser does not, and for the sign-in form, which has no session yet."""
     origin = request.headers.get("origin") or request.headers.get("referer")
     host = request.headers.get("host")
     if origin is None or host is None or urlsplit(origin).netloc != host:
         raise Forbidden("cross-site request refused: the console's forms must be sent from its own pages")
+
+
+def check_token(session: Session, token: str | None) -> None:
+    """A signed-in form carries its session's token: a page of another session (or none) cannot act for this one."""
     if token is None or not hmac.compare_digest(token, session.csrf):
         raise Forbidden("the form has expired or did not come from this console; reload the page and try again")

@@ -25,6 +25,19 @@ async def livez(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     state = AppState.of(request)
+    checks = await readiness(state)
+    down = [name for name, result in checks.items() if result != "ok"]
+    if await identify(request) is None:
+        if down:
+            raise DependencyUnavailable("not ready")
+        return JSONResponse({"status": "ready"})
+    if down:
+        raise DependencyUnavailable(f"not ready: {', '.join(down)} unavailable", details={"checks": checks})
+    return JSONResponse({"status": "ready", "checks": checks})
+
+
+async def readiness(state: AppState) -> dict[str, str]:
+    """Each dependency's check, in parallel, each within the readiness timeout: "ok" or what went wrong."""
 
     async def postgres() -> None:
         async with state.engine.connect() as conn:
@@ -35,15 +48,7 @@ async def readyz(request: Request) -> JSONResponse:
 
     names = ("postgres", "redis")
     results = await asyncio.gather(*(_check(c, state.settings.readiness_timeout_s) for c in (postgres, redis)))
-    checks = dict(zip(names, results, strict=True))
-    down = [name for name, result in checks.items() if result != "ok"]
-    if await identify(request) is None:
-        if down:
-            raise DependencyUnavailable("not ready")
-        return JSONResponse({"status": "ready"})
-    if down:
-        raise DependencyUnavailable(f"not ready: {', '.join(down)} unavailable", details={"checks": checks})
-    return JSONResponse({"status": "ready", "checks": checks})
+    return dict(zip(names, results, strict=True))
 
 
 async def _check(probe: Callable[[], Awaitable[None]], timeout_s: float) -> str:

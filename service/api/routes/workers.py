@@ -4,12 +4,13 @@ job for the service's operators, the caller's own team's for everyone else (the 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.api.auth import require
+from service.api.auth import Principal, require
 from service.api.repository import team_job_ids
 from service.api.state import AppState
 from service.errors import DependencyUnavailable
@@ -18,8 +19,12 @@ from service.settings import Scope
 
 
 async def list_workers(request: Request) -> JSONResponse:
-    state = AppState.of(request)
     principal = await require(request, Scope.READ)
+    return JSONResponse({"workers": await visible_workers(AppState.of(request), principal)})
+
+
+async def visible_workers(state: AppState, principal: Principal) -> list[dict[str, Any]]:
+    """The live workers, each with the running jobs `principal` may see."""
     try:
         async with asyncio.timeout(state.settings.readiness_timeout_s):
             workers = await live_workers(state.redis, state.settings.queue_name)
@@ -31,7 +36,7 @@ async def list_workers(request: Request) -> JSONResponse:
             visible = await team_job_ids(conn, [job for w in workers for job in w["running"]], team)
         for worker in workers:
             worker["running"] = [job for job in worker["running"] if job in visible]
-    return JSONResponse({"workers": workers})
+    return workers
 
 
 routes = [Route("/ops/workers", list_workers, methods=["GET"])]

@@ -249,6 +249,11 @@ async def test_submit_form_shows_the_apis_messages_next_to_fields_then_submits(
         await expect(ui.page).to_have_url(re.compile(r"/ui/jobs/noop-"))
         await expect(ui.page.locator("h1 .status")).to_have_text("pending")
 
+        await ui.open("/ui/submit/pg-rebuild")  # a type with a dry run offers it first, ticked
+        await expect(ui.page.locator(".submit .field input").first).to_have_attribute("name", "dry_run")
+        await expect(ui.page.locator("#f-dry_run")).to_be_checked()
+        await expect(ui.page.locator("#f-profile option")).to_contain_text(["(default)", "zalando", "cnpg"])
+
 
 async def test_workers_page_shows_live_workers_queue_and_readiness(settings: Settings, browser: Browser) -> None:
     async with service(settings) as (base, _api), running_worker(settings), console(browser, base) as ui:

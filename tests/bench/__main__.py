@@ -8,7 +8,8 @@ Order of the run (each side on an otherwise idle stack; the other side's process
 4. the floor, steps 1-2 again with asyncpg + arq, at the same load;
 5. end to end, for the reported figures: batches of the service and of the floor in turn (each with its own
    workers started for it), so that both meet the same state of the machine, which drifts by 10-15% over minutes;
-6. a million jobs of history, then list pages (first and deep, with and without a filter) for both.
+6. a million jobs of history, then list pages (first and deep, with and without a filter) for both, and the
+   console's jobs page (server-rendered HTML with its counts by status) for the service.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from rich.console import Console
 
+from service.api.session import COOKIE
 from service.settings import DEV_API_KEY, get_settings
 from tests.bench import scenarios, seed
 from tests.bench.floor import FloorClient
@@ -215,6 +218,27 @@ class Bench:
             self.results[side.name]["lists"] = {
                 case.name: await scenarios.list_pages(side, case, sizes.list_repeats) for case in cases
             }
+        deep = cases[1].cursor
+        assert deep is not None
+        say(f"service: the console's jobs page, {sizes.list_repeats} requests each")
+        http = HttpClient("127.0.0.1", self.stack.api_port, DEV_API_KEY, size=1, cookie=await self._session())
+        try:
+            self.results["service"]["console"] = {
+                case.name: await scenarios.console_pages(http, case, sizes.list_repeats)
+                for case in scenarios.console_cases(deep)
+            }
+        finally:
+            http.close()
+
+    async def _session(self) -> str:
+        """A console session of the development key, as a browser gets it from the sign-in form."""
+        async with httpx.AsyncClient(base_url=self.stack.api_url) as client:
+            response = await client.post(
+                "/ui/sign-in", data={"key": DEV_API_KEY}, headers={"Origin": self.stack.api_url}
+            )
+        if response.status_code != 303:
+            raise RuntimeError(f"console sign-in: {response.status_code} {response.text[:200]}")
+        return f"{COOKIE}={response.cookies[COOKIE]}"
 
 
 def machine() -> dict[str, Any]:

@@ -75,8 +75,10 @@ class _Connection:
 class HttpClient:
     """`size` keep-alive connections to one server, each used by one request at a time."""
 
-    def __init__(self, host: str, port: int, api_key: str, size: int) -> None:
-        headers = f"host: {host}:{port}\r\nx-api-key: {api_key}\r\n".encode()
+    def __init__(self, host: str, port: int, api_key: str, size: int, cookie: str | None = None) -> None:
+        """`cookie`: a console session instead of the key (`name=value`)."""
+        credentials = f"cookie: {cookie}" if cookie else f"x-api-key: {api_key}"
+        headers = f"host: {host}:{port}\r\n{credentials}\r\n".encode()
         self._idle: asyncio.LifoQueue[_Connection] = asyncio.LifoQueue()
         self._all = [_Connection(host, port, headers) for _ in range(size)]
         for connection in self._all:

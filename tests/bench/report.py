@@ -71,6 +71,11 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 Figure(f"list_{index}_{q}", f"GET /ops/jobs {name} {q}, {rows:,} jobs", "ms",
                        stats[f"{q}_ms"], f["lists"][name][f"{q}_ms"])
             )  # fmt: skip
+    for index, (name, stats) in enumerate(s["console"].items()):
+        out.append(
+            Figure(f"console_{index}_p99", f"console jobs page ({name}) p99, {rows:,} jobs", "ms",
+                   stats["p99_ms"], None)
+        )  # fmt: skip
     memory = s["memory"]
     first, last = memory["jobs"]
     out += [
@@ -120,6 +125,8 @@ def targets(found: list[Figure]) -> list[Target]:
                 f"{b.service:g} vs {a.service:g} ms = {b.service / a.service:.2f}x",
             )
         )
+    for index in range(4):
+        at_most(f"console_{index}_p99", 50)
     at_most("api_peak_mb", 120)
     at_most("worker_peak_mb", 150)
     for key in ("api_growth_pct", "worker_growth_pct"):

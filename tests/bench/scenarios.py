@@ -11,7 +11,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import asyncpg
@@ -228,4 +228,35 @@ async def list_pages(side: Side, case: ListCase, repeats: int) -> dict[str, Any]
         return size
 
     await closed_loop(5, 1, page)  # warm the plan caches and the pages' buffers
+    return _stats(await closed_loop(repeats, 1, page))
+
+
+@dataclass(frozen=True)
+class ConsoleCase:
+    name: str
+    query: str
+
+
+def console_cases(deep: tuple[datetime, str]) -> list[ConsoleCase]:
+    """The jobs page as an on-call engineer opens it: all, failed only, several filters at once, and an old page."""
+    day_ago = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    return [
+        ConsoleCase("newest", ""),
+        ConsoleCase("status=failed", "status=failed"),
+        ConsoleCase("failed or cancelled pg-rebuild, last 24 h",
+                    f"status=failed&status=cancelled&type=pg-rebuild&since={day_ago}"),
+        ConsoleCase("deep page", f"cursor={encode_cursor(*deep)}"),
+    ]  # fmt: skip
+
+
+async def console_pages(http: HttpClient, case: ConsoleCase, repeats: int) -> dict[str, Any]:
+    """The console's jobs page (`/ui/`, HTML with its counts by status), one request at a time."""
+
+    async def page() -> int:
+        status, body = await http.request("GET", f"/ui/?{case.query}")
+        if status != 200 or body.count(b'<tr id="job-') != 50:
+            raise RuntimeError(f"/ui/?{case.query}: {status}, {body.count(b'<tr id=')} rows, {body[:200]!r}")
+        return len(body)
+
+    await closed_loop(5, 1, page)
     return _stats(await closed_loop(repeats, 1, page))

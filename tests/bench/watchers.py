@@ -1,9 +1,11 @@
-"""`python -m tests.bench.watchers [--watchers 500]`: do many live-event watchers slow the API's other requests?
+"""`python -m tests.bench.watchers [--watchers 500 | --consoles 100]`: do many live-event watchers slow the API's
+other requests?
 
 Runs the API and a worker as processes (the benchmark's own database and Redis db), keeps 20 jobs running, and
 measures `GET /ops/jobs/{id}` at a steady rate, first alone, then with N Server-Sent-Event streams open on those
 jobs. The streams are read by a process of their own, so that their parsing does not delay the measuring
 client; that process also reports how late each event reached it (receive time minus the event's `created_at`).
+With `--consoles N`, each stream is a console's jobs page instead: `GET /ops/events`, every event of every job.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ SECONDS = 10.0
 READY = "ready"
 
 
-async def _watch(host: str, port: int, job_id: str, delays: list[float], opened: asyncio.Event) -> None:
+async def _watch(host: str, port: int, path: str, delays: list[float], opened: asyncio.Event) -> None:
     """One stream, read with a bare socket: httpx costs so much per line that with 500 streams in one process the
     delays measured would be mostly its own. Chunked framing is skipped; every message arrives whole in a chunk."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        request = f"GET /ops/jobs/{job_id}/events HTTP/1.1\r\nhost: {host}\r\nx-api-key: {DEV_API_KEY}\r\n\r\n"
+        request = f"GET {path} HTTP/1.1\r\nhost: {host}\r\nx-api-key: {DEV_API_KEY}\r\n\r\n"
         writer.write(request.encode())
         status = await reader.readline()
         if b" 200 " not in status:
-            raise RuntimeError(f"stream of {job_id}: {status!r}")
+            raise RuntimeError(f"stream {path}: {status!r}")
         await reader.readuntil(b"\r\n\r\n")
         opened_at = time.time()
         opened.set()
@@ -52,14 +54,16 @@ async def _watch(host: str, port: int, job_id: str, delays: list[float], opened:
         writer.close()
 
 
-async def open_streams(url: str, job_ids: list[str], watchers: int) -> None:
-    """The watchers' process: open the streams, say READY, read them until stdin closes, print the delays."""
+async def open_streams(url: str, job_ids: list[str], watchers: int, consoles: bool) -> None:
+    """The watchers' process: open the streams, say READY, read them until stdin closes, print the delays. Each
+    watches one job, or (`consoles`) every job, as a console's jobs page does."""
     parsed = httpx.URL(url)
     host, port = parsed.host, parsed.port or 80
     delays: list[float] = []
     opened = [asyncio.Event() for _ in range(watchers)]
     streams = [
-        asyncio.create_task(_watch(host, port, job_ids[i % len(job_ids)], delays, opened[i])) for i in range(watchers)
+        asyncio.create_task(_watch(host, port, _path(job_ids[i % len(job_ids)], consoles), delays, opened[i]))
+        for i in range(watchers)
     ]
     await asyncio.gather(*(event.wait() for event in opened))
     print(READY, flush=True)
@@ -68,6 +72,10 @@ async def open_streams(url: str, job_ids: list[str], watchers: int) -> None:
         stream.cancel()
     await asyncio.gather(*streams, return_exceptions=True)
     print(json.dumps({"delays": delays, "cpu_s": time.process_time()}), flush=True)
+
+
+def _path(job_id: str, consoles: bool) -> str:
+    return "/ops/events" if consoles else f"/ops/jobs/{job_id}/events"
 
 
 async def _reads(stack_port: int, job_ids: list[str]) -> tuple[float, float]:
@@ -80,7 +88,7 @@ async def _reads(stack_port: int, job_ids: list[str]) -> tuple[float, float]:
     return run.p(50) * 1000, run.p(99) * 1000
 
 
-async def main(watchers: int) -> dict[str, Any]:
+async def main(watchers: int, consoles: bool) -> dict[str, Any]:
     stack = make_stack(Path("var/bench-logs"))
     await prepare(stack)
     procs = [start_api(stack), start_worker(stack, 1)]
@@ -98,6 +106,7 @@ async def main(watchers: int) -> dict[str, Any]:
         alone = await _reads(stack.api_port, job_ids)
         reader = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.bench.watchers", "--open-streams", str(watchers), "--url", stack.api_url,
+            *(["--consoles", str(watchers)] if consoles else []),
             *job_ids, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert reader.stdin is not None and reader.stdout is not None
@@ -112,18 +121,20 @@ async def main(watchers: int) -> dict[str, Any]:
         rss_mb = procs[0].memory_kb()[0] / 1024
     finally:
         stop(procs)
-    return {"watchers": watchers, "alone_ms": alone, "watched_ms": watched, "api_cpu_s": api_cpu, "api_rss_mb": rss_mb,
+    return {"watchers": watchers, "consoles": consoles,
+            "alone_ms": alone, "watched_ms": watched, "api_cpu_s": api_cpu, "api_rss_mb": rss_mb,
             "watchers_cpu_s": report["cpu_s"], "delays": report["delays"]}  # fmt: skip
 
 
 def print_report(results: dict[str, Any]) -> None:
     Path("var").mkdir(exist_ok=True)
-    Path("var/watchers.json").write_text(json.dumps(results))
+    name = "consoles" if results["consoles"] else "watchers"
+    Path(f"var/{name}.json").write_text(json.dumps(results))
     watchers, alone, watched = results["watchers"], results["alone_ms"], results["watched_ms"]
     delays = sorted(results["delays"])
     print(f"GET /ops/jobs/{{id}} at {RATE:g}/s for {SECONDS:g}s, {JOBS} jobs running:")
     print(f"  alone:              p50 {alone[0]:.1f} ms  p99 {alone[1]:.1f} ms")
-    print(f"  with {watchers} watchers: p50 {watched[0]:.1f} ms  p99 {watched[1]:.1f} ms")
+    print(f"  with {watchers} {name}: p50 {watched[0]:.1f} ms  p99 {watched[1]:.1f} ms")
     print(f"  ratio p50 {watched[0] / alone[0]:.2f}x  p99 {watched[1] / alone[1]:.2f}x")
     if delays:
         print(
@@ -139,11 +150,12 @@ def print_report(results: dict[str, Any]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--watchers", type=int, default=500)
+    parser.add_argument("--consoles", type=int, help="list-level streams (/ops/events) instead of per-job ones")
     parser.add_argument("--open-streams", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("job_ids", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.open_streams:
-        asyncio.run(open_streams(args.url, args.job_ids, args.open_streams))
+        asyncio.run(open_streams(args.url, args.job_ids, args.open_streams, args.consoles is not None))
     else:
-        print_report(asyncio.run(main(args.watchers)))
+        print_report(asyncio.run(main(args.consoles or args.watchers, args.consoles is not None)))

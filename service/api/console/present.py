@@ -118,13 +118,19 @@ class FormField:
     error: str | None = None
 
 
+DRY_RUN = "dry_run"
+
+
 def form_fields(schema: dict[str, Any]) -> list[FormField]:
     """The form for a params schema: required fields first, then the others in the schema's order; a dry run
     option ahead of everything else, since it is what one should try first."""
     required = set(schema.get("required", []))
     made = [_field(name, spec, name in required) for name, spec in schema.get("properties", {}).items()]
     fields = [f for f in made if f is not None]
-    return sorted(fields, key=lambda f: (f.name != "dry_run", not f.required))
+    for f in fields:
+        if f.name == DRY_RUN and f.widget == "checkbox":
+            f.checked = True  # offered first, and ticked: the first run of a form is best one that changes nothing
+    return sorted(fields, key=lambda f: (f.name != DRY_RUN, not f.required))
 
 
 def _field(name: str, spec: dict[str, Any], required: bool) -> FormField | None:

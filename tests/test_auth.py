@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from service.settings import Settings
 from tests.conftest import api_client, headers
@@ -55,7 +56,7 @@ async def test_dev_key_works_only_in_dev_mode(settings: Settings) -> None:
         assert response.status_code == 202
         assert response.json()["actor"] == "dev"
 
-    prod_settings = settings.model_copy(update={"env": "prod"})
+    prod_settings = settings.model_copy(update={"env": "prod", "session_secret": SecretStr("s" * 32)})
     async with api_client(prod_settings) as prod:
         assert (await prod.get("/ops/jobs", headers=dev_headers)).status_code == 401
         assert (await prod.get("/ops/jobs", headers=headers("reader"))).status_code == 200

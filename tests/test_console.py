@@ -102,13 +102,17 @@ async def test_a_submitted_job_appears_and_runs_to_success_live_and_sign_out_end
     async with service(settings) as (base, api), console(browser, base) as ui:
         loads = ui.loads
         job_id = await submit(api, steps=3, sleep_s=0.4)
+        failing = await submit(api, steps=3, fail_at_step=2, target="db-7")
         await expect(ui.row(job_id)).to_be_visible()
         await expect(ui.row(job_id).locator(".status")).to_have_text("pending")
         async with running_worker(settings):
             await expect(ui.row(job_id).locator(".status")).to_have_text("running")
             await expect(ui.row(job_id).locator(".step")).to_contain_text("step-")
             await expect(ui.row(job_id).locator(".status")).to_have_text("success")
+            await expect(ui.row(failing).locator(".status")).to_have_text("failed")
+        await expect(ui.row(failing).locator(".step")).to_contain_text("step-2")
         await expect(ui.page.locator("#counts")).to_contain_text("success 1")
+        await expect(ui.page.locator("#counts")).to_contain_text("failed 1")
         assert ui.loads == loads, "the page was reloaded"
         await ui.screenshot("jobs")
 
@@ -256,13 +260,20 @@ async def test_submit_form_shows_the_apis_messages_next_to_fields_then_submits(
 
 
 async def test_workers_page_shows_live_workers_queue_and_readiness(settings: Settings, browser: Browser) -> None:
-    async with service(settings) as (base, _api), running_worker(settings), console(browser, base) as ui:
+    async with service(settings) as (base, api), running_worker(settings), console(browser, base) as ui:
+        # The page is rendered once (it is not live): open it once the worker's first heartbeat is in.
+        await wait_for(lambda: workers(api), within=10)
         await ui.open("/ui/workers")
         await expect(ui.page.locator("table.checks")).to_contain_text("postgres")
         await expect(ui.page.locator("table.checks td.ok")).to_have_count(2)
         await expect(ui.page.locator("table.workers tbody tr")).to_have_count(1)
         await expect(ui.page.locator("table.workers")).to_contain_text(str(os.getpid()))
         await ui.screenshot("workers")
+
+
+async def workers(api: httpx.AsyncClient) -> list[Any]:
+    found: list[Any] = (await api.get("/ops/workers")).json()["workers"]
+    return found
 
 
 async def test_the_console_shows_and_allows_what_the_key_may(settings: Settings, browser: Browser) -> None:

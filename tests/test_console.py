@@ -289,3 +289,12 @@ async def test_the_console_shows_and_allows_what_the_key_may(settings: Settings,
             await expect(ui.page.locator(".actions button")).to_have_count(0)  # a reader may not cancel
             await ui.open(f"/ui/jobs/{theirs}")
             await expect(ui.page.locator("h1")).to_contain_text("404")
+            # A form posted anyway, from the console's own origin with the session's token: the key decides.
+            token = await ui.page.locator("input[name=csrf]").first.get_attribute("value")
+            async with httpx.AsyncClient(base_url=base, cookies=ui_cookies(await ui.context.cookies())) as http:
+                for action in ("cancel", "approve"):
+                    forged = await http.post(f"/ui/jobs/{ours}/{action}", headers={"Origin": base},
+                                             data={"csrf": token or "", "confirmed": "yes"})  # fmt: skip
+                    assert forged.status_code == 403, action
+                    assert "lacks the scope" in forged.text
+        assert (await api.get(f"/ops/jobs/{ours}")).json()["status"] == "pending"

@@ -1,5 +1,6 @@
 """What a caller can do to jobs, each in one place for every way in: the JSON API's routes and the console's forms
-call these, with the caller already authenticated, and only render the outcome differently."""
+call these, with the caller already authenticated, and only render the outcome differently. Each action checks
+the scope it needs itself, whichever way it was reached."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ async def submit(
     state: AppState, principal: Principal, caller: Caller, type_name: str, body: bytes, key: str | None
 ) -> Created:
     """Validate `body` (a JSON object) as the type's params, check the target, write the job and deliver it."""
+    principal.require(Scope.WRITE)
     job_type = state.registry.get(type_name)
     params = validate(job_type.params, body, context=state.registry.params_context(job_type.name))
     target = job_type.target_of(params)
@@ -37,11 +39,13 @@ async def submit(
 
 
 async def cancel(state: AppState, principal: Principal, caller: Caller, job_id: str) -> JobOut:
+    principal.require(Scope.WRITE)
     async with state.autocommit.connect() as conn:
         return await cancel_job(conn, job_id, caller, principal.allows(Scope.ADMIN))
 
 
 async def retry(state: AppState, principal: Principal, caller: Caller, job_id: str) -> JobOut:
+    principal.require(Scope.WRITE)
     async with state.autocommit.connect() as conn:
         # A retry runs the job again: it needs approval again if a policy covers it now. Type, params and target
         # never change, so reading them first is safe.
@@ -54,14 +58,16 @@ async def retry(state: AppState, principal: Principal, caller: Caller, job_id: s
     return job
 
 
-async def approve(state: AppState, caller: Caller, job_id: str, approval: Approve) -> JobOut:
+async def approve(state: AppState, principal: Principal, caller: Caller, job_id: str, approval: Approve) -> JobOut:
+    principal.require(Scope.APPROVE)
     async with state.autocommit.connect() as conn:
         job = await approve_job(conn, job_id, caller, approval)
     await enqueue_if_pending(state, job)  # the last approval needed: it runs now
     return job
 
 
-async def reject(state: AppState, caller: Caller, job_id: str, rejection: Reject) -> JobOut:
+async def reject(state: AppState, principal: Principal, caller: Caller, job_id: str, rejection: Reject) -> JobOut:
+    principal.require(Scope.APPROVE)
     async with state.autocommit.connect() as conn:
         return await reject_job(conn, job_id, caller, rejection)
 

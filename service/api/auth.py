@@ -40,6 +40,11 @@ class Principal:
         # jobs:admin holds every scope over a team's jobs, not the service's own administration.
         return scope != Scope.SERVICE_ADMIN and Scope.ADMIN in self.scopes
 
+    def require(self, scope: Scope) -> None:
+        """Refuse unless this key holds `scope` (or one that implies it)."""
+        if not self.allows(scope):
+            raise Forbidden(f"API key {self.name!r} lacks the scope {scope.value!r}", details={"scope": scope.value})
+
     @property
     def all_teams(self) -> bool:
         return Scope.SERVICE_ADMIN in self.scopes
@@ -123,8 +128,7 @@ async def require(request: Request, scope: Scope) -> Principal:
         principal = await keyring.by_sha256(session.key_sha256)
     else:
         principal = await keyring.authenticate(presented)
-    if not principal.allows(scope):
-        raise Forbidden(f"API key {principal.name!r} lacks the scope {scope.value!r}", details={"scope": scope.value})
+    principal.require(scope)
     return principal
 
 

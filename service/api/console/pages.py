@@ -101,12 +101,12 @@ class JobsQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=200)] = PAGE_SIZE
 
     def filters(self) -> ListFilter:
-        given = self.model_dump(include=set(ListFilter.model_fields), exclude_none=True)
-        return ListFilter.model_validate({name: value for name, value in given.items() if value != ""})
+        return ListFilter.model_validate(self.model_dump(include=set(ListFilter.model_fields), exclude_none=True))
 
     def params(self, **changes: Any) -> str:
         """This view's query string with `changes` (None removes a parameter)."""
-        values = {**self.model_dump(exclude_none=True, mode="json"), **changes}
+        shown = self.model_dump(include=set(JobsQuery.model_fields), exclude_none=True, mode="json")
+        values = {**shown, **changes}
         if values.get("limit") == PAGE_SIZE:
             del values["limit"]
         pairs = [
@@ -197,7 +197,7 @@ async def job_page(request: Request, viewer: Viewer, problem: ServiceError | Non
         "reject": viewer.may(Scope.APPROVE) and awaiting,
     }
     return render(
-        request, "job.html", 409 if problem else 200, viewer=viewer, job=job, events=shown, all_events=len(events),
+        request, "job.html", problem.status_code if problem else 200, viewer=viewer, job=job, events=shown, all_events=len(events),
         only_changes=only_changes, may=may, problem=problem, now=_now(),
         last_event=events[-1].event_id if events else 0, params=_pretty(job.params),
     )  # fmt: skip
@@ -231,9 +231,9 @@ async def job_action(request: Request, viewer: Viewer) -> Response:
         elif action == "retry":
             await actions.retry(state, viewer.principal, caller, job_id)
         elif action == "approve":
-            await actions.approve(state, caller, job_id, validate(Approve, {"reason": reason}))
+            await actions.approve(state, viewer.principal, caller, job_id, validate(Approve, {"reason": reason}))
         else:
-            await actions.reject(state, caller, job_id, validate(Reject, {"reason": reason}))
+            await actions.reject(state, viewer.principal, caller, job_id, validate(Reject, {"reason": reason}))
     except ServiceError as exc:
         if exc.status_code == 404:
             raise

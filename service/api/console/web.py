@@ -22,7 +22,7 @@ from service.api.listing import COUNT_CAP
 from service.api.request_body import read_body
 from service.api.session import CSRF_FIELD, Session, check_origin, check_token
 from service.api.state import AppState
-from service.errors import Forbidden, InvalidParams, ServiceError, Unauthorized
+from service.errors import InvalidParams, ServiceError, Unauthorized
 from service.models import EventKind
 from service.settings import Scope
 
@@ -152,8 +152,7 @@ def page(scope: Scope, handler: PageHandler) -> Callable[[Request], Awaitable[Re
             if request.method == "POST":
                 check_origin(request)
                 check_token(viewer.session, first(await form_of(request), CSRF_FIELD))
-            if not viewer.principal.allows(scope):
-                raise Forbidden(f"API key {viewer.principal.name!r} lacks the scope {scope.value!r}")
+            viewer.principal.require(scope)
             response = await handler(request, viewer)
         except Unauthorized:
             back = request.url.path + (f"?{request.url.query}" if request.url.query else "")

@@ -20,7 +20,9 @@ async def approve(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.APPROVE)
     approval = validate(Approve, await read_json_object(request, state.settings.max_body_bytes))
-    job = await actions.approve(state, caller_of(request, principal), request.path_params["job_id"], approval)
+    job = await actions.approve(
+        state, principal, caller_of(request, principal), request.path_params["job_id"], approval
+    )
     return ModelResponse(job)
 
 
@@ -28,7 +30,9 @@ async def reject(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.APPROVE)
     rejection = validate(Reject, await read_json_object(request, state.settings.max_body_bytes))
-    job = await actions.reject(state, caller_of(request, principal), request.path_params["job_id"], rejection)
+    job = await actions.reject(
+        state, principal, caller_of(request, principal), request.path_params["job_id"], rejection
+    )
     return ModelResponse(job)
 
 

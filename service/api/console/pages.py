@@ -197,8 +197,8 @@ async def job_page(request: Request, viewer: Viewer, problem: ServiceError | Non
         "reject": viewer.may(Scope.APPROVE) and awaiting,
     }
     return render(
-        request, "job.html", problem.status_code if problem else 200, viewer=viewer, job=job, events=shown, all_events=len(events),
-        only_changes=only_changes, may=may, problem=problem, now=_now(),
+        request, "job.html", problem.status_code if problem else 200, viewer=viewer, job=job, events=shown,
+        all_events=len(events), only_changes=only_changes, may=may, problem=problem, now=_now(),
         last_event=events[-1].event_id if events else 0, params=_pretty(job.params),
     )  # fmt: skip
 

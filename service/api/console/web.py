@@ -155,7 +155,10 @@ def page(scope: Scope, handler: PageHandler) -> Callable[[Request], Awaitable[Re
             viewer.principal.require(scope)
             response = await handler(request, viewer)
         except Unauthorized:
+            # Back to this page once signed in; a form's target is no page to come back to (nor to re-send).
             back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            if request.method != "GET":
+                back = f"{PREFIX}/"
             response = RedirectResponse(f"{PREFIX}/sign-in?next={quote(back, safe='')}", status_code=303)
         except ServiceError as exc:
             viewer_or_none = getattr(request.state, "viewer", None)

@@ -32,6 +32,14 @@ class PatroniRefused(Exception):
     """Patroni refused the request (HTTP 400 or 412): the cluster is not in a state where it would do it."""
 
 
+class PatroniUnavailable(TransientError):
+    """Patroni could not do it now (HTTP 5xx); `answer` is what it said ("Switchover failed", ...)."""
+
+    def __init__(self, message: str, answer: str) -> None:
+        super().__init__(message)
+        self.answer = answer
+
+
 @dataclass(frozen=True)
 class Member:
     """One member as GET /cluster shows it (Patroni's `cluster_as_json`)."""
@@ -97,7 +105,7 @@ def _outcome(action: str, pod: str, answer: ProxyAnswer) -> str:
     if 200 <= answer.status < 300:
         return text
     if answer.status >= 500:
-        raise TransientError(f"Patroni on {pod} could not {action} now (HTTP {answer.status}): {text}")
+        raise PatroniUnavailable(f"Patroni on {pod} could not {action} now (HTTP {answer.status}): {text}", text)
     raise PatroniRefused(f"Patroni refused the {action} (HTTP {answer.status}): {text}")
 
 

@@ -405,6 +405,7 @@ class Patroni:
         new_leader = switch.lost_to or switch.candidate
         self._relabel(ns, new_leader, self.profile.primary)
         state.timeline += 1
+        self.member(ns, new_leader).timeline_behind = 0  # the promoted member starts the new timeline
         self.history.append(SwitchoverRecord(ns, cluster, switch.leader, switch.candidate, new_leader, state.timeline))
         state.switchover_s = None
         if new_leader == switch.candidate:

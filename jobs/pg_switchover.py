@@ -237,11 +237,9 @@ async def switchover(ctx: StepContext, params: SwitchoverParams) -> str:
     Patroni's 412/400 fail the step with its words; its 503 is retried."""
     s = Switch.of(ctx, params)
     topology = s.topology
-    view = await s.view()
-    done = _took_over(view, topology)
+    _, view, done = await s.look()
     if done is not None:
         return f"{done.name} already leads on timeline {done.timeline}: switched over earlier in this job, nothing sent"
-    _usurper(view, topology)
     if params.dry_run:
         _check(s, view)
         return f"dry run: would ask Patroni to switch over from {topology['leader']} to {topology['candidate']}"
@@ -342,7 +340,8 @@ def _lagging(s: Switch, pod: PodView, member: Member | None, leader: Member) -> 
     if member is None:
         return f"{pod.name} (not in Patroni's member list)"
     if not s.profile.is_replica(pod):
-        return f"{pod.name} (role label {s.profile.role(pod) or 'none'})"
+        label = s.profile.role(pod)
+        return f"{pod.name} ({member.state}, {f'labelled {label}' if label else 'no role label yet'})"
     reason = _not_streaming(member, leader, s.params.max_lag_bytes)
     return None if reason is None else f"{member.describe()}: {reason}"
 

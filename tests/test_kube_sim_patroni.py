@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from kubernetes_asyncio import client, config
 
@@ -166,3 +167,20 @@ async def test_a_missing_pod_is_the_api_servers_404_and_the_view_comes_from_the_
     sim.fail(503, verb="get", resource="pods/proxy", name="pg-1")
 
     assert (await patroni.cluster(["pg-9", "pg-1", "pg-2"])).via == "pg-2"
+
+
+async def test_the_admin_endpoint_injects_patroni_faults(sim: KubeSim, patroni: Patroni) -> None:
+    async with httpx.AsyncClient(base_url=sim.url) as admin:
+        for spec in (
+            {"kind": "lag", "name": "pg-2", "bytes": 2048},
+            {"kind": "patroni", "status": 503, "endpoint": "cluster", "method": "get", "name": "pg-0"},
+            {"kind": "leader_lost", "to": "pg-2", "seconds": 0.1},
+        ):
+            response = await admin.post("/_sim/faults", json=spec)
+            assert response.status_code == 200, response.text
+
+    view = await patroni.cluster(["pg-0", "pg-1"])  # pg-0's Patroni answers 503 once: pg-1's view
+    assert view.via == "pg-1" and view.members[2].lag == 2048
+    assert await patroni.switchover("pg-0", leader="pg-0", candidate="pg-1", timeout_s=10) == (
+        'Switched over to "pg-2" instead of "pg-1"'
+    )

@@ -16,11 +16,13 @@ import pytest
 
 from jobs import pg_switchover
 from jobs.pg_rebuild import PgRebuildSettings
+from jobs.pgkube.kube import lifespan
 from service.settings import Settings
 from tests.conftest import kube_registry, kube_settings_for, running_worker, shipped_role_cluster, wait_for_status
 from tests.conftest import submit as submit_job
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim
+from tests.test_pg_rebuild_faults import FakeContext
 
 STEPS = ["read-topology", "check-candidate", "switchover", "wait-new-leader", "wait-replicas"]
 MIB = 1024 * 1024
@@ -164,6 +166,7 @@ async def test_patronis_503_is_retried_to_success(
     assert job["status"] == "success", job
     assert step_of(job, "switchover")["attempts"] == 3
     assert fault.hits == 2
+    assert kube_sim.patroni_requests("POST", "switchover") == 3
     assert history(kube_sim) == [("pg-0", "pg-1", "pg-1", 2)]
 
 
@@ -232,8 +235,41 @@ async def test_a_worker_killed_during_the_switchover_leaves_exactly_one_switchov
 
     assert job["status"] == "success", job
     assert history(sim) == [("pg-0", "pg-1", "pg-1", 2)]
+    assert sim.patroni_requests("POST", "switchover") == 1, "the resumed step asked nothing"
     step = step_of(job, "switchover")
     assert step["attempts"] == 2, step
     assert step["detail"].startswith("pg-1 leads on timeline 2: ") or step["detail"].startswith(
         "pg-1 already leads on timeline 2: "
     ), step["detail"]
+
+
+async def test_every_step_can_run_again_and_the_switchover_is_asked_once(
+    kube_settings: PgRebuildSettings, kube_sim: KubeSim
+) -> None:
+    params = pg_switchover.SwitchoverParams.model_validate(
+        {"namespace": "db", "cluster": "pg", "candidate": "pg-2"}, context={"settings": kube_settings}
+    )
+    state: dict[str, Any] = {}
+    runs: dict[str, tuple[str | None, str | None]] = {}
+    async with lifespan(kube_settings) as clients:
+        for step in pg_switchover.STEPS:
+            first = await step.run(FakeContext(clients, kube_settings, state), params)
+            # Another context for the second run, as on another worker after a crash: only the job's state is shared.
+            again = await step.run(FakeContext(clients, kube_settings, state, f"resumed-{step.name}"), params)
+            runs[step.name] = (first, again)
+
+    assert history(kube_sim) == [("pg-0", "pg-2", "pg-2", 2)]
+    assert kube_sim.patroni_requests("POST", "switchover") == 1
+    assert runs["read-topology"][0] == runs["read-topology"][1], "the topology is recorded once"
+    assert runs["switchover"] == (
+        'Patroni: Successfully switched over to "pg-2"',
+        "pg-2 already leads on timeline 2: switched over earlier in this job, nothing sent",
+    )
+    assert runs["check-candidate"][1] == (
+        "leader pg-0 (timeline 1), cluster not paused; candidate pg-2 streaming on timeline 1, lag 0 bytes "
+        "(max_lag_bytes 1048576), may be promoted"
+    )
+    # Run after the switchover, the checks see it done instead of refusing a leader that changed.
+    async with lifespan(kube_settings) as clients:
+        late = await pg_switchover.check_candidate(FakeContext(clients, kube_settings, state), params)
+    assert late == "pg-2 already leads on timeline 2: the switchover happened earlier in this job"

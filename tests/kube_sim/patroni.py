@@ -109,6 +109,7 @@ class Patroni:
         self.clusters: dict[tuple[str, str], ClusterState] = {}
         self.history: list[SwitchoverRecord] = []
         self.restarts: list[tuple[str, str]] = []  # (namespace, pod) of every POST /restart carried out
+        self.requests: list[tuple[str, str, str]] = []  # (method, endpoint, pod) of every request Patroni received
 
     # state
 
@@ -249,6 +250,7 @@ class Patroni:
         assert sts is not None
         cluster = sts["metadata"]["name"]
         endpoint = path.strip("/").split("/")[0]
+        self.requests.append((method, endpoint, name))
         fault = self.faults.take_patroni(method.lower(), endpoint, ns, name)
         if fault is not None:
             message = fault.message or DEFAULT_MESSAGES.get(fault.status, "error")

@@ -353,6 +353,10 @@ class KubeSim:
         """Every switchover Patroni carried out, in order."""
         return list(self.patroni.history)
 
+    def patroni_requests(self, method: str = "POST", endpoint: str = "switchover") -> int:
+        """How many such requests reached Patroni, on any member."""
+        return sum(1 for m, e, _ in self.patroni.requests if (m, e) == (method, endpoint))
+
     def patroni_cluster(self, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> ClusterState:
         """The cluster's Patroni state, to set `paused`, `synchronous_mode` and `sync_standby` on, or read
         `timeline`."""

@@ -11,6 +11,7 @@ PG_HOST ?= 127.0.0.1
 PG_PORT ?= 5432
 REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379
+JOB ?= rebuild
 
 .PHONY: help install services browser migrate run test lint typecheck pytest clean demo bench
 
@@ -54,8 +55,8 @@ migrate: install services ## create the database if missing and apply the migrat
 run: migrate ## serve the API on 127.0.0.1:8080 with a worker, in the foreground (Ctrl-C stops both)
 	$(BIN)/apiops run
 
-demo: migrate ## rebuild replica pg-1 of a simulated cluster through the API and a worker, live (own database)
-	$(BIN)/python -m tests.demo
+demo: migrate ## rebuild replica pg-1 of a simulated cluster (JOB=switchover: move its leader) via the API, live
+	$(BIN)/python -m tests.demo $(JOB)
 
 bench: install services ## the service against the floor of its stack (own database); prints a table, writes var/bench.json
 	$(BIN)/python -m tests.bench --out var/bench.json

@@ -13,112 +13,47 @@ and kept in the job's state (`ctx.remember`), so that later steps compare agains
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from jobs.pgkube.kube import Kube, KubeClients, KubeNotConfigured, PodView, PvcView, StatefulSetView
-from jobs.pgkube.kube import lifespan as kube_lifespan
-from jobs.pgkube.profiles import PROFILES, Profile, ProfileName
-from jobs.pgkube.settings import KubeSettings
+from jobs.pgkube.kube import Kube, PodView, PvcView, StatefulSetView
+from jobs.pgkube.params import (
+    MAX_WAIT_S,
+    ClusterParams,
+    PgSettings,
+    PodName,
+    Refused,
+    Seconds,
+    kube_for,
+    pg_job_type,
+    profile_for,
+)
+from jobs.pgkube.profiles import Profile
 from jobs.pgkube.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
-from service.jobtypes import JobType, Step, StepContext, settings_from
+from service.jobtypes import Step, StepContext
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-MAX_WAIT_S = 4 * 3600
 DEFAULT_GRACE_S = 30
 REPLANS = 3
 
 
-def _dns_label(value: str) -> str:
-    if len(value) > 63 or not DNS_LABEL.match(value):
-        raise ValueError(
-            f"{value!r} is not a DNS-1123 label: at most 63 lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
-    return value
+class PgRebuildSettings(PgSettings):
+    """`APIOPS_KUBE_*` (Kubernetes access), the clusters' label convention and poll interval (`PgSettings`), and
+    `APIOPS_PG_REBUILD_*`: how long the waits tolerate what may still heal."""
 
-
-def _dns_subdomain(value: str) -> str:
-    if len(value) > 253 or not DNS_SUBDOMAIN.match(value):
-        raise ValueError(
-            f"{value!r} is not a DNS-1123 subdomain: at most 253 lower-case letters, digits, '-' and '.', "
-            "each part starting and ending with a letter or digit"
-        )
-    return value
-
-
-class PgRebuildSettings(KubeSettings):
-    """`APIOPS_KUBE_*` (Kubernetes access) and `APIOPS_PG_REBUILD_*`: the default label convention and the waits."""
-
-    pg_rebuild_profile: ProfileName = "zalando"
-    pg_rebuild_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
     # How long a replacement pod may stay Unschedulable, and a deleted PVC Terminating after its pod is gone,
     # before the job calls it a condition that will not heal.
     pg_rebuild_unschedulable_grace_s: Annotated[float, Field(ge=0)] = 60.0
     pg_rebuild_pvc_release_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
 
-Seconds = Annotated[float, Field(gt=0, le=MAX_WAIT_S)]
-_LABEL: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_LABEL.pattern, "maxLength": 63}}
-_SUBDOMAIN: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_SUBDOMAIN.pattern, "maxLength": 253}}
-
-
-class RebuildParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # The validators give the clear messages; the schema states the same rules for clients and generators.
-    namespace: Annotated[str, AfterValidator(_dns_label), Field(description="the cluster's namespace", **_LABEL)]
-    cluster: Annotated[str, AfterValidator(_dns_label), Field(description="the PostgreSQL cluster's name", **_LABEL)]
-    pod: Annotated[str, AfterValidator(_dns_subdomain), Field(description="the replica pod to rebuild", **_SUBDOMAIN)]
-    context: Annotated[
-        str | None,
-        Field(
-            max_length=253,
-            validate_default=True,
-            description="kubeconfig context, one of APIOPS_KUBE_CONTEXTS (default: the first of them)",
-        ),
-    ] = None
-    profile: Annotated[
-        ProfileName | None,
-        Field(validate_default=True, description="label convention (default: APIOPS_PG_REBUILD_PROFILE)"),
-    ] = None
+class RebuildParams(ClusterParams):
+    pod: Annotated[PodName, Field(description="the replica pod to rebuild")]
     mode: Literal["recreate-storage"] = "recreate-storage"
-    dry_run: Annotated[bool, Field(description="run the checks and report what would be deleted; change nothing")] = (
-        False
-    )
     delete_timeout_s: Annotated[Seconds, Field(description="for the old pod and PVCs to go")] = 300
     schedule_timeout_s: Annotated[Seconds, Field(description="for the new pod to be scheduled, its PVC Bound")] = 300
     ready_timeout_s: Annotated[Seconds, Field(description="for the new replica to be Ready (basebackup)")] = 600
-
-    @field_validator("context")
-    @classmethod
-    def _allowed_context(cls, value: str | None, info: ValidationInfo) -> str | None:
-        allowed = settings_from(info, PgRebuildSettings).kube_contexts
-        if value is None:
-            return allowed[0] if allowed else None
-        if value not in allowed:
-            known = ", ".join(allowed) if allowed else "none configured; omit `context` to use the current one"
-            raise ValueError(f"context {value!r} is not allowed (APIOPS_KUBE_CONTEXTS: {known})")
-        return value
-
-    @field_validator("profile")
-    @classmethod
-    def _default_profile(cls, value: ProfileName | None, info: ValidationInfo) -> ProfileName:
-        return value or settings_from(info, PgRebuildSettings).pg_rebuild_profile
-
-
-def target(params: RebuildParams) -> str:
-    """The cluster (`k8s/<context>/<namespace>/<cluster>` once in its kind's namespace): every job that acts on it
-    excludes the others."""
-    return f"{params.context or 'default'}/{params.namespace}/{params.cluster}"
-
-
-class Refused(Exception):
-    """The cluster is not in a state where rebuilding this member is safe."""
 
 
 @dataclass
@@ -134,12 +69,7 @@ class Rebuild:
 
     @classmethod
     def of(cls, ctx: StepContext, params: RebuildParams) -> Rebuild:
-        clients = ctx.resource
-        if not isinstance(clients, KubeClients):
-            raise KubeNotConfigured("this worker has no Kubernetes clients")
-        settings: PgRebuildSettings = ctx.settings
-        profile = PROFILES[params.profile or settings.pg_rebuild_profile]
-        return cls(params, clients.kube(params.context), profile, settings, ctx)
+        return cls(params, kube_for(ctx, params), profile_for(ctx, params), ctx.settings, ctx)
 
     @property
     def ns(self) -> str:
@@ -483,18 +413,14 @@ STEPS: list[Step[RebuildParams]] = [
 ]
 
 
-JOB = JobType[RebuildParams](
-    name="pg-rebuild",
-    description=(
+JOB = pg_job_type(
+    "pg-rebuild",
+    (
         "Rebuild one PostgreSQL replica on Kubernetes: delete its data PVCs and pod, wait until the StatefulSet "
         "recreates them and the new member is Ready as a replica. Refuses the primary, an unhealthy cluster and "
         "a StatefulSet mid-rollout before deleting anything; `dry_run` only reports what it would delete."
     ),
-    params=RebuildParams,
-    steps=STEPS,
-    target=target,
-    target_kind="k8s",
-    changes_nothing=lambda params: params.dry_run,
-    lifespan=kube_lifespan,
-    settings=PgRebuildSettings,
+    RebuildParams,
+    STEPS,
+    PgRebuildSettings,
 )

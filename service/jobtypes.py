@@ -171,16 +171,19 @@ class Registry:
         return self._settings[name]
 
     def invalid_settings(self) -> list[str]:
-        """Read every job type's settings now; one line per invalid variable (`describe_invalid`'s, after the job
-        type's name), none when all are valid."""
-        problems = []
+        """Read every job type's settings now; one line per invalid variable (`describe_invalid`'s, after the names
+        of the job types that read it: several share `APIOPS_KUBE_*`), none when all are valid."""
+        problems: dict[str, list[str]] = {}  # a variable's line -> the job types that read it
         for job_type in self:
             try:
                 self.settings(job_type.name)
             except ValidationError as exc:
                 assert job_type.settings is not None
-                problems += [f"job type {job_type.name}: {line}" for line in describe_invalid(exc, job_type.settings)]
-        return problems
+                for line in describe_invalid(exc, job_type.settings):
+                    problems.setdefault(line, []).append(job_type.name)
+        return [
+            f"job type{'s' if len(names) > 1 else ''} {', '.join(names)}: {line}" for line, names in problems.items()
+        ]
 
     def load_settings_or_exit(self) -> None:
         """At a process's start (the API's, a worker's): every job type's settings, or each invalid one logged in one

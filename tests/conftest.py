@@ -30,8 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alembic import command
-from jobs import noop, pg_rebuild
+from jobs import noop, pg_rebuild, pg_switchover
 from jobs.pg_rebuild import PgRebuildSettings
+from jobs.pgkube.params import PgSettings
 from jobs.worker import WorkerSettings
 from service.api.app import create_app
 from service.db import asyncpg_dsn
@@ -75,7 +76,7 @@ KEYS: dict[str, KeyGiven] = {
 # The actor a key's jobs are recorded with, where it is not the key's own name.
 ACTORS = {"blue-writer": "writer"}
 
-TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, *testjobs.JOB_TYPES])
+TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, pg_switchover.JOB, *testjobs.JOB_TYPES])
 
 # Fuzzing (tests/test_fuzz.py): the same examples on every run (derandomized, no database of earlier ones), so that
 # CI is reproducible and a failure there fails the same way locally; no deadline, as the machine may be busy. The
@@ -416,8 +417,10 @@ def kube_settings_for(sim: KubeSim, path: Path, **overrides: Any) -> PgRebuildSe
 
 
 def kube_registry(kube: PgRebuildSettings) -> Registry:
-    """The test job types, pg-rebuild configured with `kube`: for `running_worker` and `api_client`."""
-    return TEST_REGISTRY.with_settings({pg_rebuild.JOB.name: kube})
+    """The test job types, the pg-* ones configured with `kube` (each with the fields of its own settings): for
+    `running_worker` and `api_client`."""
+    shared = PgSettings.model_validate(kube.model_dump(include=set(PgSettings.model_fields)))
+    return TEST_REGISTRY.with_settings({pg_rebuild.JOB.name: kube, pg_switchover.JOB.name: shared})
 
 
 @pytest.fixture

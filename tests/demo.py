@@ -1,8 +1,10 @@
-"""`make demo`: rebuild replica pg-1 of a simulated PostgreSQL cluster through the real service, live.
+"""`make demo`: rebuild replica pg-1 of a simulated PostgreSQL cluster through the real service, live;
+`make demo JOB=switchover`: move its leader to pg-1 through Patroni instead.
 
 Starts the simulated Kubernetes cluster (demo speed) as its own process, then `apiops run` (API and a worker)
 on a database (`apiops_demo`, recreated each time) and a queue of its own, so the user's `apiops` data is never
-touched. Submits a pg-rebuild of db/pg/pg-1 over HTTP with the development key; an approval policy covers the
+touched. Submits the job (a pg-rebuild of db/pg/pg-1, or a pg-switchover of db/pg to pg-1) over HTTP with the
+development key; an approval policy covers the
 demo's namespace, so the job waits until a second key (`oncall-2`) approves it, after the requester's own approval
 is refused. Prints every change of a step's status or detail as it happens, prints the final job as JSON, stops
 everything and exits 0 on success. The simulated cluster enforces the worker's shipped Role (deploy/).
@@ -71,8 +73,16 @@ async def recreate_database(url: str) -> None:
         await admin.close()
 
 
-# The demo's namespace is production here: a real rebuild needs a second person's approval.
-POLICIES = [{"job_type": "pg-rebuild", "targets": ["k8s/default/db/*"], "approvals": 1, "expires_s": 600}]
+# The demo's namespace is production here: a real rebuild or switchover needs a second person's approval.
+POLICIES = [
+    {"job_type": job_type, "targets": ["k8s/default/db/*"], "approvals": 1, "expires_s": 600}
+    for job_type in ("pg-rebuild", "pg-switchover")
+]
+# What `make demo JOB=...` runs: the job type and its params.
+JOBS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rebuild": ("pg-rebuild", {"namespace": "db", "cluster": "pg", "pod": "pg-1"}),
+    "switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-1"}),
+}
 
 
 def demo_env(kubeconfig: Path, api_port: int, approver_key: str) -> tuple[dict[str, str], str]:
@@ -134,7 +144,12 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    choice = (argv if argv is not None else sys.argv[1:])[:1] or ["rebuild"]
+    if choice[0] not in JOBS:
+        say(f"unknown demo {choice[0]!r}; the demos are: {', '.join(JOBS)}")
+        return 2
+    job_type, params = JOBS[choice[0]]
     workdir = Path(tempfile.mkdtemp(prefix="apiops-demo-"))
     kubeconfig = workdir / "kubeconfig"
     sim_port, api_port = free_port(), free_port()
@@ -158,14 +173,14 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{api_port}/readyz", 30, service)
 
         with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"X-API-Key": DEV_API_KEY}) as api:
-            params = {"namespace": "db", "cluster": "pg", "pod": "pg-1"}
-            say(f"POST /ops/jobs/pg-rebuild {json.dumps(params)}")
-            created = api.post("/ops/jobs/pg-rebuild", json=params)
+            say(f"POST /ops/jobs/{job_type} {json.dumps(params)}")
+            created = api.post(f"/ops/jobs/{job_type}", json=params)
             if created.status_code != 202:
                 say(f"submission refused: {created.status_code} {created.text}")
                 return 1
             job_id = created.json()["job_id"]
-            say(f"{job_id} is {created.json()['status']}: policy {json.dumps(POLICIES[0])}")
+            policy = next(p for p in POLICIES if p["job_type"] == job_type)
+            say(f"{job_id} is {created.json()['status']}: policy {json.dumps(policy)}")
             own = api.post(f"/ops/jobs/{job_id}/approve", json={})
             say(f"the requester's own approval: {own.status_code} {own.json()['error']['message']}")
             approved = api.post(

@@ -42,6 +42,12 @@ USER = "system:serviceaccount:apiops:apiops-worker"
         ("GET", "/apis/apps/v1/namespaces/db/statefulsets/pg", "", ("get", "apps", "db", "statefulsets", "", "pg")),
         ("GET", "/api/v1/namespaces/db", "", ("get", "", "db", "namespaces", "", "db")),
         ("GET", "/api/v1/namespaces/db/status", "", ("get", "", "db", "namespaces", "status", "db")),
+        (
+            "POST",
+            "/api/v1/namespaces/db/pods/pg-0:8008/proxy/switchover",
+            "",
+            ("create", "", "db", "pods", "proxy", "pg-0:8008"),
+        ),
     ],
 )
 def test_requests_map_to_verbs_and_resources_as_the_api_server_maps_them(
@@ -64,6 +70,8 @@ def test_the_shipped_role_grants_exactly_what_the_job_types_call() -> None:
         ("", "pods", "get"),
         ("", "pods", "list"),
         ("", "pods", "delete"),
+        ("", "pods/proxy", "get"),
+        ("", "pods/proxy", "create"),
         ("", "persistentvolumeclaims", "get"),
         ("", "persistentvolumeclaims", "delete"),
         ("apps", "statefulsets", "get"),
@@ -171,7 +179,7 @@ def test_the_suites_cluster_fixture_enforces_the_shipped_role(kube_sim: KubeSim)
     assert kube_sim.rbac.user == USER and kube_sim.rbac.granted() == Rbac.load().granted()
 
 
-async def test_a_rebuild_under_the_shipped_role_uses_every_rule_it_grants(
+async def test_a_rebuild_and_a_switchover_under_the_shipped_role_use_every_rule_it_grants(
     client: httpx.AsyncClient, settings: Settings, tmp_path: Path
 ) -> None:
     async with shipped_role_cluster() as sim:
@@ -181,7 +189,11 @@ async def test_a_rebuild_under_the_shipped_role_uses_every_rule_it_grants(
         async with running_worker(settings, kube_registry(kube)):
             job_id = await submit(client, "pg-rebuild", namespace="db", cluster="pg", pod="pg-1")
             job = await wait_for_status(client, job_id, "success", "failed", within=10)
-        assert job["status"] == "success", job
+            assert job["status"] == "success", job
+            # Submitted after the rebuild: both act on the cluster, one at a time.
+            job_id = await submit(client, "pg-switchover", namespace="db", cluster="pg", candidate="pg-2")
+            job = await wait_for_status(client, job_id, "success", "failed", within=10)
+            assert job["status"] == "success", job
         assert sim.rbac is not None
         # Least privilege: a rule no call of the job needs would show here as granted but never used.
         assert sim.rbac.allowed == sim.rbac.granted()

@@ -183,6 +183,14 @@ def _statefulset_view(sts: Any) -> StatefulSetView:
 DeleteOutcome = Literal["deleted", "gone", "conflict"]
 
 
+@dataclass(frozen=True)
+class ProxyAnswer:
+    """What a pod's own server answered through the API server's pod proxy: any status, its body as text."""
+
+    status: int
+    text: str
+
+
 class Kube:
     """The calls the jobs make, against one context. Reads return None for a 404."""
 
@@ -223,10 +231,55 @@ class Kube:
         body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
         return await self._delete(self._core.delete_namespaced_persistent_volume_claim, name, namespace, body, dry_run)
 
+    async def proxy(
+        self,
+        namespace: str,
+        pod: str,
+        port: int,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> ProxyAnswer:
+        """GET `path` (POST `body` as JSON when given) on `port` of `pod`, through the API server's pod proxy.
+
+        The answer of the pod's server is returned whatever its status: what a status means is the caller's to say.
+        The API server's own refusals (a Status body: the pod is missing, the Role lacks `pods/proxy`, nothing
+        listens) are raised as for any other call. GET goes through the generated
+        `connect_get_namespaced_pod_proxy_with_path`; its POST twin takes no body, so POST goes through the same
+        ApiClient's `call_api` on the same path. Both read the body raw (`_preload_content=False`): the generated
+        method would turn a JSON answer into the repr of a dict."""
+        name = f"{pod}:{port}"
+
+        async def exchange(_request_timeout: float) -> ProxyAnswer:
+            if body is None:
+                response = await self._core.connect_get_namespaced_pod_proxy_with_path(
+                    name, namespace, path, _preload_content=False, _request_timeout=_request_timeout
+                )
+            else:
+                response = await self._core.api_client.call_api(
+                    "/api/v1/namespaces/{namespace}/pods/{name}/proxy/{path}",
+                    "POST",
+                    path_params={"namespace": namespace, "name": name, "path": path},
+                    header_params={"Content-Type": "application/json", "Accept": "*/*"},
+                    body=body,
+                    auth_settings=["BearerToken"],
+                    _preload_content=False,
+                    _request_timeout=_request_timeout,
+                )
+            try:
+                return ProxyAnswer(response.status, (await response.read()).decode("utf-8", "replace"))
+            finally:
+                response.release()
+
+        answer = await self._call(exchange, timeout_s=timeout_s)
+        if answer.status >= 400 and _is_status(answer.text):
+            raise _translate_status(answer.status, answer.text)
+        return answer
+
     async def _delete(
         self, method: Callable[..., Awaitable[Any]], name: str, namespace: str, body: Any, dry_run: bool
     ) -> DeleteOutcome:
-        extra = {"dry_run": "All"} if dry_run else {}
+        extra: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
         try:
             await self._call(method, name, namespace, body=body, **extra)
         except KubeError as exc:
@@ -245,14 +298,16 @@ class Kube:
                 return None
             raise
 
-    async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], *args: Any, timeout_s: float | None = None, **kwargs: Any
+    ) -> T:
         import aiohttp
         from kubernetes_asyncio.client.exceptions import ApiException
 
         retries = RETRY_AFTER.retries()
         while True:
             try:
-                return await method(*args, _request_timeout=self.timeout_s, **kwargs)
+                return await method(*args, _request_timeout=timeout_s or self.timeout_s, **kwargs)
             except ApiException as exc:
                 wait = _retry_after(exc)
                 if wait is not None:
@@ -278,20 +333,34 @@ def _retry_after(exc: ApiException) -> float | None:
 
 
 def _translate(exc: ApiException) -> Exception:
-    message = _status_message(exc)
-    if exc.status == 429 or (exc.status or 0) >= 500:
-        return TransientError(f"Kubernetes API HTTP {exc.status}: {message}")
-    return KubeError(f"Kubernetes API HTTP {exc.status}: {message}", exc.status)
+    return _translate_status(exc.status, exc.body, exc.reason)
 
 
-def _status_message(exc: ApiException) -> str:
-    """The `message` of the Status body the API server sends with every error, else the HTTP reason."""
+def _translate_status(status: int | None, body: Any, reason: str | None = None) -> Exception:
+    message = _status_message(body, reason)
+    if status == 429 or (status or 0) >= 500:
+        return TransientError(f"Kubernetes API HTTP {status}: {message}")
+    return KubeError(f"Kubernetes API HTTP {status}: {message}", status)
+
+
+def _parsed(body: Any) -> Any:
     try:
-        body = json.loads(exc.body) if exc.body else {}
+        return json.loads(body) if body else {}
     except (ValueError, TypeError):
-        body = {}
-    message = body.get("message") if isinstance(body, dict) else None
-    return str(message or exc.reason or "no message")
+        return {}
+
+
+def _is_status(body: str) -> bool:
+    """Whether a body is the API server's own Status, not what the pod behind the proxy answered."""
+    parsed = _parsed(body)
+    return isinstance(parsed, dict) and parsed.get("kind") == "Status"
+
+
+def _status_message(body: Any, reason: str | None) -> str:
+    """The `message` of the Status body the API server sends with every error, else the HTTP reason."""
+    parsed = _parsed(body)
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    return str(message or reason or "no message")
 
 
 # Per worker process

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tests.kube_sim.faults import Faults, HttpFault
+from tests.kube_sim.patroni import PORT, Patroni
 from tests.kube_sim.store import Event, Gone, Obj, Selector, SelectorError, Store
 
 # The API server picks a random 30-60 minute timeout when the client sets none.
@@ -173,9 +174,10 @@ class WatchStream:
 
 
 class KubeApi:
-    def __init__(self, store: Store, faults: Faults, admin: Callable[[Obj], Obj]) -> None:
+    def __init__(self, store: Store, faults: Faults, patroni: Patroni, admin: Callable[[Obj], Obj]) -> None:
         self.store = store
         self.faults = faults
+        self.patroni = patroni
         self.admin = admin
 
     def routes(self) -> list[Route]:
@@ -187,6 +189,9 @@ class KubeApi:
             Route("/api/v1/namespaces/{name}", self.namespace),
             Route("/api/v1/namespaces/{namespace}/{resource}", self.collection),
             Route("/api/v1/namespaces/{namespace}/{resource}/{name}", self.item, methods=["GET", "DELETE"]),
+            # The pod proxy, as kubernetes-asyncio's connect_*_namespaced_pod_proxy_with_path call it: `{name}` is
+            # `pod` or `pod:port`.
+            Route("/api/v1/namespaces/{namespace}/pods/{name}/proxy/{path:path}", self.proxy, methods=["GET", "POST"]),
             Route("/apis/apps/v1/{resource}", self.collection),
             Route("/apis/apps/v1/namespaces/{namespace}/{resource}", self.collection),
             Route("/apis/apps/v1/namespaces/{namespace}/{resource}/{name}", self.item, methods=["GET", "DELETE"]),
@@ -311,6 +316,28 @@ class KubeApi:
         if meta.get("finalizers"):
             return JSONResponse(self.store.mark_deleting(kind.resource, obj))
         return JSONResponse(self.store.remove(kind.resource, meta.get("namespace", ""), meta["name"]))
+
+    async def proxy(self, request: Request) -> Response:
+        """The API server's pod proxy in front of Patroni's REST API: Patroni's answers pass through unchanged; a
+        pod that is missing or where nothing listens gets the API server's own Status."""
+        kind = KINDS[("v1", "pods")]
+        namespace, target = request.path_params["namespace"], request.path_params["name"]
+        name, _, port = target.partition(":")
+        verb = "create" if request.method == "POST" else "get"
+        # Read first, as for a delete: a switchover that has arrived whole is carried out if its client goes away.
+        raw = await request.body()
+        failed = await self._faults(verb, Kind("pods/proxy", "Pod", "v1"), namespace, name)
+        if failed:
+            return failed
+        pod = self.store.get("pods", namespace, name)
+        if pod is None:
+            return not_found(kind, name)
+        if (port and port != str(PORT)) or not self.patroni.serves(pod):
+            ip = pod["status"].get("podIP", "")
+            message = f"error trying to reach service: dial tcp {ip}:{port or 80}: connect: connection refused"
+            return status_response(503, message)
+        status, content_type, body = await self.patroni.handle(request.method, pod, request.path_params["path"], raw)
+        return Response(body, status_code=status, media_type=content_type)
 
     # admin
 

@@ -1,15 +1,15 @@
 """Fault injection: the ways a real cluster misbehaves that the pg-rebuild job must notice and report.
 
-Request faults (an HTTP error, latency, a cut watch) are consulted by the API layer before it touches any state,
-so a failed delete really deleted nothing. Pod and PVC faults are consulted by the controllers on every tick and
-are keyed by object name, so they also hit the pod the StatefulSet recreates under the same name.
+Request faults (an HTTP error, latency, a cut watch, an answer of Patroni's) are consulted by the API layer before
+it touches any state, so a failed delete really deleted nothing. Pod and PVC faults are consulted by the controllers
+on every tick and are keyed by object name, so they also hit the pod the StatefulSet recreates under the same name.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 
 class Behaviour(enum.StrEnum):
@@ -48,6 +48,15 @@ class HttpFault(RequestRule):
 
 
 @dataclass
+class PatroniFault(RequestRule):
+    """Patroni itself answers `status` (with `message`, else its usual words for it): verb is the HTTP method in
+    lower case, resource the endpoint (`switchover`, `cluster`, ...), name the member's pod."""
+
+    status: int = 503
+    message: str | None = None
+
+
+@dataclass
 class Latency(RequestRule):
     seconds: float = 0.0
 
@@ -65,9 +74,11 @@ class Faults:
     pods: dict[tuple[str, str], Behaviour] = field(default_factory=dict)
     stuck_pvcs: set[tuple[str, str]] = field(default_factory=set)
     rollouts: set[tuple[str, str]] = field(default_factory=set)  # StatefulSets whose update never progresses
+    patroni: list[PatroniFault] = field(default_factory=list)
 
     def clear(self) -> None:
         self.http.clear()
+        self.patroni.clear()
         self.latency.clear()
         self.watch_cuts.clear()
         self.pods.clear()
@@ -83,11 +94,10 @@ class Faults:
             self.watch_cuts.append(rule)
 
     def take_http(self, verb: str, resource: str, namespace: str, name: str) -> HttpFault | None:
-        for fault in self.http:
-            if fault.matches(verb, resource, namespace, name):
-                fault.hits += 1
-                return fault
-        return None
+        return _take(self.http, verb, resource, namespace, name)
+
+    def take_patroni(self, verb: str, endpoint: str, namespace: str, name: str) -> PatroniFault | None:
+        return _take(self.patroni, verb, endpoint, namespace, name)
 
     def take_latency(self, verb: str, resource: str, namespace: str, name: str) -> float:
         total = 0.0
@@ -115,7 +125,20 @@ class Faults:
             "pods": {f"{ns}/{name}": str(b) for (ns, name), b in self.pods.items()},
             "stuckPvcs": sorted(f"{ns}/{name}" for ns, name in self.stuck_pvcs),
             "rollouts": sorted(f"{ns}/{name}" for ns, name in self.rollouts),
+            "patroni": [vars(f) for f in self.patroni],
         }
+
+
+R = TypeVar("R", bound=RequestRule)
+
+
+def _take(rules: list[R], verb: str, resource: str, namespace: str, name: str) -> R | None:
+    """The first rule that matches, counted as hit."""
+    for rule in rules:
+        if rule.matches(verb, resource, namespace, name):
+            rule.hits += 1
+            return rule
+    return None
 
 
 def _rule_fields(spec: dict[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,11 @@ import uvicorn
 
 from tests.kube_sim.api import KubeApi
 from tests.kube_sim.controllers import Controllers, bind
-from tests.kube_sim.faults import Behaviour, Faults, HttpFault, Latency, WatchCut, parse_request_fault
+from tests.kube_sim.faults import Behaviour, Faults, HttpFault, Latency, PatroniFault, WatchCut, parse_request_fault
 from tests.kube_sim.kubelet import is_ready, settle
 from tests.kube_sim.objects import PROFILES, Profile, namespace_obj, pod_from_statefulset, pvc_from_template, revision
 from tests.kube_sim.objects import statefulset as statefulset_obj
+from tests.kube_sim.patroni import ClusterState, Patroni, SwitchoverRecord
 from tests.kube_sim.rbac import Authorizing, Rbac
 from tests.kube_sim.store import DEFAULT_HISTORY, Obj, Store
 from tests.kube_sim.timing import SPEEDS, Speed
@@ -62,6 +63,7 @@ class _Server(uvicorn.Server):
 # What POST /_sim/faults takes as "kind" (see KubeSim.apply_fault).
 FAULT_KINDS = (
     "http", "latency", "watch_cut", "cut_watches", "compact", "pod", "pvc_stuck", "rollout", "primary_change",
+    "patroni", "lag", "leader_lost",
 )  # fmt: skip
 
 
@@ -87,7 +89,8 @@ class KubeSim:
         self.store = Store(history)
         self.faults = Faults()
         self.controllers = Controllers(self.store, self.faults, self.speed, self.profile)
-        self.api = KubeApi(self.store, self.faults, self.apply_fault)
+        self.patroni = Patroni(self.store, self.faults, self.speed, self.profile)
+        self.api = KubeApi(self.store, self.faults, self.patroni, self.apply_fault)
         # When given, every request is authorized as its user (tests.kube_sim.rbac); None: everything is allowed.
         self.rbac = rbac
         self.url = ""
@@ -143,7 +146,7 @@ class KubeSim:
             await asyncio.sleep(0.005)
         self._loops = [
             asyncio.create_task(self.controllers.run(name, step), name=f"kube-sim-{name}")
-            for name, step in self.controllers.loops().items()
+            for name, step in (self.controllers.loops() | {"patroni-ha": self.patroni.reconcile}).items()
         ]
         log.info("kube-sim serving %s (profile %s)", self.url, self.profile.name)
 
@@ -152,6 +155,7 @@ class KubeSim:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
+        self.patroni.stop()
         # Open watches would otherwise hold uvicorn's graceful shutdown until their timeoutSeconds.
         self.store.cut_watches()
         if self._server is not None and self._serving is not None:
@@ -339,7 +343,61 @@ class KubeSim:
             else:
                 continue
             self.store.update("pods", pod)
+        self.patroni.promoted(namespace, cluster)
         return to
+
+    # Patroni
+
+    @property
+    def switchovers(self) -> list[SwitchoverRecord]:
+        """Every switchover Patroni carried out, in order."""
+        return list(self.patroni.history)
+
+    def patroni_requests(self, method: str = "POST", endpoint: str = "switchover") -> int:
+        """How many such requests reached Patroni, on any member."""
+        return sum(1 for m, e, _ in self.patroni.requests if (m, e) == (method, endpoint))
+
+    def patroni_cluster(self, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> ClusterState:
+        """The cluster's Patroni state, to set `paused`, `synchronous_mode` and `sync_standby` on, or read
+        `timeline`."""
+        return self.patroni.cluster(namespace, cluster)
+
+    def lag(self, pod: str, lag_bytes: int, namespace: str = NAMESPACE) -> None:
+        """The member's replay position trails the leader's by `lag_bytes` (0: caught up)."""
+        self.patroni.member(namespace, pod).lag = lag_bytes
+
+    def tag(self, pod: str, namespace: str = NAMESPACE, **tags: Any) -> None:
+        """Set Patroni tags on the member (`nofailover=True`); a tag given as None is removed."""
+        mine = self.patroni.member(namespace, pod).tags
+        mine.update(tags)
+        for key in [k for k, v in mine.items() if v is None]:
+            del mine[key]
+
+    def patroni_answer(
+        self,
+        status: int,
+        *,
+        endpoint: str | None = "switchover",
+        method: str = "post",
+        pod: str | None = None,
+        message: str | None = None,
+        times: int | None = 1,
+    ) -> PatroniFault:
+        """Patroni answers matching requests with `status` and `message` (its usual words when None)."""
+        fault = PatroniFault(verb=method, resource=endpoint, name=pod, times=times, status=status, message=message)
+        self.faults.patroni.append(fault)
+        return fault
+
+    def lose_leader(
+        self, to: str | None = None, seconds: float = 0.2, cluster: str = CLUSTER, namespace: str = NAMESPACE
+    ) -> None:
+        """During the next switchover the leader is lost: the cluster has none for `seconds`, then `to` leads
+        (default: the candidate)."""
+        self.patroni.cluster(namespace, cluster).lose_leader = (to, seconds)
+
+    def slow_switchover(self, seconds: float, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> None:
+        """The next switchover takes `seconds` before the leader demotes (the request waits all along)."""
+        self.patroni.cluster(namespace, cluster).switchover_s = seconds
 
     def apply_fault(self, spec: Obj) -> Obj:
         """The admin endpoint's entry point: POST /_sim/faults with one JSON object (DELETE clears all faults).
@@ -353,6 +411,9 @@ class KubeSim:
         {"kind": "pvc_stuck", "name": "data-pg-1"}
         {"kind": "rollout", "statefulset": "pg"}
         {"kind": "primary_change", "to": "pg-2"}     "to" optional: the first Ready replica
+        {"kind": "patroni", "status": 412, "endpoint": "switchover", "name": "pg-0", "message": "...", "times": 1}
+        {"kind": "lag", "name": "pg-1", "bytes": 5242880}
+        {"kind": "leader_lost", "to": "pg-2", "seconds": 1}     "to" optional: the candidate
         Request rules match any namespace unless "namespace" is given; the other kinds default to "db".
         """
         kind = spec.get("kind")
@@ -368,6 +429,19 @@ class KubeSim:
             self.start_rollout(spec.get("statefulset") or CLUSTER, ns)
         elif kind == "primary_change":
             return {"primary": self.change_primary(spec.get("to"), spec.get("cluster") or CLUSTER, ns)}
+        elif kind == "patroni":
+            self.patroni_answer(
+                int(spec.get("status", 503)),
+                endpoint=spec.get("endpoint", "switchover"),
+                method=spec.get("method", "post"),
+                pod=spec.get("name"),
+                message=spec.get("message"),
+                times=spec.get("times", 1),
+            )
+        elif kind == "lag":
+            self.lag(spec["name"], int(spec["bytes"]), ns)
+        elif kind == "leader_lost":
+            self.lose_leader(spec.get("to"), float(spec.get("seconds", 1.0)), spec.get("cluster") or CLUSTER, ns)
         elif kind == "cut_watches":
             return {"cut": self.cut_watches()}
         elif kind == "compact":

@@ -18,11 +18,23 @@ class Speed:
     terminate: float = 0.05  # graceful shutdown, never longer than the grace period
     recreate: float = 0.05  # the StatefulSet controller noticing a missing member
     crash: float = 0.1  # period of crash-loop restarts and image-pull retries
+    switchover: float = 0.1  # Patroni's switchover: the leader demotes, the candidate promotes
 
 
 FAST = Speed()
 # Slow enough to watch a job's steps go by in a terminal, fast enough for a demo.
-DEMO = Speed(tick=0.1, bind=2.0, schedule=1.0, create=3.0, ready=5.0, role=1.0, terminate=3.0, recreate=1.0, crash=3.0)
+DEMO = Speed(
+    tick=0.1,
+    bind=2.0,
+    schedule=1.0,
+    create=3.0,
+    ready=5.0,
+    role=1.0,
+    terminate=3.0,
+    recreate=1.0,
+    crash=3.0,
+    switchover=3.0,
+)
 SPEEDS = {"fast": FAST, "demo": DEMO}
 
 

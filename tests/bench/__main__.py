@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from rich.console import Console
 
-from service.api.session import COOKIE
 from service.settings import DEV_API_KEY, get_settings
 from tests.bench import scenarios, seed
 from tests.bench.floor import FloorClient
@@ -41,6 +39,7 @@ from tests.bench.stack import (
     Proc,
     Stack,
     checkpoint,
+    console_session,
     make_stack,
     prepare,
     start_api,
@@ -221,7 +220,9 @@ class Bench:
         deep = cases[1].cursor
         assert deep is not None
         say(f"service: the console's jobs page, {sizes.list_repeats} requests each")
-        http = HttpClient("127.0.0.1", self.stack.api_port, DEV_API_KEY, size=1, cookie=await self._session())
+        http = HttpClient(
+            "127.0.0.1", self.stack.api_port, DEV_API_KEY, size=1, cookie=await console_session(self.stack.api_url)
+        )
         try:
             self.results["service"]["console"] = {
                 case.name: await scenarios.console_pages(http, case, sizes.list_repeats)
@@ -229,16 +230,6 @@ class Bench:
             }
         finally:
             http.close()
-
-    async def _session(self) -> str:
-        """A console session of the development key, as a browser gets it from the sign-in form."""
-        async with httpx.AsyncClient(base_url=self.stack.api_url) as client:
-            response = await client.post(
-                "/ui/sign-in", data={"key": DEV_API_KEY}, headers={"Origin": self.stack.api_url}
-            )
-        if response.status_code != 303:
-            raise RuntimeError(f"console sign-in: {response.status_code} {response.text[:200]}")
-        return f"{COOKIE}={response.cookies[COOKIE]}"
 
 
 def machine() -> dict[str, Any]:

@@ -20,9 +20,10 @@ import httpx
 from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
+from service.api.session import COOKIE
 from service.db import asyncpg_dsn
 from service.heartbeats import live_workers
-from service.settings import get_settings
+from service.settings import DEV_API_KEY, get_settings
 
 BENCH_DATABASE = "apiops_bench"
 # Tests use db 13; the benchmark flushes only this one (FLUSHDB on its own index).
@@ -258,3 +259,12 @@ def stop(procs: list[Proc]) -> None:
             proc.popen.kill()
             proc.popen.wait()
         proc.log.close()
+
+
+async def console_session(url: str) -> str:
+    """A console session of the development key, signed in as a browser does: the `cookie` header's value."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        response = await client.post("/ui/sign-in", data={"key": DEV_API_KEY}, headers={"Origin": url})
+    if response.status_code != 303:
+        raise RuntimeError(f"console sign-in: {response.status_code} {response.text[:200]}")
+    return f"{COOKIE}={response.cookies[COOKIE]}"

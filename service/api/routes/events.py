@@ -79,9 +79,10 @@ KEEPALIVE = ": keep-alive\n\n"
 T = TypeVar("T")
 
 
-async def _batches(live: asyncio.Queue[T], keepalive_s: float) -> AsyncIterator[list[T]]:
+async def _batches(live: asyncio.Queue[T], keepalive_s: float, gather_s: float = 0.0) -> AsyncIterator[list[T]]:
     """What arrives on `live`, a burst at a time (what is already queued goes out in one write); an empty batch when
-    nothing came for `keepalive_s`, so that the stream sends a comment and proxies keep it open."""
+    nothing came for `keepalive_s`, so that the stream sends a comment and proxies keep it open. With `gather_s`,
+    what arrives within that long of a batch's first item goes out with it: fewer, larger writes."""
     while True:
         try:
             # Not wait_for: that wraps every wait in a task of its own, for each watcher at each event.
@@ -90,6 +91,8 @@ async def _batches(live: asyncio.Queue[T], keepalive_s: float) -> AsyncIterator[
         except TimeoutError:
             yield []
             continue
+        if gather_s:
+            await asyncio.sleep(gather_s)
         items = [item]
         while not live.empty():
             items.append(live.get_nowait())
@@ -132,6 +135,10 @@ class EventsQuery(BaseModel):
 
 # A resuming list-level stream reads what it missed this many events at a time.
 CATCH_UP_BATCH = 500
+# A list-level stream carries every job's events to each open page: it sends them at most this often, a burst per
+# write. A busy service's events then cost each stream a few writes a second, not one per event (measured with
+# `python -m tests.bench.watchers --consoles 100`); a page is at most this much later.
+LIST_GATHER_S = 0.2
 
 
 async def all_events(request: Request) -> StreamingResponse:
@@ -176,7 +183,7 @@ class _ListStream:
             if self._last > 0:
                 async for text in self._catch_up():
                     yield text
-            async for items in _batches(live, self._state.settings.sse_keepalive_s):
+            async for items in _batches(live, self._state.settings.sse_keepalive_s, LIST_GATHER_S):
                 if None in items:  # the hub may have missed announcements
                     async for text in self._catch_up():
                         yield text

@@ -28,52 +28,93 @@ function listen(url, kinds, onEvent) {
   return source;
 }
 
-// The jobs list: an event for a job on the page, or for a new job this view would show, has its row fetched
-// (a burst at a time) from /ui/rows, rendered by the server exactly as the page renders it.
+// The jobs list. An event for a job on the page updates its row in place, from what the event says (its status,
+// the step it is on, the step's detail): no request at all, however many consoles are open. A job that is not on
+// the page but that this view would show (a new job, or one that now has a status the view filters on) has its
+// row fetched from /ui/rows, a burst at a time, rendered by the server as the page renders rows, with fresh counts.
 function followList(table) {
   const statuses = table.dataset.statuses ? table.dataset.statuses.split(",") : [];
   const newestFirst = table.dataset.live === "1";
-  const changed = new Set();
-  const refresh = debounce(async () => {
-    const ids = [...changed];
-    changed.clear();
+  const missing = new Set();
+  const fetchMissing = debounce(async () => {
+    const ids = [...missing];
+    missing.clear();
     const doc = await fetchDocument(`${table.dataset.rows}&ids=${encodeURIComponent(ids.join(","))}`);
     if (doc === null) {
       return;
     }
-    const body = table.tBodies[0];
-    const returned = new Set();
     for (const row of [...doc.querySelectorAll("tr[id]")].reverse()) {
-      returned.add(row.id);
       const fresh = document.importNode(row, true);
       const shown = document.getElementById(row.id);
       if (shown) {
         shown.replaceWith(fresh);
       } else {
-        body.prepend(fresh);
-      }
-    }
-    for (const id of ids) {
-      const shown = document.getElementById(`job-${id}`);
-      if (shown && !returned.has(shown.id)) {
-        shown.remove(); // it no longer matches this view's filters
+        table.tBodies[0].prepend(fresh);
       }
     }
     const counts = doc.getElementById("counts");
     if (counts) {
       document.getElementById("counts").replaceWith(document.importNode(counts, true));
     }
-    document.querySelector(".empty")?.toggleAttribute("hidden", body.rows.length > 0);
+    document.querySelector(".empty")?.toggleAttribute("hidden", table.tBodies[0].rows.length > 0);
   }, 250);
   listen(table.dataset.stream, table.dataset.kinds.split(","), (event) => {
     const data = JSON.parse(event.data);
-    const onPage = document.getElementById(`job-${data.job_id}`) !== null;
-    const wanted = newestFirst && (statuses.length === 0 || statuses.includes(data.job_status));
-    if (onPage || wanted) {
-      changed.add(data.job_id);
-      refresh();
+    const wanted = statuses.length === 0 || statuses.includes(data.job_status);
+    const row = document.getElementById(`job-${data.job_id}`);
+    if (row && wanted) {
+      updateRow(row, data);
+    } else if (row) {
+      countMove(row.dataset.status, null);
+      row.remove(); // it no longer matches this view's filters
+    } else if (newestFirst && wanted) {
+      missing.add(data.job_id);
+      fetchMissing();
     }
   });
+}
+
+function updateRow(row, data) {
+  if (data.job_status !== row.dataset.status) {
+    countMove(row.dataset.status, data.job_status);
+    row.dataset.status = data.job_status;
+    const status = row.querySelector(".status");
+    status.className = `status s-${data.job_status}`;
+    status.textContent = data.job_status.replace("_", " ");
+  }
+  const step = row.querySelector(".step");
+  if (data.kind === "retried") {
+    step.replaceChildren();
+  } else if ((data.kind === "step" || data.kind === "progress") && data.step) {
+    const done = data.kind === "step" && data.status === "success";
+    step.replaceChildren();
+    if (!done) {
+      step.append(data.step);
+      if (data.detail) {
+        const detail = document.createElement("span");
+        detail.className = "detail";
+        detail.textContent = data.detail.length > 80 ? `${data.detail.slice(0, 77)}...` : data.detail;
+        step.append(" ", detail);
+      }
+    }
+  }
+  const duration = row.querySelector(".duration");
+  if (data.kind === "claimed") {
+    duration.dataset.since = data.created_at;
+  } else if (data.kind === "finished" && duration.dataset.since) {
+    duration.textContent = humanDuration((Date.parse(data.created_at) - Date.parse(duration.dataset.since)) / 1000);
+    delete duration.dataset.since;
+  }
+}
+
+// The counts by status follow the rows' moves (a count shown as "1000+" is left as it is).
+function countMove(from, to) {
+  for (const [status, change] of [[from, -1], [to, 1]]) {
+    const count = status && document.querySelector(`#counts a.s-${status} b`);
+    if (count && /^[0-9]+$/.test(count.textContent)) {
+      count.textContent = String(Math.max(0, Number(count.textContent) + change));
+    }
+  }
 }
 
 // A job's page: each event of the job has the page's live part fetched again and swapped in; the stream is closed

@@ -18,10 +18,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from jobs.pgkube.health import ha_view, not_streaming, patroni_view
 from jobs.pgkube.kube import Kube, PodView, PvcView, StatefulSetView
 from jobs.pgkube.params import (
     MAX_WAIT_S,
+    MIB,
     ClusterParams,
+    MaxLagBytes,
     PgSettings,
     PodName,
     Refused,
@@ -30,6 +33,7 @@ from jobs.pgkube.params import (
     pg_job_type,
     profile_for,
 )
+from jobs.pgkube.patroni import ClusterView, Member
 from jobs.pgkube.profiles import Profile
 from jobs.pgkube.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
 from service.jobtypes import Step, StepContext
@@ -54,6 +58,7 @@ class RebuildParams(ClusterParams):
     delete_timeout_s: Annotated[Seconds, Field(description="for the old pod and PVCs to go")] = 300
     schedule_timeout_s: Annotated[Seconds, Field(description="for the new pod to be scheduled, its PVC Bound")] = 300
     ready_timeout_s: Annotated[Seconds, Field(description="for the new replica to be Ready (basebackup)")] = 600
+    max_lag_bytes: MaxLagBytes = MIB
 
 
 @dataclass
@@ -115,6 +120,55 @@ class Health:
     primary: str
     others: list[str]
     target_role: str | None
+    ha: str  # what Patroni said of the members, or why the job goes by labels
+
+
+async def _ha(r: Rebuild, members: list[PodView]) -> ClusterView | str:
+    """Patroni's view, or why the job goes by labels alone. The health check decides once, for the whole job: where
+    Patroni answered it, it must answer the later steps too (its errors are retried like any API error); where it
+    did not, every later step goes by labels as well, so that the job judges the cluster one way throughout."""
+    if "labels_only" not in r.ctx.state:
+        view = await ha_view(r.kube, r.ns, r.profile, members)
+        await r.ctx.remember(labels_only=view if isinstance(view, str) else "")
+        return view
+    reason: str = r.ctx.state["labels_only"]
+    return reason or await patroni_view(r.kube, r.ns, r.profile, members)
+
+
+def _leader(view: ClusterView, primary: str) -> Member:
+    """Patroni's one leader, which must be the member labelled primary."""
+    leaders = view.leaders
+    if len(leaders) != 1 or leaders[0].name != primary:
+        found = ", ".join(m.name for m in leaders) or "none"
+        raise Refused(f"Patroni shows {len(leaders)} leader(s) ({found}), the labels primary {primary}")
+    return leaders[0]
+
+
+def _ha_check(r: Rebuild, view: ClusterView | str, primary: str, others: list[str]) -> str:
+    """Refuses a target Patroni is already re-cloning and another replica that is not streaming from the leader
+    within the lag limit; says what Patroni showed, or that the job goes by labels."""
+    if isinstance(view, str):
+        return f"labels only: {view}"
+    leader = _leader(view, primary)
+    target = view.member(r.name)
+    if target is not None and target.state == "creating replica":
+        raise Refused(
+            f"pod {r.name} is already re-cloning (Patroni: creating replica); a second re-clone would race the first"
+        )
+    replicas = [name for name in others if name != primary]
+    members = {name: view.member(name) for name in replicas}
+    behind = [
+        f"{name} is not in Patroni's member list" if m is None else not_streaming(m, leader, r.params.max_lag_bytes)
+        for name, m in members.items()
+    ]
+    reasons = [reason for reason in behind if reason is not None]
+    if reasons:
+        raise Refused(
+            f"other members not streaming: {'; '.join(reasons)}; rebuilding {r.name} now could leave the cluster "
+            "without a replica"
+        )
+    streaming = ", ".join(m.describe() for m in members.values() if m is not None)
+    return f"Patroni: {leader.name} leads on timeline {leader.timeline}; {streaming or 'no other replica'}"
 
 
 async def _assess(r: Rebuild) -> Health:
@@ -149,7 +203,9 @@ async def _assess(r: Rebuild) -> Health:
     sts = await r.statefulset()
     if len(members) < sts.replicas:
         raise Refused(f"only {len(members)} of {sts.replicas} members of StatefulSet {sts.name} exist")
-    return Health(primary.name, [p.name for p in others], r.profile.role(target_pod))
+    names = [p.name for p in others]
+    ha = _ha_check(r, await _ha(r, members), primary.name, names)
+    return Health(primary.name, names, r.profile.role(target_pod), ha)
 
 
 async def _primary_text(r: Rebuild) -> str:
@@ -213,7 +269,7 @@ async def check_cluster_health(ctx: StepContext, params: RebuildParams) -> str:
     await ctx.remember(primary=health.primary)
     return (
         f"primary {health.primary} healthy; {len(health.others)}/{len(health.others)} other members ready "
-        f"({', '.join(health.others)}); {r.name} is {health.target_role or 'unlabelled (not running)'}"
+        f"({', '.join(health.others)}); {r.name} is {health.target_role or 'unlabelled (not running)'}; {health.ha}"
     )
 
 
@@ -357,8 +413,9 @@ async def wait_scheduled(ctx: StepContext, params: RebuildParams) -> str:
 
 
 async def wait_ready(ctx: StepContext, params: RebuildParams) -> str:
-    """Changes nothing; polls. Done when the new pod is Ready and carries the replica role label (the operator
-    labels a member only once it streams from the primary). Fails fast on a container state that will not heal
+    """Changes nothing; polls. Done when the new pod is Ready, carries the replica role label (the operator labels a
+    member only once it runs) and, where Patroni answered the health check, Patroni shows it `streaming` from the
+    leader on its timeline within `max_lag_bytes`. Fails fast on a container state that will not heal
     (CrashLoopBackOff, image pull errors, config errors), on climbing restarts and on the primary changing."""
     if params.dry_run:
         return DRY_RUN_WAIT
@@ -373,12 +430,34 @@ async def wait_ready(ctx: StepContext, params: RebuildParams) -> str:
             return Seen(f"remaining: {r.name} (missing){primary}")
         watch.check(pod)
         if pod.ready and r.profile.is_replica(pod):
-            took = asyncio.get_running_loop().time() - started
-            return Seen("", f"pod {r.name} (uid {pod.uid}) Ready as {r.profile.role(pod)} after {took:.0f}s")
+            behind, streaming = await _replicating(r, pod)
+            if behind is None:
+                took = asyncio.get_running_loop().time() - started
+                return Seen(
+                    "", f"pod {r.name} (uid {pod.uid}) Ready as {r.profile.role(pod)}, {streaming}, after {took:.0f}s"
+                )
+            return Seen(f"remaining: {behind}{primary}")
         role = f"no {r.profile.role_labels[0]} label yet" if pod.ready else None
         return Seen(f"remaining: {describe_pod(pod, role)}{primary}")
 
     return await wait_until(ctx, probe, what="waiting for pods", timeout_s=params.ready_timeout_s, interval_s=r.poll_s)
+
+
+async def _replicating(r: Rebuild, pod: PodView) -> tuple[str | None, str]:
+    """What still keeps the new member from counting as a replica by Patroni's word (None: nothing), and what
+    Patroni shows of it, or why the job goes by labels."""
+    view = await _ha(r, await r.members())
+    if isinstance(view, str):
+        return None, f"labels only: {view}"
+    leaders = view.leaders
+    member = view.member(pod.name)
+    if len(leaders) != 1 or member is None:
+        seen = f"leaders {', '.join(m.name for m in leaders) or 'none'}" if member else "not in its member list yet"
+        return f"{pod.name} (Patroni: {seen})", ""
+    behind = not_streaming(member, leaders[0], r.params.max_lag_bytes)
+    if behind is not None:
+        return f"{member.describe()}: {behind}", ""
+    return None, f"streaming from {leaders[0].name} (timeline {member.timeline}, lag {member.lag} B)"
 
 
 async def post_check(ctx: StepContext, params: RebuildParams) -> str:

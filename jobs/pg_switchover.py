@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import Field, model_validator
 
 from jobs.pgkube import params as pg
+from jobs.pgkube.health import not_streaming, patroni_view
 from jobs.pgkube.kube import Kube, PodView
 from jobs.pgkube.params import ClusterParams, PgSettings, Refused, pg_job_type
 from jobs.pgkube.patroni import ClusterView, Member, Patroni, PatroniRefused, PatroniUnavailable
@@ -30,7 +31,6 @@ from jobs.pgkube.waiting import Seen, WaitTimeout, WontHeal, wait_until
 from service.jobtypes import Step, StepContext
 
 T = TypeVar("T")
-MIB = 1024 * 1024
 # Patroni's answer when it gave up polling: the switchover may still happen, so the request counts as in flight.
 STATUS_UNKNOWN = "Switchover status unknown"
 DRY_RUN_WAIT = "dry run: no switchover asked, nothing to wait for"
@@ -40,9 +40,7 @@ class SwitchoverParams(ClusterParams):
     candidate: Annotated[
         pg.PodName | None, Field(description="the replica to promote (default: the streaming replica with least lag)")
     ] = None
-    max_lag_bytes: Annotated[
-        int, Field(ge=0, description="most bytes the candidate, and afterwards each member, may trail the leader")
-    ] = MIB
+    max_lag_bytes: pg.MaxLagBytes = pg.MIB
     switchover_timeout_s: Annotated[pg.Seconds, Field(description="for Patroni to hand the leadership over")] = 120
     settle_timeout_s: Annotated[pg.Seconds, Field(description="for the other members to stream from the new one")] = 300
 
@@ -98,31 +96,15 @@ class Switch:
     async def view(self, pods: list[PodView] | None = None) -> ClusterView:
         """GET /cluster, asking the labelled primary first, then the other members."""
         pods = pods if pods is not None else await self.members()
-        ordered = sorted(pods, key=lambda p: (not self.profile.is_primary(p), p.deleting, p.name))
-        return await self.patroni.cluster([p.name for p in ordered])
+        return await patroni_view(self.kube, self.params.namespace, self.profile, pods)
 
 
 # Checks
 
 
-def _not_streaming(member: Member, leader: Member, max_lag: int) -> str | None:
-    """Why `member` is not a replica streaming from `leader` within the lag limit; None when it is."""
-    if member.leads:
-        return f"{member.name} is the leader"
-    if member.state != "streaming":
-        return f"{member.name} is {member.state or 'in no state'}, not streaming"
-    if member.timeline != leader.timeline:
-        return f"{member.name} is on timeline {member.timeline}, the leader {leader.name} on {leader.timeline}"
-    if member.lag is None:
-        return f"{member.name}'s lag is unknown"
-    if member.lag > max_lag:
-        return f"{member.name} lags {member.lag} bytes behind the leader, more than max_lag_bytes {max_lag}"
-    return None
-
-
 def _disqualified(member: Member, leader: Member, view: ClusterView, max_lag: int) -> str | None:
     """Why `member` may not take over from `leader` now, in words for the job's detail; None if it may."""
-    reason = _not_streaming(member, leader, max_lag)
+    reason = not_streaming(member, leader, max_lag)
     if reason is not None:
         return reason
     if member.nofailover:
@@ -342,7 +324,7 @@ def _lagging(s: Switch, pod: PodView, member: Member | None, leader: Member) -> 
     if not s.profile.is_replica(pod):
         label = s.profile.role(pod)
         return f"{pod.name} ({member.state}, {f'labelled {label}' if label else 'no role label yet'})"
-    reason = _not_streaming(member, leader, s.params.max_lag_bytes)
+    reason = not_streaming(member, leader, s.params.max_lag_bytes)
     return None if reason is None else f"{member.describe()}: {reason}"
 
 

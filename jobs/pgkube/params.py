@@ -23,6 +23,7 @@ from service.jobtypes import JobType, Step, StepContext, settings_from
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_WAIT_S = 4 * 3600
+MIB = 1024 * 1024
 
 
 def dns_label(value: str) -> str:
@@ -56,6 +57,8 @@ Seconds = Annotated[float, Field(gt=0, le=MAX_WAIT_S)]
 LABEL: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_LABEL.pattern, "maxLength": 63}}
 SUBDOMAIN: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_SUBDOMAIN.pattern, "maxLength": 253}}
 PodName = Annotated[str, AfterValidator(dns_subdomain), Field(**SUBDOMAIN)]
+# Patroni's lag of a replica behind the leader, beyond which the job does not count it as healthy (default: MIB).
+MaxLagBytes = Annotated[int, Field(ge=0, description="most bytes a replica may trail the leader and count as healthy")]
 
 
 class ClusterParams(BaseModel):

@@ -304,6 +304,15 @@ class KubeSim:
 
     not_ready = never_ready  # on a running member it turns Ready to False: "a member not Ready"
 
+    def recloning(self, pod: str, namespace: str = NAMESPACE) -> None:
+        """The member is being re-cloned and stays so: its readiness probe fails and Patroni has removed its role
+        label, so Patroni shows it `creating replica`."""
+        self.never_ready(pod, namespace)
+        found = self.pod(pod, namespace)
+        if found is not None:
+            self.profile.set_role(found, None)
+            self.store.update("pods", found)
+
     def crash_loop(self, pod: str, namespace: str = NAMESPACE) -> None:
         self.set_behaviour(pod, Behaviour.CRASH_LOOP, namespace)
 

@@ -183,7 +183,7 @@ async def test_dry_run_reports_what_it_would_delete_and_deletes_nothing(
     assert world(kube_sim) == before
 
 
-@pytest.mark.parametrize("profile", ["cnpg", "patroni"])
+@pytest.mark.parametrize("profile", ["patroni", "stackgres"])
 async def test_rebuilds_with_another_label_profile(
     client: httpx.AsyncClient, settings: Settings, tmp_path: Path, profile: str
 ) -> None:

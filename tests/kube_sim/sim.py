@@ -23,6 +23,8 @@ from typing import Any
 import uvicorn
 
 from tests.kube_sim.api import KubeApi
+from tests.kube_sim.cnpg import PLURAL as CNPG_CLUSTERS
+from tests.kube_sim.cnpg import Cnpg, Promotion
 from tests.kube_sim.controllers import Controllers, bind
 from tests.kube_sim.faults import Behaviour, Faults, HttpFault, Latency, PatroniFault, WatchCut, parse_request_fault
 from tests.kube_sim.kubelet import is_ready, settle
@@ -90,6 +92,7 @@ class KubeSim:
         self.faults = Faults()
         self.controllers = Controllers(self.store, self.faults, self.speed, self.profile)
         self.patroni = Patroni(self.store, self.faults, self.speed, self.profile)
+        self.cnpg = Cnpg(self.store, self.speed, self.profile)
         self.api = KubeApi(self.store, self.faults, self.patroni, self.apply_fault)
         # When given, every request is authorized as its user (tests.kube_sim.rbac); None: everything is allowed.
         self.rbac = rbac
@@ -146,7 +149,9 @@ class KubeSim:
             await asyncio.sleep(0.005)
         self._loops = [
             asyncio.create_task(self.controllers.run(name, step), name=f"kube-sim-{name}")
-            for name, step in (self.controllers.loops() | {"patroni-ha": self.patroni.reconcile}).items()
+            for name, step in (
+                self.controllers.loops() | {"patroni-ha": self.patroni.reconcile, "cnpg": self.cnpg.reconcile}
+            ).items()
         ]
         log.info("kube-sim serving %s (profile %s)", self.url, self.profile.name)
 
@@ -182,9 +187,12 @@ class KubeSim:
     # seeding
 
     def seed_cluster(self, namespace: str = NAMESPACE, name: str = CLUSTER, replicas: int = 3) -> Obj:
-        """A settled cluster: StatefulSet `name` with Ready members `name-0..`, `name-0` primary, PVCs Bound."""
+        """A settled cluster: StatefulSet `name` with Ready members `name-0..`, `name-0` primary, PVCs Bound; on the
+        cnpg profile a CloudNativePG Cluster `name` instead, its instances `name-1..`, `name-1` primary."""
         if self.store.get("namespaces", "", namespace) is None:
             self.store.create("namespaces", namespace_obj(namespace))
+        if self.profile.name == "cnpg":
+            return self.cnpg.seed(namespace, name, replicas)
         sts = self.store.create(
             "statefulsets", statefulset_obj(name, namespace, self.profile.labels_for(name), replicas)
         )
@@ -215,9 +223,19 @@ class KubeSim:
     def statefulset(self, name: str = CLUSTER, namespace: str = NAMESPACE) -> Obj | None:
         return self.store.get("statefulsets", namespace, name)
 
+    def cnpg_cluster(self, name: str = CLUSTER, namespace: str = NAMESPACE) -> Obj | None:
+        """The CloudNativePG Cluster (cnpg profile)."""
+        return self.store.get(CNPG_CLUSTERS, namespace, name)
+
+    @property
+    def promotions(self) -> list[Promotion]:
+        """Every switchover CloudNativePG's operator carried out, in order."""
+        return list(self.cnpg.history)
+
     def members(self, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> list[Obj]:
-        sts = self.statefulset(cluster, namespace)
-        uid = sts["metadata"]["uid"] if sts else None
+        """The pods owned by the StatefulSet, or the CloudNativePG Cluster, named `cluster`."""
+        owner = self.statefulset(cluster, namespace) or self.cnpg_cluster(cluster, namespace)
+        uid = owner["metadata"]["uid"] if owner else None
         pods = self.store.objects("pods", namespace)
         return [p for p in pods if any(r.get("uid") == uid for r in p["metadata"].get("ownerReferences") or [])]
 

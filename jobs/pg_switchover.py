@@ -1,4 +1,4 @@
-"""`pg-switchover`: move a Patroni cluster's leadership to a named replica, or to the best one, through Patroni.
+"""`pg-switchover`: move a cluster's primary to a named replica, or to the best one, through Patroni (or CloudNativePG).
 
 Patroni is asked through the Kubernetes API's pod proxy (`jobs.pgkube.patroni`). Before anything changes, the job
 records the topology it found (leader, timeline, candidate) and refuses a cluster that is not exactly one leader,
@@ -10,7 +10,10 @@ following, and every other member streams from it within the lag limit.
 Crash-safe: the topology is recorded once, at the start, and every later step compares against it. The switchover
 step never asks twice: the candidate leading on a higher timeline means done; a request that was sent when the worker
 was lost is waited for, not repeated; and Patroni itself turns down a late duplicate, since the request names the
-leader it moves from ("leader name does not match"). CloudNativePG has no Patroni and is refused at submission.
+leader it moves from ("leader name does not match").
+
+CloudNativePG has no Patroni: on the `cnpg` profile each step hands over to `jobs.pg_switchover_cnpg`, which asks the
+operator through its Cluster resource (`status.targetPrimary`, as `kubectl cnpg promote` does).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from jobs import pg_switchover_cnpg as cnpg
 from jobs.pgkube import params as pg
 from jobs.pgkube.health import not_streaming, patroni_view
 from jobs.pgkube.kube import Kube, PodView
@@ -43,15 +47,6 @@ class SwitchoverParams(ClusterParams):
     max_lag_bytes: pg.MaxLagBytes = pg.MIB
     switchover_timeout_s: Annotated[pg.Seconds, Field(description="for Patroni to hand the leadership over")] = 120
     settle_timeout_s: Annotated[pg.Seconds, Field(description="for the other members to stream from the new one")] = 300
-
-    @model_validator(mode="after")
-    def _has_patroni(self) -> SwitchoverParams:
-        if self.profile == "cnpg":
-            raise ValueError(
-                "profile cnpg: CloudNativePG has no Patroni; a switchover through its Cluster resource "
-                "(status.targetPrimary) is not supported yet"
-            )
-        return self
 
 
 @dataclass
@@ -78,6 +73,11 @@ class Switch:
         if recorded is None:
             raise RuntimeError("no topology recorded: step read-topology has not run")
         return recorded
+
+    @property
+    def cnpg(self) -> bool:
+        """CloudNativePG: no Patroni; the switchover goes through its Cluster resource (jobs.pg_switchover_cnpg)."""
+        return self.profile.owner == "Cluster"
 
     async def members(self) -> list[PodView]:
         return await self.kube.pods(self.params.namespace, self.profile.selector(self.params.cluster))
@@ -175,6 +175,8 @@ async def read_topology(ctx: StepContext, params: SwitchoverParams) -> str:
     and the candidate (the named one, or the replica with least lag that may take over): what every later step,
     on whichever worker, compares against. Done when recorded; refuses a cluster without exactly one leader."""
     s = Switch.of(ctx, params)
+    if s.cnpg:
+        return await cnpg.read_topology(s)
     topology = ctx.state.get("topology")
     view = await s.view()
     if topology is None:
@@ -199,6 +201,8 @@ async def check_candidate(ctx: StepContext, params: SwitchoverParams) -> str:
     paused and the candidate is a member, streaming on the leader's timeline within the lag limit, not tagged
     nofailover, and the synchronous standby in synchronous mode; refuses otherwise."""
     s = Switch.of(ctx, params)
+    if s.cnpg:
+        return await cnpg.check_candidate(s)
     view = await s.view()
     done = _took_over(view, s.topology)
     if done is not None:
@@ -218,6 +222,8 @@ async def switchover(ctx: StepContext, params: SwitchoverParams) -> str:
     nothing). A request sent before the worker was lost is waited for, never sent again while it may still act.
     Patroni's 412/400 fail the step with its words; its 503 is retried."""
     s = Switch.of(ctx, params)
+    if s.cnpg:
+        return await cnpg.switchover(s)
     topology = s.topology
     _, view, done = await s.look()
     if done is not None:
@@ -276,6 +282,8 @@ async def wait_new_leader(ctx: StepContext, params: SwitchoverParams) -> str:
     if params.dry_run:
         return DRY_RUN_WAIT
     s = Switch.of(ctx, params)
+    if s.cnpg:
+        return await cnpg.wait_new_leader(s)
     topology = s.topology
 
     async def probe() -> Seen[str]:
@@ -300,6 +308,8 @@ async def wait_replicas(ctx: StepContext, params: SwitchoverParams) -> str:
     if params.dry_run:
         return DRY_RUN_WAIT
     s = Switch.of(ctx, params)
+    if s.cnpg:
+        return await cnpg.wait_replicas(s)
 
     async def probe() -> Seen[str]:
         pods, view, leader = await s.look()
@@ -340,10 +350,11 @@ STEPS: list[Step[SwitchoverParams]] = [
 JOB = pg_job_type(
     "pg-switchover",
     (
-        "Move a Patroni cluster's leadership to a replica (`candidate`, or the streaming one with least lag) "
-        "through Patroni's REST API, then wait until it leads on a new timeline and every other member streams "
-        "from it. Refuses an unhealthy candidate, a paused cluster and a leader other than the one recorded at "
-        "the start before asking anything; `dry_run` only runs the checks."
+        "Move a cluster's primary to a replica (`candidate`, or the streaming one with least lag) through "
+        "Patroni's REST API (on CloudNativePG: its Cluster's status.targetPrimary, as `kubectl cnpg promote` does), "
+        "then wait until it leads on a new timeline and every other member follows it. Refuses an unhealthy "
+        "candidate, a paused cluster and a leader other than the one recorded at the start before asking anything; "
+        "`dry_run` only runs the checks."
     ),
     SwitchoverParams,
     STEPS,

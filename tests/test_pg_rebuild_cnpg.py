@@ -5,7 +5,6 @@ SIGKILLed while its delete is in flight."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,10 @@ import pytest
 
 from jobs import pg_rebuild
 from service.settings import Settings
-from tests.conftest import kube_settings_for, shipped_role_cluster
+from tests.conftest import kube_settings_for
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim
 from tests.test_pg_rebuild import STEPS, rebuild, steps, world
-
-
-@pytest.fixture
-async def cnpg_sim() -> AsyncIterator[KubeSim]:
-    """A CloudNativePG Cluster `pg` in `db`: pg-1 primary, pg-2 and pg-3 replicas."""
-    async with shipped_role_cluster("cnpg") as sim:
-        yield sim
 
 
 def uid(sim: KubeSim, resource: str, name: str) -> str:
@@ -99,9 +91,7 @@ async def test_refusals_delete_nothing(
     refusal: str,
 ) -> None:
     if setup == "switching":  # a promotion the operator cannot carry out: the target is no instance
-        cluster = cnpg_sim.cnpg_cluster() or {}
-        cluster["status"]["targetPrimary"] = "pg-9"
-        cnpg_sim.store.update("clusters", cluster)
+        cnpg_sim.cnpg_promote("pg-9")
         await cnpg_sim.wait_for(lambda: cluster_status(cnpg_sim)["phase"] == "Switchover in progress")
     before = world(cnpg_sim)
 
@@ -128,16 +118,13 @@ async def test_dry_run_deletes_nothing(
 
 
 async def test_a_worker_killed_while_its_delete_is_in_flight_leaves_one_new_instance(job_kit: KitFactory) -> None:
-    # A lease of 4 s: the delete, held 1 s by the cluster, lands well before another worker can take over.
     kit = await job_kit(pg_rebuild.JOB, cluster=True, profile="cnpg", lease_ttl_s=4)
     sim = kit.cluster
     old = uid(sim, "pods", "pg-2")
-    sim.slow(1.0, verb="delete", resource="pods", times=1)
-    deletes = sim.slow(0, verb="delete", resource="pods")
     job_id = await kit.submit("pg-rebuild", namespace="db", cluster="pg", pod="pg-2", profile="cnpg")
 
-    async with kit.worker_dies_during(job_id, "delete-pod", when=lambda: deletes.hits == 1):
-        pass  # the worker died after sending the delete, before its answer
+    async with kit.worker_dies_with_request_in_flight(job_id, "delete-pod", verb="delete", resource="pods") as deletes:
+        pass
 
     job = await kit.run_to_end(job_id)
     assert job["status"] == "success", job

@@ -227,6 +227,19 @@ class KubeSim:
         """The CloudNativePG Cluster (cnpg profile)."""
         return self.store.get(CNPG_CLUSTERS, namespace, name)
 
+    def cnpg_promote(self, to: str, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> None:
+        """What `kubectl cnpg promote` does: name `to` the Cluster's target primary, and the operator switches over
+        to it; a name that is no instance leaves the Cluster switching over for good."""
+        found = self.cnpg_cluster(cluster, namespace)
+        if found is None:
+            raise ValueError(f"no CloudNativePG Cluster {namespace}/{cluster}")
+        found["status"] |= {
+            "targetPrimary": to,
+            "phase": "Switchover in progress",
+            "phaseReason": f"Switching over to {to}",
+        }
+        self.store.update(CNPG_CLUSTERS, found)
+
     @property
     def promotions(self) -> list[Promotion]:
         """Every switchover CloudNativePG's operator carried out, in order."""

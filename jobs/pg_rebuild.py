@@ -1,8 +1,14 @@
 """`pg-rebuild`: rebuild one PostgreSQL replica on Kubernetes by recreating its storage.
 
 The replica's data PVCs and then its pod are deleted; the StatefulSet recreates both, and the operator (Patroni,
-Spilo, ...) re-clones the new, empty member from the primary. Before anything is deleted the job refuses the
-primary, a cluster with another member not Ready, and a StatefulSet in the middle of a rollout.
+Spilo, ...) re-clones the new, empty member from the primary. On CloudNativePG (profile `cnpg`) its own operator
+owns the pods: it replaces an instance whose PVCs are gone by a new one under the next serial (`jobs.pgkube.cnpg`),
+which the job then follows. Before anything is deleted the job refuses the primary, a cluster with another member not
+Ready, and a StatefulSet in the middle of a rollout (a CloudNativePG Cluster in the middle of a switchover).
+
+Where the profile has Patroni the job also asks it (`jobs.pgkube.health`): it refuses a member Patroni is already
+re-cloning and another replica not streaming within `max_lag_bytes`, and waits for the new member to stream within
+it. Where Patroni does not answer, the health check says so and the whole job goes by the labels.
 
 Every step re-derives what it needs from the cluster, so each one can run again after a crash at any point:
 a PVC already Terminating or gone is deleted already; a pod whose storage is still live is already the
@@ -561,8 +567,10 @@ JOB = pg_job_type(
     "pg-rebuild",
     (
         "Rebuild one PostgreSQL replica on Kubernetes: delete its data PVCs and pod, wait until the StatefulSet "
-        "recreates them and the new member is Ready as a replica. Refuses the primary, an unhealthy cluster and "
-        "a StatefulSet mid-rollout before deleting anything; `dry_run` only reports what it would delete."
+        "recreates them (CloudNativePG: a new instance replaces it) and the new member is Ready as a replica, "
+        "streaming within max_lag_bytes where Patroni tells. Refuses the primary, an unhealthy cluster, a member "
+        "already re-cloning and a StatefulSet mid-rollout before deleting anything; `dry_run` only reports what it "
+        "would delete."
     ),
     RebuildParams,
     STEPS,

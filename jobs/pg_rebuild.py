@@ -198,11 +198,10 @@ def _ha_check(r: Rebuild, name: str, view: ClusterView | str, primary: str, othe
         raise Refused(
             f"pod {name} is already re-cloning (Patroni: creating replica); a second re-clone would race the first"
         )
-    replicas = [name for name in others if name != primary]
-    members = {name: view.member(name) for name in replicas}
+    members = {other: view.member(other) for other in others if other != primary}
     behind = [
-        f"{name} is not in Patroni's member list" if m is None else not_streaming(m, leader, r.params.max_lag_bytes)
-        for name, m in members.items()
+        f"{other} is not in Patroni's member list" if m is None else not_streaming(m, leader, r.params.max_lag_bytes)
+        for other, m in members.items()
     ]
     reasons = [reason for reason in behind if reason is not None]
     if reasons:

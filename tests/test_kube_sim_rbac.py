@@ -48,6 +48,12 @@ USER = "system:serviceaccount:apiops:apiops-worker"
             "",
             ("create", "", "db", "pods", "proxy", "pg-0:8008"),
         ),
+        (
+            "PATCH",
+            "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg/status",
+            "",
+            ("patch", "postgresql.cnpg.io", "db", "clusters", "status", "pg"),
+        ),
     ],
 )
 def test_requests_map_to_verbs_and_resources_as_the_api_server_maps_them(
@@ -174,6 +180,22 @@ async def test_a_verb_the_role_lacks_is_refused_with_the_api_servers_status(
         f'namespaces is forbidden: User "{USER}" cannot list resource "namespaces" in API group "" at the cluster scope'
     )
     assert len(sim.rbac.denied if sim.rbac else []) == 6
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", True),
+        ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg/status", True),
+        ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", False),  # the spec: never
+        ("DELETE", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", False),
+        ("GET", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters", False),
+    ],
+)
+def test_the_shipped_role_reaches_a_cloudnativepg_clusters_status_not_its_spec(
+    method: str, path: str, allowed: bool
+) -> None:
+    assert Rbac.load().authorize(attributes(method, path)) is allowed
 
 
 def test_the_suites_cluster_fixture_enforces_the_shipped_role(kube_sim: KubeSim) -> None:

@@ -17,6 +17,7 @@ from tests.conftest import kube_settings_for
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim
 from tests.test_pg_rebuild import STEPS, rebuild, steps, world
+from tests.test_pg_rebuild_faults import run_each_step_twice
 
 
 def uid(sim: KubeSim, resource: str, name: str) -> str:
@@ -137,3 +138,35 @@ async def test_a_worker_killed_while_its_delete_is_in_flight_leaves_one_new_inst
     assert step_of(job, "post-check")["detail"].endswith(
         f"pg-2 rebuilt as pg-4 (uid {old} -> {uid(sim, 'pods', 'pg-4')})"
     )
+
+
+async def test_a_replacement_that_crash_loops_fails_fast_under_its_new_name(
+    client: httpx.AsyncClient, settings: Settings, cnpg_sim: KubeSim, tmp_path: Path
+) -> None:
+    cnpg_sim.crash_loop("pg-4")  # the instance the operator will create: faults stick to names
+
+    kube = kube_settings_for(cnpg_sim, tmp_path / "kubeconfig")
+    job = await rebuild(client, settings, kube, pod="pg-2", profile="cnpg")
+
+    assert job["status"] == "failed"
+    failed = next(s for s in job["steps"] if s["status"] == "failed")
+    assert failed["name"] in ("wait-scheduled", "wait-ready")
+    assert failed["detail"].startswith("error: WontHeal: pod pg-4 container postgres: CrashLoopBackOff: ")
+
+
+async def test_every_step_can_run_again_and_one_instance_replaces_the_old(cnpg_sim: KubeSim, tmp_path: Path) -> None:
+    kube = kube_settings_for(cnpg_sim, tmp_path / "kubeconfig")
+    params = pg_rebuild.RebuildParams.model_validate(
+        {"namespace": "db", "cluster": "pg", "pod": "pg-2", "profile": "cnpg"}, context={"settings": kube}
+    )
+    old = uid(cnpg_sim, "pods", "pg-2")
+
+    state, runs = await run_each_step_twice(pg_rebuild.STEPS, kube, params)
+
+    status = cluster_status(cnpg_sim)
+    assert status["instanceNames"] == ["pg-1", "pg-3", "pg-4"] and status["latestGeneratedNode"] == 4
+    assert state["replacement"] == "pg-4"
+    assert runs["delete-pod"][1] in (f"pod pg-2 (uid {old}) already terminating", "pod pg-2 already gone")
+    new = uid(cnpg_sim, "pods", "pg-4")
+    expected = f"primary pg-1 unchanged; 3/3 members ready; pg-2 rebuilt as pg-4 (uid {old} -> {new})"
+    assert runs["post-check"] == (expected, expected)

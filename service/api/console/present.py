@@ -139,8 +139,8 @@ def _field(name: str, spec: dict[str, Any], required: bool) -> FormField | None:
     options = [s for s in spec.get("anyOf", [spec]) if s.get("type") != "null"]
     kind = options[0] if len(options) == 1 else {"type": "json"}
     default = spec.get("default")
-    label = spec.get("title") or name
-    made = FormField(name, label, "text", required, spec.get("description", ""), default, pattern=kind.get("pattern"))
+    # The param's own name, as the API, the CLI and the docs spell it (pydantic's titles would say "Sleep S").
+    made = FormField(name, name, "text", required, spec.get("description", ""), default, pattern=kind.get("pattern"))
     if "enum" in kind:
         made.widget, made.options = "select", [str(v) for v in kind["enum"]]
     elif kind.get("type") == "boolean":

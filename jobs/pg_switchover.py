@@ -21,7 +21,8 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field
 
 from jobs.pgkube import params as pg
-from jobs.pgkube.handover import Handover, HandoverParams, best, one_leader, took_over
+from jobs.pgkube.cluster import best, one_leader
+from jobs.pgkube.handover import Handover, HandoverParams, took_over
 from jobs.pgkube.params import PgSettings, pg_job_type
 from service.jobtypes import Step, StepContext
 
@@ -39,7 +40,7 @@ class SwitchoverParams(HandoverParams):
 
 
 def _handover(ctx: StepContext, params: SwitchoverParams) -> Handover:
-    return Handover.of(ctx, params, key="topology", sent="switchover_sent")
+    return Handover.under(ctx, params, key="topology", sent="switchover_sent")
 
 
 # Steps

@@ -1,7 +1,7 @@
-"""Moving a Patroni cluster's leadership, crash-safe, and the health checks of its members: what pg-switchover is
-made of, and what pg-restart does before it restarts the primary.
+"""Moving a Patroni cluster's leadership, crash-safe: what pg-switchover is made of, and what pg-restart does before
+it restarts the primary.
 
-    h = Handover.of(ctx, params, key="topology", sent="switchover_sent")  # what it keeps in ctx.state
+    h = Handover.under(ctx, params, key="topology", sent="switchover_sent")  # what it keeps in ctx.state
     view = await h.view()
     leader = one_leader(view, params.cluster)
     ...
@@ -18,21 +18,19 @@ from ("leader name does not match").
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from jobs.pgkube import params as pg
-from jobs.pgkube.kube import Kube, PodView
-from jobs.pgkube.params import PatroniParams, PgSettings, Refused
-from jobs.pgkube.patroni import ClusterView, Member, Patroni, PatroniRefused, PatroniUnavailable
-from jobs.pgkube.profiles import Profile
-from jobs.pgkube.waiting import Seen, WaitTimeout, WontHeal, wait_until
+from jobs.pgkube.cluster import PatroniCluster, disqualified, not_paused, not_streaming, one_leader
+from jobs.pgkube.kube import PodView
+from jobs.pgkube.params import PatroniParams, Refused
+from jobs.pgkube.patroni import ClusterView, Member, PatroniRefused, PatroniUnavailable
+from jobs.pgkube.waiting import Seen, WaitTimeout, WontHeal
 from service.jobtypes import StepContext
 
-T = TypeVar("T")
 # Patroni's answer when it gave up polling: the switchover may still happen, so the request counts as in flight.
 STATUS_UNKNOWN = "Switchover status unknown"
 
@@ -42,60 +40,6 @@ class HandoverParams(PatroniParams):
 
     switchover_timeout_s: Annotated[pg.Seconds, Field(description="for Patroni to hand the leadership over")] = 120
     settle_timeout_s: Annotated[pg.Seconds, Field(description="for the other members to stream from the new one")] = 300
-
-
-# Checks
-
-
-def not_streaming(member: Member, leader: Member, max_lag: int) -> str | None:
-    """Why `member` is not a replica streaming from `leader` within the lag limit; None when it is."""
-    if member.leads:
-        return f"{member.name} is the leader"
-    if member.state != "streaming":
-        return f"{member.name} is {member.state or 'in no state'}, not streaming"
-    if member.timeline != leader.timeline:
-        return f"{member.name} is on timeline {member.timeline}, the leader {leader.name} on {leader.timeline}"
-    if member.lag is None:
-        return f"{member.name}'s lag is unknown"
-    if member.lag > max_lag:
-        return f"{member.name} lags {member.lag} bytes behind the leader, more than max_lag_bytes {max_lag}"
-    return None
-
-
-def disqualified(member: Member, leader: Member, view: ClusterView, max_lag: int) -> str | None:
-    """Why `member` may not take over from `leader` now, in words for the job's detail; None if it may."""
-    reason = not_streaming(member, leader, max_lag)
-    if reason is not None:
-        return reason
-    if member.nofailover:
-        return f"{member.name} is tagged nofailover: Patroni will not promote it"
-    sync = [m.name for m in view.sync_standbys]
-    if sync and member.name not in sync:
-        return f"{member.name} is not the synchronous standby ({', '.join(sync)}) of a cluster in synchronous mode"
-    return None
-
-
-def one_leader(view: ClusterView, cluster: str) -> Member:
-    leaders = view.leaders
-    if len(leaders) != 1:
-        found = ", ".join(m.name for m in leaders) or "none"
-        raise Refused(f"cluster {cluster} needs exactly one leader, Patroni shows {len(leaders)}: {found}")
-    return leaders[0]
-
-
-def not_paused(view: ClusterView, cluster: str) -> None:
-    if view.paused:
-        raise Refused(f"cluster {cluster} is paused (Patroni maintenance mode): resume it first")
-
-
-def best(view: ClusterView, leader: Member, max_lag: int) -> Member:
-    """The replica with the least lag among those that may take over."""
-    others = [m for m in view.members if not m.leads]
-    fit = [m for m in others if disqualified(m, leader, view, max_lag) is None]
-    if not fit:
-        reasons = "; ".join(disqualified(m, leader, view, max_lag) or "" for m in others) or "no replicas"
-        raise Refused(f"no replica may take over from {leader.name}: {reasons}")
-    return min(fit, key=lambda m: (m.lag or 0, m.name))
 
 
 def took_over(view: ClusterView, topology: dict[str, Any]) -> Member | None:
@@ -115,26 +59,17 @@ def _usurper(view: ClusterView, topology: dict[str, Any]) -> None:
 
 
 @dataclass
-class Handover:
+class Handover(PatroniCluster):
     """One step's view of a cluster whose leadership moves: its pods and Patroni, and the topology recorded under
     `key` in the job's state (and under `sent`, whether a switchover request may be with Patroni)."""
 
     params: HandoverParams
-    kube: Kube
-    profile: Profile
-    patroni: Patroni
-    poll_s: float
-    ctx: StepContext
-    key: str
-    sent: str
+    key: str = "topology"
+    sent: str = "switchover_sent"
 
     @classmethod
-    def of(cls, ctx: StepContext, params: HandoverParams, key: str, sent: str) -> Handover:
-        kube = pg.kube_for(ctx, params)
-        settings: PgSettings = ctx.settings
-        patroni = Patroni(kube, params.namespace)
-        poll_s = settings.pg_rebuild_poll_interval_s
-        return cls(params, kube, pg.profile_for(ctx, params), patroni, poll_s, ctx, key, sent)
+    def under(cls, ctx: StepContext, params: HandoverParams, key: str, sent: str) -> Handover:
+        return cls(**vars(PatroniCluster.of(ctx, params)) | {"params": params, "key": key, "sent": sent})
 
     @property
     def recorded(self) -> bool:
@@ -147,15 +82,6 @@ class Handover:
             raise RuntimeError(f"no {self.key} recorded: the step that records it has not run")
         return recorded
 
-    async def members(self) -> list[PodView]:
-        return await self.kube.pods(self.params.namespace, self.profile.selector(self.params.cluster))
-
-    async def view(self, pods: list[PodView] | None = None) -> ClusterView:
-        """GET /cluster, asking the labelled primary first, then the other members."""
-        pods = pods if pods is not None else await self.members()
-        ordered = sorted(pods, key=lambda p: (not self.profile.is_primary(p), p.deleting, p.name))
-        return await self.patroni.cluster([p.name for p in ordered])
-
     async def look(self) -> tuple[list[PodView], ClusterView, Member | None]:
         """The members, Patroni's view and the candidate if it has taken over; fails when a member other than the
         recorded leader or the candidate leads."""
@@ -163,9 +89,6 @@ class Handover:
         view = await self.view(pods)
         _usurper(view, self.topology)
         return pods, view, took_over(view, self.topology)
-
-    async def wait(self, probe: Callable[[], Awaitable[Seen[T]]], what: str, timeout_s: float) -> T:
-        return await wait_until(self.ctx, probe, what=what, timeout_s=timeout_s, interval_s=self.poll_s)
 
     def check(self, view: ClusterView) -> Member:
         """Every refusal, against the recorded topology; the candidate when none applies."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from jobs.pgkube import params as pg
 from jobs.pgkube.kube import Kube, PodView
@@ -54,6 +54,14 @@ class PatroniCluster:
 
     async def wait(self, probe: Callable[[], Awaitable[Seen[T]]], what: str, timeout_s: float) -> T:
         return await wait_until(self.ctx, probe, what=what, timeout_s=timeout_s, interval_s=self.poll_s)
+
+
+def recorded(ctx: StepContext, key: str, step: str) -> dict[str, Any]:
+    """What an earlier step of the job recorded under `key` (the topology found at the start, ...)."""
+    found: dict[str, Any] | None = ctx.state.get(key)
+    if found is None:
+        raise RuntimeError(f"no {key} recorded: step {step} has not run")
+    return found
 
 
 # Checks

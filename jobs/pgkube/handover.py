@@ -24,7 +24,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from jobs.pgkube import params as pg
-from jobs.pgkube.cluster import PatroniCluster, disqualified, not_paused, not_streaming, one_leader
+from jobs.pgkube.cluster import PatroniCluster, disqualified, not_paused, not_streaming, one_leader, recorded
 from jobs.pgkube.kube import PodView
 from jobs.pgkube.params import PatroniParams, Refused
 from jobs.pgkube.patroni import ClusterView, Member, PatroniRefused, PatroniUnavailable
@@ -77,10 +77,7 @@ class Handover(PatroniCluster):
 
     @property
     def topology(self) -> dict[str, Any]:
-        recorded: dict[str, Any] | None = self.ctx.state.get(self.key)
-        if recorded is None:
-            raise RuntimeError(f"no {self.key} recorded: the step that records it has not run")
-        return recorded
+        return recorded(self.ctx, self.key, "the one that records it")
 
     async def look(self) -> tuple[list[PodView], ClusterView, Member | None]:
         """The members, Patroni's view and the candidate if it has taken over; fails when a member other than the

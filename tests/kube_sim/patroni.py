@@ -128,6 +128,7 @@ class Patroni:
         self.history: list[SwitchoverRecord] = []
         self.restarts: list[tuple[str, str]] = []  # (namespace, pod) of every POST /restart carried out
         self.reinits: list[tuple[str, str]] = []  # (namespace, pod) of every POST /reinitialize carried out
+        self.restart_s: dict[tuple[str, str], float] = {}  # fault: a member's restart takes this long
         self.requests: list[tuple[str, str, str]] = []  # (method, endpoint, pod) of every request Patroni received
 
     # state
@@ -437,7 +438,7 @@ class Patroni:
         start PostgreSQL again on every cycle) until the fault is cleared."""
         crashing = self.faults.member(ns, name) is MemberFault.RESTART_CRASH_LOOP
         if action.phase == "restarting":
-            if elapsed < self.speed.restart:
+            if elapsed < self.restart_s.get((ns, name), self.speed.restart):
                 return
             if crashing:
                 action.phase, action.since = "restart failed", now

@@ -37,7 +37,7 @@ from tests.kube_sim.faults import (
 from tests.kube_sim.kubelet import is_ready, settle
 from tests.kube_sim.objects import PROFILES, Profile, namespace_obj, pod_from_statefulset, pvc_from_template, revision
 from tests.kube_sim.objects import statefulset as statefulset_obj
-from tests.kube_sim.patroni import ClusterState, Patroni, SwitchoverRecord
+from tests.kube_sim.patroni import Action, ClusterState, Patroni, SwitchoverRecord
 from tests.kube_sim.rbac import Authorizing, Rbac
 from tests.kube_sim.store import DEFAULT_HISTORY, Obj, Store
 from tests.kube_sim.timing import SPEEDS, Speed
@@ -403,6 +403,14 @@ class KubeSim:
     def lag_after_restart(self, pod: str, lag_bytes: int, namespace: str = NAMESPACE) -> None:
         """The member trails the leader by `lag_bytes` once a restart brought it back (until `lag(pod, 0)`)."""
         self.faults.lag_after_restart[(namespace, pod)] = lag_bytes
+
+    def slow_restart(self, pod: str, seconds: float, namespace: str = NAMESPACE) -> None:
+        """The member's restarts take `seconds` (its POST /restart waits all along)."""
+        self.patroni.restart_s[(namespace, pod)] = seconds
+
+    def recloning(self, pod: str, namespace: str = NAMESPACE) -> None:
+        """The member is being re-cloned, as if someone else had asked Patroni (not counted in `reinits`)."""
+        self.patroni.member(namespace, pod).action = Action("reinitialize", "creating replica")
 
     def pending_restart(self, *pods: str, namespace: str = NAMESPACE) -> None:
         """Patroni flags these members `pending_restart` (a changed parameter needs a restart to apply)."""

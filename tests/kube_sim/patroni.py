@@ -129,6 +129,7 @@ class Patroni:
         self.restarts: list[tuple[str, str]] = []  # (namespace, pod) of every POST /restart carried out
         self.reinits: list[tuple[str, str]] = []  # (namespace, pod) of every POST /reinitialize carried out
         self.restart_s: dict[tuple[str, str], float] = {}  # fault: a member's restart takes this long
+        self.reclone_s: dict[tuple[str, str], float] = {}  # fault: a member's basebackup takes this long
         self.requests: list[tuple[str, str, str]] = []  # (method, endpoint, pod) of every request Patroni received
 
     # state
@@ -463,7 +464,7 @@ class Patroni:
                 action.phase, action.since = "creating replica", now
                 mine.basebackups += 1
             return
-        if elapsed < self.speed.ready:
+        if elapsed < self.reclone_s.get((ns, name), self.speed.ready):
             return
         if self.faults.member(ns, name) is MemberFault.BASEBACKUP_FAILS:
             action.phase, action.since = "stopped", now

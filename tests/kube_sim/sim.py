@@ -408,8 +408,9 @@ class KubeSim:
         """The member's restarts take `seconds` (its POST /restart waits all along)."""
         self.patroni.restart_s[(namespace, pod)] = seconds
 
-    def recloning(self, pod: str, namespace: str = NAMESPACE) -> None:
-        """The member is being re-cloned, as if someone else had asked Patroni (not counted in `reinits`)."""
+    def recloning(self, pod: str, seconds: float = 60.0, namespace: str = NAMESPACE) -> None:
+        """The member is being re-cloned for `seconds`, as if someone else had asked Patroni (not in `reinits`)."""
+        self.patroni.reclone_s[(namespace, pod)] = seconds
         self.patroni.member(namespace, pod).action = Action("reinitialize", "creating replica")
 
     def pending_restart(self, *pods: str, namespace: str = NAMESPACE) -> None:

@@ -16,13 +16,12 @@ import pytest
 
 from jobs import pg_reinit
 from jobs.pg_rebuild import PgRebuildSettings
-from jobs.pgkube.kube import lifespan
 from service.settings import Settings
 from tests.conftest import kube_settings_for, run_pg_job, shipped_role_cluster
 from tests.conftest import step_details as details
 from tests.kit import step_of
 from tests.kube_sim import KubeSim, MemberFault
-from tests.test_pg_rebuild_faults import FakeContext
+from tests.pgsteps import run_each_step_twice
 
 STEPS = ["check-member", "reinitialize", "wait-streaming"]
 
@@ -146,13 +145,7 @@ async def test_every_step_can_run_again_and_patroni_is_asked_once(
         {"namespace": "db", "cluster": "pg", "pod": "pg-1"}, context={"settings": kube_settings}
     )
     state: dict[str, Any] = {}
-    runs: dict[str, tuple[str | None, str | None]] = {}
-    async with lifespan(kube_settings) as clients:
-        for step in pg_reinit.STEPS:
-            first = await step.run(FakeContext(clients, kube_settings, state), params)
-            # Another context for the second run, as on another worker after a crash: only the job's state is shared.
-            again = await step.run(FakeContext(clients, kube_settings, state, f"resumed-{step.name}"), params)
-            runs[step.name] = (first, again)
+    runs = await run_each_step_twice(pg_reinit.STEPS, kube_settings, params, state)
 
     assert kube_sim.reinits == ["pg-1"]
     assert runs["check-member"][0] == runs["check-member"][1]

@@ -190,6 +190,7 @@ async def switchover(ctx: StepContext, params: RestartParams) -> str:
             raise Refused(f"the leader is {leader.name}, not {topology['leader']} as when the job started")
         candidate = best(view, leader, params.max_lag_bytes)
         await ctx.remember(handover={"leader": leader.name, "timeline": leader.timeline, "candidate": candidate.name})
+    await ctx.progress(f"switching over from {h.topology['leader']} to {h.topology['candidate']}, then restarting it")
     said = await h.switch_over()
     if params.dry_run:
         return said

@@ -80,9 +80,10 @@ class Churn:
 
 
 def happened(action: Action, status: MemberStatus, mark: dict[str, Any]) -> bool:
-    """Whether the action marked has begun or is done: PostgreSQL started again since, or is down because of it."""
+    """Whether the action marked has begun or is done: PostgreSQL started again since, or is down because of it (in
+    a state of the action other than the one it was in before: a `stopped` replica re-cloned is `stopped` no more)."""
     started_again = status.started is not None and status.started != mark["before"]
-    return started_again or status.state in action.busy
+    return started_again or (status.state in action.busy and status.state != mark["state"])
 
 
 async def ask_once(
@@ -102,22 +103,19 @@ async def ask_once(
     mark = recorded if recorded is not None and recorded["member"] == pod else None
     if mark is None:
         status = await c.patroni.status(pod)
-        mark = {"member": pod, "before": status.started, "sent": False}
+        mark = {"member": pod, "before": status.started, "state": status.state, "sent": False}
         await c.ctx.remember(**{key: mark})
-    status = await c.patroni.status(pod)
-    if happened(action, status, mark):
-        return mark, f"the {action.name} of {pod} was asked earlier in this job ({status.state}), nothing sent"
-    if mark["sent"]:
+    if mark["sent"]:  # a request may have reached Patroni (a worker was lost before the answer): look first
         asked = mark
 
         async def probe() -> Seen[MemberStatus]:
             now = await c.patroni.status(pod)
             return Seen("", now) if happened(action, now, asked) else Seen(f"{pod} {now.state}, unchanged")
 
-        what = f"waiting for the {action.name} of {pod} asked before the worker was lost"
+        what = f"waiting for the {action.name} of {pod} asked earlier in this job"
         try:
             status = await c.wait(probe, what, timeout_s)
-            return mark, f"the {action.name} of {pod} asked before the worker was lost is under way ({status.state})"
+            return mark, f"the {action.name} of {pod} was asked earlier in this job ({status.state}), nothing sent"
         except WaitTimeout:  # it never reached Patroni: ask again
             pass
     mark = mark | {"sent": True}

@@ -79,14 +79,14 @@ async def reinitialize(ctx: StepContext, params: ReinitParams) -> str:
     c = PatroniCluster.of(ctx, params)
 
     async def send() -> str:
-        try:
-            return await c.patroni.reinitialize(params.pod)
-        except PatroniUnavailable as exc:
-            if exc.answer.endswith("can not reinitialize"):  # the leader changed since the check: not by waiting
-                raise Refused(f"Patroni on {params.pod}: {exc.answer}") from None
-            raise
+        return await c.patroni.reinitialize(params.pod)
 
-    _, said = await ask_once(c, RECLONE, params.pod, send, key=MARK, timeout_s=params.reinit_timeout_s)
+    try:
+        _, said = await ask_once(c, RECLONE, params.pod, send, key=MARK, timeout_s=params.reinit_timeout_s)
+    except PatroniUnavailable as exc:
+        if exc.answer.endswith("can not reinitialize"):  # the leader changed since the check: not by waiting
+            raise Refused(f"Patroni on {params.pod}: {exc.answer}") from None
+        raise
     return said
 
 

@@ -99,6 +99,21 @@ async def test_a_basebackup_that_keeps_failing_fails_the_job_fast(
     assert kube_sim.reinits == ["pg-2"], "one request: the retries are Patroni's own"
 
 
+async def test_patroni_refusing_after_the_check_fails_the_job_at_once(
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
+) -> None:
+    # The member became the leader between the check and the request (as after a failover).
+    kube_sim.patroni_answer(503, endpoint="reinitialize", message="I am the leader, can not reinitialize")
+
+    job = await reinit(client, settings, kube_settings, pod="pg-1")
+
+    assert job["status"] == "failed"
+    step = step_of(job, "reinitialize")
+    assert step["attempts"] == 1
+    assert step["detail"] == "error: Refused: Patroni on pg-1: I am the leader, can not reinitialize"
+    assert kube_sim.reinits == []
+
+
 async def test_dry_run_checks_and_asks_nothing(
     client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.pgkube.cluster import PatroniCluster, not_streaming
-from jobs.pgkube.patroni import MemberStatus, PatroniUnavailable
+from jobs.pgkube.patroni import MemberStatus, PatroniRefused, PatroniUnavailable
 from jobs.pgkube.waiting import Seen, WaitTimeout, WontHeal
 
 
@@ -97,8 +97,8 @@ async def ask_once(
 ) -> tuple[dict[str, Any], str]:
     """Asks Patroni (through `send`) to act on `pod`, unless this job already did and it happened: the mark kept
     under `key` and what was done, in words for the detail. `send` says what Patroni's answers mean to the job; a
-    503 it lets through means Patroni did nothing (the mark is cleared and the step retried), except "<action>
-    already in progress", which is this job's own request at work."""
+    refusal or a 503 it lets through means Patroni did nothing (the mark is cleared, the error raised), except
+    "<action> already in progress", which is this job's own request at work."""
     recorded: dict[str, Any] | None = c.ctx.state.get(key)
     mark = recorded if recorded is not None and recorded["member"] == pod else None
     if mark is None:
@@ -125,6 +125,9 @@ async def ask_once(
     except PatroniUnavailable as exc:
         if exc.answer == f"{action.executor} already in progress":
             return mark, f"Patroni: {exc.answer}"
+        await c.ctx.remember(**{key: mark | {"sent": False}})
+        raise
+    except PatroniRefused:
         await c.ctx.remember(**{key: mark | {"sent": False}})
         raise
 

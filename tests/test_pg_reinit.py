@@ -16,12 +16,15 @@ import pytest
 
 from jobs import pg_reinit
 from jobs.pg_rebuild import PgRebuildSettings
+from jobs.pgkube.kube import lifespan
+from jobs.pgkube.patroni import Patroni
 from service.settings import Settings
 from tests.conftest import kube_settings_for, run_pg_job, shipped_role_cluster
 from tests.conftest import step_details as details
 from tests.kit import step_of
 from tests.kube_sim import KubeSim, MemberFault
 from tests.pgsteps import run_each_step_twice
+from tests.test_pg_rebuild_faults import FakeContext
 
 STEPS = ["check-member", "reinitialize", "wait-streaming"]
 
@@ -167,3 +170,24 @@ async def test_every_step_can_run_again_and_patroni_is_asked_once(
     assert runs["reinitialize"][0] == "Patroni: reinitialize started"
     assert runs["reinitialize"][1] is not None
     assert runs["reinitialize"][1].startswith("the re-clone of pg-1 was asked earlier in this job"), runs
+
+
+async def test_a_request_lost_with_its_worker_is_waited_for_then_sent_again(
+    kube_settings: PgRebuildSettings, kube_sim: KubeSim
+) -> None:
+    params = pg_reinit.ReinitParams.model_validate(
+        {"namespace": "db", "cluster": "pg", "pod": "pg-1", "reinit_timeout_s": 0.5},
+        context={"settings": kube_settings},
+    )
+    async with lifespan(kube_settings) as clients:
+        state: dict[str, Any] = {}
+        await pg_reinit.check_member(FakeContext(clients, kube_settings, state), params)
+        status = await Patroni(clients.kube(None), "db").status("pg-1")
+        # A worker recorded the request and died before it reached Patroni: nothing happened to the member.
+        state["reinit"] = {"member": "pg-1", "before": status.started, "state": status.state, "sent": True}
+        resumed = FakeContext(clients, kube_settings, state, "resumed")
+        said = await pg_reinit.reinitialize(resumed, params)
+
+    assert said == "Patroni: reinitialize started"
+    assert resumed.details[-1].startswith("waiting for the re-clone of pg-1 asked earlier in this job, pg-1 running")
+    assert kube_sim.reinits == ["pg-1"]

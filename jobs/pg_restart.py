@@ -129,7 +129,8 @@ async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
 async def read_topology(ctx: StepContext, params: RestartParams) -> str:
     """Reads the members and Patroni's view; changes nothing. Records, once, the leader, its timeline, the members and
     the plan: the replicas to restart in order, the primary last (or not, with only_pending_restart and no flag), and
-    the members skipped. Refuses a cluster without exactly one leader, a paused one, or one with a member unhealthy."""
+    the members skipped. Refuses a cluster without exactly one leader, a paused one, one with a member unhealthy, and,
+    when the primary is to be switched away from, one where no replica may take over."""
     c = PatroniCluster.of(ctx, params)
     view = await c.view()
     if ctx.state.get("topology") is None:
@@ -138,11 +139,14 @@ async def read_topology(ctx: StepContext, params: RestartParams) -> str:
         unhealthy = _unhealthy(view, params.cluster, params.max_lag_bytes)
         if unhealthy is not None:
             raise Refused(f"every member must be healthy before a rolling restart: {unhealthy}")
+        plan = _plan(params, view, leader.name)
+        if plan["primary"] and params.method == "switchover":
+            best(view, leader, params.max_lag_bytes)  # refuses now, not after the replicas, if none may take over
         topology = {
             "leader": leader.name,
             "timeline": leader.timeline,
             "members": [m.describe() for m in view.members],
-            **_plan(params, view, leader.name),
+            **plan,
         }
         await ctx.remember(topology=topology)
     topology = _topology(ctx)

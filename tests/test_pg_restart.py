@@ -131,6 +131,22 @@ async def test_an_unhealthy_cluster_is_refused_before_anything_restarts(
     assert kube_sim.restarts == []
 
 
+async def test_a_cluster_where_no_replica_may_take_over_is_refused_before_anything_restarts(
+    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
+) -> None:
+    kube_sim.tag("pg-1", nofailover=True)
+    kube_sim.tag("pg-2", nofailover=True)
+
+    job = await restart(client, settings, kube_settings)
+
+    assert job["status"] == "failed"
+    assert details(job)["read-topology"] == (
+        "error: Refused: no replica may take over from pg-0: pg-1 is tagged nofailover: Patroni will not promote it; "
+        "pg-2 is tagged nofailover: Patroni will not promote it"
+    )
+    assert kube_sim.restarts == []
+
+
 async def test_dry_run_checks_and_restarts_nothing(
     client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:

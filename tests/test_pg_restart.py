@@ -116,34 +116,39 @@ async def test_a_replica_lagging_after_its_restart_is_waited_for_before_the_next
     assert sim.restarts == ["pg-1", "pg-2", "pg-0"]
 
 
-async def test_an_unhealthy_cluster_is_refused_before_anything_restarts(
-    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
+@pytest.mark.parametrize(
+    ("setup", "refusal"),
+    [
+        (
+            "lagging",
+            "every member must be healthy before a rolling restart: pg-2 lags 5242880 bytes behind the leader, more "
+            "than max_lag_bytes 1048576",
+        ),
+        (
+            "nofailover",
+            "no replica may take over from pg-0: pg-1 is tagged nofailover: Patroni will not promote it; pg-2 is "
+            "tagged nofailover: Patroni will not promote it",
+        ),
+    ],
+)
+async def test_an_unhealthy_cluster_or_one_without_a_successor_is_refused_before_anything_restarts(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    kube_settings: PgRebuildSettings,
+    kube_sim: KubeSim,
+    setup: str,
+    refusal: str,
 ) -> None:
-    kube_sim.lag("pg-2", 5 * MIB)
+    if setup == "lagging":
+        kube_sim.lag("pg-2", 5 * MIB)
+    else:
+        kube_sim.tag("pg-1", nofailover=True)
+        kube_sim.tag("pg-2", nofailover=True)
 
     job = await restart(client, settings, kube_settings)
 
     assert job["status"] == "failed"
-    assert details(job)["read-topology"] == (
-        "error: Refused: every member must be healthy before a rolling restart: pg-2 lags 5242880 bytes behind the "
-        "leader, more than max_lag_bytes 1048576"
-    )
-    assert kube_sim.restarts == []
-
-
-async def test_a_cluster_where_no_replica_may_take_over_is_refused_before_anything_restarts(
-    client: httpx.AsyncClient, settings: Settings, kube_settings: PgRebuildSettings, kube_sim: KubeSim
-) -> None:
-    kube_sim.tag("pg-1", nofailover=True)
-    kube_sim.tag("pg-2", nofailover=True)
-
-    job = await restart(client, settings, kube_settings)
-
-    assert job["status"] == "failed"
-    assert details(job)["read-topology"] == (
-        "error: Refused: no replica may take over from pg-0: pg-1 is tagged nofailover: Patroni will not promote it; "
-        "pg-2 is tagged nofailover: Patroni will not promote it"
-    )
+    assert details(job)["read-topology"] == f"error: Refused: {refusal}"
     assert kube_sim.restarts == []
 
 

@@ -22,6 +22,7 @@ from tests.conftest import kube_settings_for, run_pg_job, shipped_role_cluster
 from tests.conftest import step_details as details
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim, MemberFault
+from tests.pgsteps import run_each_step_twice
 from tests.test_pg_switchover import history
 
 STEPS = ["read-topology", "restart-replicas", "switchover", "restart-primary"]
@@ -227,3 +228,25 @@ async def test_a_worker_killed_during_the_primarys_restart_leaves_one_restart_pe
     step = step_of(job, "restart-primary")
     assert step["attempts"] == 2, step
     assert step["detail"].startswith("pg-0 (running, timeline 1) leads, started again at "), step["detail"]
+
+
+async def test_every_step_can_run_again_and_each_member_is_restarted_once(
+    kube_settings: PgRebuildSettings, kube_sim: KubeSim
+) -> None:
+    params = pg_restart.RestartParams.model_validate(
+        {"namespace": "db", "cluster": "pg"}, context={"settings": kube_settings}
+    )
+    state: dict[str, Any] = {}
+    runs = await run_each_step_twice(pg_restart.STEPS, kube_settings, params, state)
+
+    assert kube_sim.restarts == ["pg-1", "pg-2", "pg-0"]
+    assert kube_sim.patroni_requests("POST", "switchover") == 1
+    assert runs["read-topology"][0] == runs["read-topology"][1], "the topology is recorded once"
+    assert runs["restart-replicas"][0] == runs["restart-replicas"][1]
+    assert runs["switchover"][1] is not None
+    assert runs["switchover"][1].startswith("pg-1 already leads on timeline 2: switched over earlier in this job")
+    assert (
+        runs["restart-primary"][1]
+        == "pg-0 restarted earlier in this job; every member restarted once: pg-1, pg-2, pg-0"
+    )
+    assert state["restarted"] == ["pg-1", "pg-2", "pg-0"] and state["restarting"] is None

@@ -85,12 +85,24 @@ def _order(topology: dict[str, Any], method: str) -> str:
     return ", ".join(order) or "nothing"
 
 
-def _progress(ctx: StepContext, current: str) -> str:
-    """`done: pg-1; in progress: pg-2; remaining: pg-0`, from the job's state."""
+def _remaining(ctx: StepContext, current: str | None) -> list[str]:
+    """The members planned, neither done nor `current`, in order."""
     topology, done = _topology(ctx), _done(ctx)
     everyone = [*topology["replicas"], *([topology["primary"]] if topology["primary"] else [])]
-    remaining = [m for m in everyone if m not in done and m != current]
+    return [m for m in everyone if m not in done and m != current]
+
+
+def _progress(ctx: StepContext, current: str) -> str:
+    """`done: pg-1; in progress: pg-2; remaining: pg-0`, from the job's state."""
+    done, remaining = _done(ctx), _remaining(ctx, current)
     return f"done: {', '.join(done) or 'none'}; in progress: {current}; remaining: {', '.join(remaining) or 'none'}"
+
+
+async def _finished(ctx: StepContext, pod: str) -> None:
+    """Records `pod` done: the job's state says, besides the topology, what is done (`restarted`), what is in
+    progress (`restarting`, with the request's mark) and what remains (`remaining`)."""
+    await ctx.remember(restarted=[*_done(ctx), pod], **{MARK: None})
+    await ctx.remember(remaining=_remaining(ctx, None))
 
 
 async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
@@ -108,6 +120,7 @@ async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
                 return exc.answer
             raise
 
+    await ctx.remember(remaining=_remaining(ctx, pod))
     await ctx.progress(f"restarting {pod}; {_progress(ctx, pod)}")
     try:
         mark, said = await ask_once(c, RESTART, pod, send, key=MARK, timeout_s=params.restart_timeout_s)
@@ -115,11 +128,11 @@ async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
         if exc.answer != NOT_PENDING:
             raise
         # Patroni no longer flags it (restarted by someone else meanwhile): nothing left to apply.
-        await ctx.remember(restarted=[*_done(ctx), pod], **{MARK: None})
+        await _finished(ctx, pod)
         return f"{pod} no longer pending a restart, skipped"
     what = f"waiting for {pod} after its restart ({said}); {_progress(ctx, pod)}"
     back = await wait_back(c, RESTART, pod, mark, timeout_s=params.restart_timeout_s, what=what, churn=churn)
-    await ctx.remember(restarted=[*_done(ctx), pod], **{MARK: None})
+    await _finished(ctx, pod)
     return back
 
 
@@ -148,7 +161,8 @@ async def read_topology(ctx: StepContext, params: RestartParams) -> str:
             "members": [m.describe() for m in view.members],
             **plan,
         }
-        await ctx.remember(topology=topology)
+        await ctx.remember(topology=topology, restarted=[])
+        await ctx.remember(remaining=_remaining(ctx, None))
     topology = _topology(ctx)
     skipped = f"; skipped (no pending restart): {', '.join(topology['skip'])}" if topology["skip"] else ""
     return (

@@ -250,3 +250,12 @@ async def test_every_step_can_run_again_and_each_member_is_restarted_once(
         == "pg-0 restarted earlier in this job; every member restarted once: pg-1, pg-2, pg-0"
     )
     assert state["restarted"] == ["pg-1", "pg-2", "pg-0"] and state["restarting"] is None
+    assert state["remaining"] == []
+    assert state["topology"] | {"members": []} == {
+        "leader": "pg-0",
+        "timeline": 1,
+        "members": [],
+        "replicas": ["pg-1", "pg-2"],
+        "primary": "pg-0",
+        "skip": [],
+    }

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from jobs.pgkube.kube import Kube, KubeClients, KubeNotConfigured, lifespan
 from jobs.pgkube.profiles import PROFILES, Profile, ProfileName
@@ -23,6 +23,7 @@ from service.jobtypes import JobType, Step, StepContext, settings_from
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_WAIT_S = 4 * 3600
+MIB = 1024 * 1024
 
 
 def dns_label(value: str) -> str:
@@ -95,6 +96,23 @@ class ClusterParams(BaseModel):
     @classmethod
     def _default_profile(cls, value: ProfileName | None, info: ValidationInfo) -> ProfileName:
         return value or settings_from(info, PgSettings).pg_rebuild_profile
+
+
+class PatroniParams(ClusterParams):
+    """The params of a job that asks Patroni: the lag it allows a replica. CloudNativePG has no Patroni: such a job is
+    refused at submission on the `cnpg` profile, in words that say what it would do (`cnpg_refusal`)."""
+
+    cnpg_refusal: ClassVar[str] = "this job through its Cluster resource is not supported yet"
+
+    max_lag_bytes: Annotated[
+        int, Field(ge=0, description="most bytes a replica may trail the leader to count as healthy")
+    ] = MIB
+
+    @model_validator(mode="after")
+    def _has_patroni(self) -> PatroniParams:
+        if self.profile == "cnpg":
+            raise ValueError(f"profile cnpg: CloudNativePG has no Patroni; {self.cnpg_refusal}")
+        return self
 
 
 def cluster_target(params: ClusterParams) -> str:

@@ -6,7 +6,7 @@ owns the pods: it replaces an instance whose PVCs are gone by a new one under th
 which the job then follows. Before anything is deleted the job refuses the primary, a cluster with another member not
 Ready, and a StatefulSet in the middle of a rollout (a CloudNativePG Cluster in the middle of a switchover).
 
-Where the profile has Patroni the job also asks it (`jobs.pgkube.health`): it refuses a member Patroni is already
+Where the profile has Patroni the job also asks it (`jobs.pgkube.cluster`): it refuses a member Patroni is already
 re-cloning and another replica not streaming within `max_lag_bytes`, and waits for the new member to stream within
 it. Where Patroni does not answer, the health check says so and the whole job goes by the labels.
 
@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
+from jobs.pgkube.cluster import PatroniCluster, not_streaming, one_leader
 from jobs.pgkube.cnpg import CnpgCluster, read_cluster
-from jobs.pgkube.health import ha_view, not_streaming, patroni_view
 from jobs.pgkube.kube import Kube, PodView, PvcView, StatefulSetView
 from jobs.pgkube.params import (
     MAX_WAIT_S,
-    MIB,
-    ClusterParams,
-    MaxLagBytes,
+    PatroniParams,
     PgSettings,
     PodName,
     Refused,
@@ -59,13 +57,15 @@ class PgRebuildSettings(PgSettings):
     pg_rebuild_pvc_release_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
 
-class RebuildParams(ClusterParams):
+class RebuildParams(PatroniParams):
+    # Patroni is asked where the profile has it; on CloudNativePG the job goes through its Cluster resource.
+    cnpg_refusal: ClassVar[str | None] = None
+
     pod: Annotated[PodName, Field(description="the replica pod to rebuild")]
     mode: Literal["recreate-storage"] = "recreate-storage"
     delete_timeout_s: Annotated[Seconds, Field(description="for the old pod and PVCs to go")] = 300
     schedule_timeout_s: Annotated[Seconds, Field(description="for the new pod to be scheduled, its PVC Bound")] = 300
     ready_timeout_s: Annotated[Seconds, Field(description="for the new replica to be Ready (basebackup)")] = 600
-    max_lag_bytes: MaxLagBytes = MIB
 
 
 @dataclass
@@ -170,21 +170,21 @@ async def _ha(r: Rebuild, members: list[PodView]) -> ClusterView | str:
     """Patroni's view, or why the job goes by labels alone. The health check decides once, for the whole job: where
     Patroni answered it, it must answer the later steps too (its errors are retried like any API error); where it
     did not, every later step goes by labels as well, so that the job judges the cluster one way throughout."""
+    cluster = PatroniCluster.of(r.ctx, r.params)
     if "labels_only" not in r.ctx.state:
-        view = await ha_view(r.kube, r.ns, r.profile, members)
+        view = await cluster.view_or_why(members)
         await r.ctx.remember(labels_only=view if isinstance(view, str) else "")
         return view
     reason: str = r.ctx.state["labels_only"]
-    return reason or await patroni_view(r.kube, r.ns, r.profile, members)
+    return reason or await cluster.view(members)
 
 
-def _leader(view: ClusterView, primary: str) -> Member:
+def _leader(r: Rebuild, view: ClusterView, primary: str) -> Member:
     """Patroni's one leader, which must be the member labelled primary."""
-    leaders = view.leaders
-    if len(leaders) != 1 or leaders[0].name != primary:
-        found = ", ".join(m.name for m in leaders) or "none"
-        raise Refused(f"Patroni shows {len(leaders)} leader(s) ({found}), the labels primary {primary}")
-    return leaders[0]
+    leader = one_leader(view, r.params.cluster)
+    if leader.name != primary:
+        raise Refused(f"Patroni's leader is {leader.name}, the labels' primary {primary}")
+    return leader
 
 
 def _ha_check(r: Rebuild, name: str, view: ClusterView | str, primary: str, others: list[str]) -> str:
@@ -192,7 +192,7 @@ def _ha_check(r: Rebuild, name: str, view: ClusterView | str, primary: str, othe
     within the lag limit; says what Patroni showed, or that the job goes by labels."""
     if isinstance(view, str):
         return f"labels only: {view}"
-    leader = _leader(view, primary)
+    leader = _leader(r, view, primary)
     target = view.member(name)
     if target is not None and target.state == "creating replica":
         raise Refused(

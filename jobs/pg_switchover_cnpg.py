@@ -13,52 +13,12 @@ What CloudNativePG's fields mean, and where that comes from, is in `jobs.pgkube.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
-
 from jobs.pgkube.cnpg import HEALTHY, CnpgCluster, promote, read_cluster
-from jobs.pgkube.kube import Kube, KubeError, PodView
+from jobs.pgkube.handover import Handover as Switch
+from jobs.pgkube.kube import KubeError, PodView
 from jobs.pgkube.params import Refused
-from jobs.pgkube.profiles import Profile
 from jobs.pgkube.waiting import Seen, WontHeal
-from service.jobtypes import StepContext, TransientError
-
-T = TypeVar("T")
-
-
-class Params(Protocol):
-    """What these steps read of pg-switchover's params."""
-
-    @property
-    def namespace(self) -> str: ...
-    @property
-    def cluster(self) -> str: ...
-    @property
-    def candidate(self) -> str | None: ...
-    @property
-    def dry_run(self) -> bool: ...
-    @property
-    def switchover_timeout_s(self) -> float: ...
-    @property
-    def settle_timeout_s(self) -> float: ...
-
-
-class Switch(Protocol):
-    """pg-switchover's view of the job (`jobs.pg_switchover.Switch`), as far as these steps use it."""
-
-    @property
-    def params(self) -> Params: ...
-    @property
-    def kube(self) -> Kube: ...
-    @property
-    def profile(self) -> Profile: ...
-    @property
-    def ctx(self) -> StepContext: ...
-    @property
-    def topology(self) -> dict[str, Any]: ...
-    async def members(self) -> list[PodView]: ...
-    async def wait(self, probe: Callable[[], Awaitable[Seen[T]]], what: str, timeout_s: float) -> T: ...
-
+from service.jobtypes import TransientError
 
 NO_LAG = "CloudNativePG's Cluster status reports no lag: max_lag_bytes not applied"
 
@@ -145,12 +105,12 @@ def _elsewhere(s: Switch, cluster: CnpgCluster) -> None:
 # Steps (called by jobs.pg_switchover's steps on the cnpg profile)
 
 
-async def read_topology(s: Switch) -> str:
+async def read_topology(s: Switch, named: str | None) -> str:
     topology = s.ctx.state.get("topology")
     cluster, pods = await look(s)
     if topology is None:
         primary = _primary(s, cluster, pods)
-        candidate = s.params.candidate
+        candidate = named
         if candidate is None:
             fit = [p for p in pods if _unfit(s, cluster, p) is None]
             if not fit:
@@ -164,7 +124,7 @@ async def read_topology(s: Switch) -> str:
             "members": [_describe(s, cluster, p) for p in pods],
         }
         await s.ctx.remember(topology=topology)
-    chosen = "named" if s.params.candidate else "the first healthy replica: the Cluster status reports no lag"
+    chosen = "named" if named else "the first healthy replica: the Cluster status reports no lag"
     return (
         f"primary {topology['leader']} on timeline {topology['timeline']}; members: {', '.join(topology['members'])}; "
         f"candidate {topology['candidate']} ({chosen})"

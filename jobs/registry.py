@@ -4,7 +4,7 @@ Adding a job type: write its module, add it to this list."""
 
 from __future__ import annotations
 
-from jobs import noop, pg_rebuild, pg_switchover
+from jobs import noop, pg_rebuild, pg_reinit, pg_restart, pg_switchover
 from service.jobtypes import Registry
 
-REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, pg_switchover.JOB])
+REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, pg_switchover.JOB, pg_restart.JOB, pg_reinit.JOB])

@@ -57,7 +57,9 @@ class StepContext(Protocol):
         """What this job's steps remembered so far, on whichever worker they ran."""
 
     async def remember(self, **values: Any) -> None:
-        """Keep `values` in the job's state (PostgreSQL), for later steps and for a run resumed elsewhere."""
+        """Keep `values` in the job's state (PostgreSQL), for later steps and for a run resumed elsewhere. The state
+        is shown with the job (`state` in the API, on the console's job page): what the job found and decided, never
+        a secret."""
 
     async def progress(self, detail: str) -> None:
         """Record what the step is doing or waiting for; shown in the step's `detail` at once."""

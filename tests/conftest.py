@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alembic import command
-from jobs import noop, pg_rebuild, pg_switchover
+from jobs import noop, pg_rebuild, pg_reinit, pg_restart, pg_switchover
 from jobs.pg_rebuild import PgRebuildSettings
 from jobs.pgkube.params import PgSettings
 from jobs.worker import WorkerSettings
@@ -76,7 +76,9 @@ KEYS: dict[str, KeyGiven] = {
 # The actor a key's jobs are recorded with, where it is not the key's own name.
 ACTORS = {"blue-writer": "writer"}
 
-TEST_REGISTRY = Registry([noop.JOB, pg_rebuild.JOB, pg_switchover.JOB, *testjobs.JOB_TYPES])
+TEST_REGISTRY = Registry(
+    [noop.JOB, pg_rebuild.JOB, pg_switchover.JOB, pg_restart.JOB, pg_reinit.JOB, *testjobs.JOB_TYPES]
+)
 
 # Fuzzing (tests/test_fuzz.py): the same examples on every run (derandomized, no database of earlier ones), so that
 # CI is reproducible and a failure there fails the same way locally; no deadline, as the machine may be busy. The
@@ -428,12 +430,32 @@ def kube_registry(kube: PgRebuildSettings) -> Registry:
     """The test job types, the pg-* ones configured with `kube` (each with the fields of its own settings): for
     `running_worker` and `api_client`."""
     shared = PgSettings.model_validate(kube.model_dump(include=set(PgSettings.model_fields)))
-    return TEST_REGISTRY.with_settings({pg_rebuild.JOB.name: kube, pg_switchover.JOB.name: shared})
+    others = (pg_switchover.JOB, pg_restart.JOB, pg_reinit.JOB)
+    return TEST_REGISTRY.with_settings({pg_rebuild.JOB.name: kube} | {t.name: shared for t in others})
 
 
 @pytest.fixture
 def kube_settings(kube_sim: KubeSim, tmp_path: Path) -> PgRebuildSettings:
     return kube_settings_for(kube_sim, tmp_path / "kubeconfig")
+
+
+async def run_pg_job(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    kube: PgRebuildSettings,
+    job_type: str,
+    within: float = 20,
+    **params: Any,
+) -> Any:
+    """Run a `job_type` job on db/pg (`params` added) to its end on a worker whose pg-* settings are `kube`; the job."""
+    async with running_worker(settings, kube_registry(kube)):
+        job_id = await submit(client, job_type, **({"namespace": "db", "cluster": "pg"} | params))
+        return await wait_for_status(client, job_id, "success", "failed", within=within)
+
+
+def step_details(job: Any) -> dict[str, str]:
+    """Each step's detail, by step name."""
+    return {s["name"]: s["detail"] for s in job["steps"]}
 
 
 @asynccontextmanager

@@ -1,11 +1,12 @@
 """`make demo`: rebuild replica pg-1 of a simulated PostgreSQL cluster through the real service, live;
-`make demo JOB=switchover`: move its leader to pg-1 through Patroni instead; `JOB=cnpg-rebuild` and
-`JOB=cnpg-switchover`: the same on a CloudNativePG Cluster (pg-2 rebuilt as a new instance, pg-2 promoted).
+`make demo JOB=switchover`: move its leader to pg-1 through Patroni instead; `JOB=restart`: restart every member,
+the primary last; `JOB=reinit`: re-clone replica pg-1 in place; `JOB=cnpg-rebuild` and `JOB=cnpg-switchover`: on a
+CloudNativePG Cluster, rebuild pg-2 (it comes back as a new instance) or promote it.
 
 Starts the simulated Kubernetes cluster (demo speed) as its own process, then `apiops run` (API and a worker)
 on a database (`apiops_demo`, recreated each time) and a queue of its own, so the user's `apiops` data is never
-touched. Submits the job (a pg-rebuild of db/pg/pg-1, or a pg-switchover of db/pg to pg-1) over HTTP with the
-development key; an approval policy covers the
+touched. Submits the job (a pg-rebuild of db/pg/pg-1, a pg-switchover of db/pg to pg-1, a pg-restart of db/pg, a
+pg-reinit of db/pg/pg-1) over HTTP with the development key; an approval policy covers the
 demo's namespace, so the job waits until a second key (`oncall-2`) approves it, after the requester's own approval
 is refused. Prints every change of a step's status or detail as it happens, prints the final job as JSON, stops
 everything and exits 0 on success. The simulated cluster enforces the worker's shipped Role (deploy/).
@@ -77,12 +78,14 @@ async def recreate_database(url: str) -> None:
 # The demo's namespace is production here: a real rebuild or switchover needs a second person's approval.
 POLICIES = [
     {"job_type": job_type, "targets": ["k8s/default/db/*"], "approvals": 1, "expires_s": 600}
-    for job_type in ("pg-rebuild", "pg-switchover")
+    for job_type in ("pg-rebuild", "pg-switchover", "pg-restart", "pg-reinit")
 ]
 # What `make demo JOB=...` runs: the job type and its params.
 JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "rebuild": ("pg-rebuild", {"namespace": "db", "cluster": "pg", "pod": "pg-1"}),
     "switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-1"}),
+    "restart": ("pg-restart", {"namespace": "db", "cluster": "pg"}),
+    "reinit": ("pg-reinit", {"namespace": "db", "cluster": "pg", "pod": "pg-1"}),
     "cnpg-rebuild": ("pg-rebuild", {"namespace": "db", "cluster": "pg", "pod": "pg-2", "profile": "cnpg"}),
     "cnpg-switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-2", "profile": "cnpg"}),
 }

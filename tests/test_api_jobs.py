@@ -141,6 +141,20 @@ async def test_list_rejects_unknown_filters_and_bad_values(client: httpx.AsyncCl
         assert [d["field"] for d in error["details"]] == [field], params
 
 
+async def test_a_job_shows_what_its_steps_recorded_and_who_runs_it(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    created = (await client.post("/ops/jobs/memo", json={})).json()
+    assert created["state"] == {} and created["lease_owner"] is None
+
+    await run_burst(settings)
+
+    job = await read_job(client, created["job_id"])
+    assert job["status"] == "success", job
+    assert job["state"] == {"learned_by": "attempt 1"}
+    assert job["steps"][1]["detail"] == "recalled what attempt 1 learned"
+
+
 async def test_job_types_lists_params_schema_and_steps(client: httpx.AsyncClient) -> None:
     response = await client.get("/ops/job-types")
 

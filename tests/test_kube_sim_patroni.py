@@ -1,7 +1,9 @@
 """Patroni in the simulated cluster, through the API server's pod proxy, seen by the jobs' own client
 (jobs.pgkube.patroni over the unmodified kubernetes_asyncio), under the shipped worker Role: the shapes of GET
 /cluster and /patroni, a switchover over simulated time with its history, Patroni's refusals in its own words, and
-the faults (a 412 or 503 answer, a lagging candidate, a leader lost during the switchover)."""
+the faults (a 412 or 503 answer, a lagging candidate, a leader lost during the switchover); restarts and re-clones
+over simulated time with Patroni's answers, and their faults (a crash loop, a basebackup that keeps failing, a lag
+after a restart)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from jobs.pgkube.kube import Kube, KubeError
 from jobs.pgkube.patroni import Patroni, PatroniRefused
 from service.jobtypes import TransientError
 from tests.conftest import shipped_role_cluster
-from tests.kube_sim import KubeSim
+from tests.kube_sim import KubeSim, MemberFault
 
 MEMBERS = ["pg-0", "pg-1", "pg-2"]
 
@@ -34,6 +36,12 @@ async def patroni(sim: KubeSim, tmp_path: Path) -> AsyncIterator[Patroni]:
     await config.load_kube_config(config_file=str(path), client_configuration=cfg)
     async with client.ApiClient(cfg) as api:
         yield Patroni(Kube(api, timeout_s=5.0), "db")
+
+
+def phase_of(sim: KubeSim, pod: str) -> str | None:
+    """Patroni's state of the member while a restart or a re-clone runs on it; None when none does."""
+    action = sim.patroni.member("db", pod).action
+    return action.phase if action else None
 
 
 def roles(sim: KubeSim) -> dict[str, str | None]:
@@ -143,16 +151,66 @@ async def test_a_leader_lost_during_the_switchover_ends_with_another_leader(sim:
 
 
 async def test_restart_and_reinitialize_answer_as_patroni(sim: KubeSim, patroni: Patroni) -> None:
-    assert await patroni.post("pg-1", "restart", {}) == "restarted successfully"
+    before = await patroni.status("pg-1")
+    assert before.state == "running" and before.started is not None
+
+    assert await patroni.restart("pg-1", pending_only=False, timeout_s=10) == "restarted successfully"
+    after = await patroni.status("pg-1")
+    assert after.started is not None and after.started > before.started, "a new postmaster start time"
     with pytest.raises(PatroniRefused, match="PostgreSQL role should be either primary, standby_leader, or replica"):
         await patroni.post("pg-1", "restart", {"role": "boss"})
+    with pytest.raises(PatroniRefused, match=r"\(HTTP 400\): Unknown filter for the scheduled restart: when"):
+        await patroni.post("pg-1", "restart", {"when": "now"})
+    with pytest.raises(TransientError, match="restart conditions are not satisfied"):
+        await patroni.restart("pg-2", pending_only=True, timeout_s=10)
     with pytest.raises(TransientError, match="I am the leader, can not reinitialize"):
-        await patroni.post("pg-0", "reinitialize", {})
-    assert await patroni.post("pg-2", "reinitialize", {}) == "reinitialize started"
-    assert (await patroni.cluster(MEMBERS)).member("pg-2") == (await patroni.cluster(["pg-0"])).member("pg-2")
+        await patroni.reinitialize("pg-0")
+    assert await patroni.reinitialize("pg-2") == "reinitialize started"
+    assert (await patroni.cluster(MEMBERS)).member("pg-2").state == "creating replica"  # type: ignore[union-attr]
+    assert (await patroni.status("pg-2")).started is None, "PostgreSQL is down while it is re-cloned"
     with pytest.raises(TransientError, match="reinitialize already in progress"):
-        await patroni.post("pg-2", "reinitialize", {})
-    assert sim.patroni.restarts == [("db", "pg-1")]
+        await patroni.reinitialize("pg-2")
+    with pytest.raises(TransientError, match="reinitialize already in progress"):
+        await patroni.restart("pg-2", pending_only=False, timeout_s=10)
+    assert sim.restarts == ["pg-1"] and sim.reinits == ["pg-2"]
+
+
+async def test_only_a_member_pending_restart_restarts_with_restart_pending(sim: KubeSim, patroni: Patroni) -> None:
+    sim.pending_restart("pg-2")
+    assert [m.name for m in (await patroni.cluster(MEMBERS)).members if m.pending_restart] == ["pg-2"]
+
+    assert await patroni.restart("pg-2", pending_only=True, timeout_s=10) == "restarted successfully"
+    assert not (await patroni.status("pg-2")).pending_restart
+
+
+async def test_a_crash_looping_restart_fails_and_the_member_keeps_crashing(sim: KubeSim, patroni: Patroni) -> None:
+    sim.member_fault("pg-1", MemberFault.RESTART_CRASH_LOOP)
+
+    with pytest.raises(TransientError, match="restart failed"):
+        await patroni.restart("pg-1", pending_only=False, timeout_s=10)
+    for phase in ("starting", "crashed", "starting"):  # Patroni tries to start it on every cycle, in vain
+        await sim.wait_for(lambda: phase_of(sim, "pg-1") == phase, within=5)  # noqa: B023
+        assert (await patroni.status("pg-1")).started is None
+
+    sim.member_fault("pg-1", None)
+    await sim.wait_for(lambda: phase_of(sim, "pg-1") is None)
+    assert (await patroni.cluster(MEMBERS)).member("pg-1").state == "streaming"  # type: ignore[union-attr]
+
+
+async def test_a_failing_basebackup_is_begun_again_and_again(sim: KubeSim, patroni: Patroni) -> None:
+    sim.member_fault("pg-1", MemberFault.BASEBACKUP_FAILS)
+
+    assert await patroni.reinitialize("pg-1") == "reinitialize started"
+    await sim.wait_for(lambda: sim.patroni.member("db", "pg-1").basebackups >= 3)
+    assert sim.reinits == ["pg-1"], "Patroni's own retries, one request"
+
+
+async def test_a_replica_lags_after_its_restart_when_told_to(sim: KubeSim, patroni: Patroni) -> None:
+    sim.lag_after_restart("pg-2", 4096)
+
+    await patroni.restart("pg-2", pending_only=False, timeout_s=10)
+
+    assert (await patroni.cluster(MEMBERS)).member("pg-2").lag == 4096  # type: ignore[union-attr]
 
 
 async def test_a_missing_pod_is_the_api_servers_404_and_the_view_comes_from_the_next_member(
@@ -175,6 +233,9 @@ async def test_the_admin_endpoint_injects_patroni_faults(sim: KubeSim, patroni: 
             {"kind": "lag", "name": "pg-2", "bytes": 2048},
             {"kind": "patroni", "status": 503, "endpoint": "cluster", "method": "get", "name": "pg-0"},
             {"kind": "leader_lost", "to": "pg-2", "seconds": 0.1},
+            {"kind": "member", "name": "pg-1", "fault": "basebackup_fails"},
+            {"kind": "lag_after_restart", "name": "pg-2", "bytes": 10},
+            {"kind": "pending_restart", "name": "pg-2"},
         ):
             response = await admin.post("/_sim/faults", json=spec)
             assert response.status_code == 200, response.text
@@ -184,3 +245,6 @@ async def test_the_admin_endpoint_injects_patroni_faults(sim: KubeSim, patroni: 
     assert await patroni.switchover("pg-0", leader="pg-0", candidate="pg-1", timeout_s=10) == (
         'Switched over to "pg-2" instead of "pg-1"'
     )
+    assert sim.faults.member("db", "pg-1") is MemberFault.BASEBACKUP_FAILS
+    assert sim.faults.lag_after_restart == {("db", "pg-2"): 10}
+    assert sim.patroni.member("db", "pg-2").pending_restart

@@ -16,8 +16,8 @@ from service.settings import Settings
 from tests.conftest import kube_settings_for
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim
+from tests.pgsteps import run_each_step_twice
 from tests.test_pg_rebuild import STEPS, rebuild, steps, world
-from tests.test_pg_rebuild_faults import run_each_step_twice
 
 
 def uid(sim: KubeSim, resource: str, name: str) -> str:
@@ -161,7 +161,8 @@ async def test_every_step_can_run_again_and_one_instance_replaces_the_old(cnpg_s
     )
     old = uid(cnpg_sim, "pods", "pg-2")
 
-    state, runs = await run_each_step_twice(pg_rebuild.STEPS, kube, params)
+    state: dict[str, Any] = {}
+    runs = await run_each_step_twice(pg_rebuild.STEPS, kube, params, state)
 
     status = cluster_status(cnpg_sim)
     assert status["instanceNames"] == ["pg-1", "pg-3", "pg-4"] and status["latestGeneratedNode"] == 4

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
-from pydantic import BaseModel
 
 from jobs import pg_rebuild
 from jobs.pg_rebuild import PgRebuildSettings
 from jobs.pgkube.kube import lifespan
-from service.jobtypes import Step
 from service.settings import Settings
 from tests.conftest import kube_registry, running_worker, wait_for, wait_for_status
 from tests.kube_sim import KubeSim
@@ -219,24 +217,6 @@ class FakeContext:
 
     async def progress(self, detail: str) -> None:
         self.details.append(detail)
-
-
-P = TypeVar("P", bound=BaseModel)
-
-
-async def run_each_step_twice(
-    steps: list[Step[P]], settings: PgRebuildSettings, params: P
-) -> tuple[dict[str, Any], dict[str, tuple[str | None, str | None]]]:
-    """Run every step twice in order, the second time in a new context, as on another worker after a crash (only the
-    job's state is shared); the job's state at the end and each step's two details."""
-    state: dict[str, Any] = {}
-    runs: dict[str, tuple[str | None, str | None]] = {}
-    async with lifespan(settings) as clients:
-        for step in steps:
-            first = await step.run(FakeContext(clients, settings, state), params)
-            again = await step.run(FakeContext(clients, settings, state, f"resumed-{step.name}"), params)
-            runs[step.name] = (first, again)
-    return state, runs
 
 
 async def test_every_step_can_run_again_without_harm(kube_settings: PgRebuildSettings, kube_sim: KubeSim) -> None:

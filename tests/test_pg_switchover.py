@@ -18,27 +18,19 @@ from jobs import pg_switchover
 from jobs.pg_rebuild import PgRebuildSettings
 from jobs.pgkube.kube import lifespan
 from service.settings import Settings
-from tests.conftest import kube_registry, kube_settings_for, running_worker, shipped_role_cluster, wait_for_status
-from tests.conftest import submit as submit_job
+from tests.conftest import kube_settings_for, run_pg_job, shipped_role_cluster
+from tests.conftest import step_details as details
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim
-from tests.test_pg_rebuild_faults import FakeContext, run_each_step_twice
+from tests.pgsteps import run_each_step_twice
+from tests.test_pg_rebuild_faults import FakeContext
 
 STEPS = ["read-topology", "check-candidate", "switchover", "wait-new-leader", "wait-replicas"]
 MIB = 1024 * 1024
 
 
-async def switch(
-    client: httpx.AsyncClient, settings: Settings, kube: PgRebuildSettings, within: float = 15, **params: Any
-) -> Any:
-    """Run a pg-switchover of db/pg to its end on a worker whose pg-* settings are `kube`."""
-    async with running_worker(settings, kube_registry(kube)):
-        job_id = await submit_job(client, "pg-switchover", **({"namespace": "db", "cluster": "pg"} | params))
-        return await wait_for_status(client, job_id, "success", "failed", within=within)
-
-
-def details(job: Any) -> dict[str, str]:
-    return {s["name"]: s["detail"] for s in job["steps"]}
+async def switch(client: httpx.AsyncClient, settings: Settings, kube: PgRebuildSettings, **params: Any) -> Any:
+    return await run_pg_job(client, settings, kube, "pg-switchover", **params)
 
 
 def history(sim: KubeSim) -> list[tuple[str, str, str, int]]:
@@ -240,7 +232,8 @@ async def test_every_step_can_run_again_and_the_switchover_is_asked_once(
     params = pg_switchover.SwitchoverParams.model_validate(
         {"namespace": "db", "cluster": "pg", "candidate": "pg-2"}, context={"settings": kube_settings}
     )
-    state, runs = await run_each_step_twice(pg_switchover.STEPS, kube_settings, params)
+    state: dict[str, Any] = {}
+    runs = await run_each_step_twice(pg_switchover.STEPS, kube_settings, params, state)
 
     assert history(kube_sim) == [("pg-0", "pg-2", "pg-2", 2)]
     assert kube_sim.patroni_requests("POST", "switchover") == 1

@@ -13,9 +13,10 @@ import pytest
 from jobs import pg_switchover
 from service.settings import Settings
 from tests.conftest import kube_settings_for
+from tests.conftest import step_details as details
 from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim
-from tests.test_pg_switchover import STEPS, details, switch
+from tests.test_pg_switchover import STEPS, switch
 
 
 async def promote(client: httpx.AsyncClient, settings: Settings, sim: KubeSim, tmp_path: Path, **params: Any) -> Any:

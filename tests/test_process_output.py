@@ -140,6 +140,7 @@ async def test_an_invalid_job_type_setting_is_one_line_and_exit_2_however_the_ap
     assert said, printed
     for line in said:  # one per process that read it: `apiops run`'s API and worker both may
         assert line.endswith(
-            "invalid setting of job types pg-rebuild, pg-switchover: APIOPS_KUBE_REQUEST_TIMEOUT_S='abc': Input should"
-            " be a valid number, unable to parse string as a number; set it right or unset it (default: 10.0)"
+            "invalid setting of job types pg-rebuild, pg-switchover, pg-restart, pg-reinit: "
+            "APIOPS_KUBE_REQUEST_TIMEOUT_S='abc': Input should be a valid number, unable to parse string as a number; "
+            "set it right or unset it (default: 10.0)"
         ), line

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from jobs.pgkube.kube import Kube, KubeClients, KubeNotConfigured, lifespan
 from jobs.pgkube.profiles import PROFILES, Profile, ProfileName
@@ -57,8 +57,6 @@ Seconds = Annotated[float, Field(gt=0, le=MAX_WAIT_S)]
 LABEL: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_LABEL.pattern, "maxLength": 63}}
 SUBDOMAIN: dict[str, Any] = {"json_schema_extra": {"pattern": DNS_SUBDOMAIN.pattern, "maxLength": 253}}
 PodName = Annotated[str, AfterValidator(dns_subdomain), Field(**SUBDOMAIN)]
-# Patroni's lag of a replica behind the leader, beyond which the job does not count it as healthy (default: MIB).
-MaxLagBytes = Annotated[int, Field(ge=0, description="most bytes a replica may trail the leader and count as healthy")]
 
 
 class ClusterParams(BaseModel):
@@ -98,6 +96,24 @@ class ClusterParams(BaseModel):
     @classmethod
     def _default_profile(cls, value: ProfileName | None, info: ValidationInfo) -> ProfileName:
         return value or settings_from(info, PgSettings).pg_rebuild_profile
+
+
+class PatroniParams(ClusterParams):
+    """The params of a job that asks Patroni: the lag it allows a replica. CloudNativePG has no Patroni: such a job is
+    refused at submission on the `cnpg` profile, in words that say what it would do (`cnpg_refusal`), unless it has a
+    way through CloudNativePG's Cluster resource instead (`cnpg_refusal` None)."""
+
+    cnpg_refusal: ClassVar[str | None] = "this job through its Cluster resource is not supported yet"
+
+    max_lag_bytes: Annotated[
+        int, Field(ge=0, description="most bytes a replica may trail the leader to count as healthy")
+    ] = MIB
+
+    @model_validator(mode="after")
+    def _has_patroni(self) -> PatroniParams:
+        if self.profile == "cnpg" and self.cnpg_refusal is not None:
+            raise ValueError(f"profile cnpg: CloudNativePG has no Patroni; {self.cnpg_refusal}")
+        return self
 
 
 def cluster_target(params: ClusterParams) -> str:

@@ -3,6 +3,8 @@
     patroni = Patroni(kube, namespace)
     view = await patroni.cluster(["pg-0", "pg-1", "pg-2"])  # GET /cluster from the first member that answers
     said = await patroni.switchover("pg-0", leader="pg-0", candidate="pg-1", timeout_s=60)
+    said = await patroni.restart("pg-1", pending_only=False, timeout_s=300)  # answers once PostgreSQL is back
+    said = await patroni.reinitialize("pg-1")  # answers at once; the re-clone runs in the background
 
 What Patroni's answers mean, from its REST API documentation ("Switchover and failover endpoints") and its code
 (patroni/api.py, `do_POST_failover`): 2xx is done, with Patroni's own sentence; 412 ("leader name does not match",
@@ -11,6 +13,12 @@ from a specific leader") are refusals that asking again will not change: `Patron
 once with Patroni's words; 503 ("Switchover failed", "failed to write failover key into DCS") is transient: a
 `TransientError`, retried with backoff by the engine (a step) or by `wait_until` (a wait). The API server's own
 errors (pod missing, `pods/proxy` not granted) surface as from any other Kubernetes call (`Kube.proxy`).
+
+`/restart` and `/reinitialize` (its REST API documentation, "Restart endpoint" and "Reinitialize endpoint"; its
+code: `do_POST_restart`, `do_POST_reinitialize`, `Ha.restart`, `Ha.reinitialize`) answer 400 for a malformed request
+and 503 for everything else that did not happen: "restart conditions are not satisfied", "restart failed",
+"I am the leader, can not reinitialize", "<action> already in progress". What each means to a job is the job's to
+say (`PatroniUnavailable.answer`): a member already restarting is not a reason to ask again.
 """
 
 from __future__ import annotations
@@ -87,6 +95,19 @@ class ClusterView:
         return next((m for m in self.members if m.name == name), None)
 
 
+@dataclass(frozen=True)
+class MemberStatus:
+    """GET /patroni on one member (Patroni's `get_postgresql_status`): its own view, with what only it knows."""
+
+    name: str
+    state: str  # running, restarting, starting, creating replica, restart failed, crashed, stopped, ...
+    role: str  # primary, replica, standby_leader
+    # pg_postmaster_start_time(), as Patroni prints it; None while PostgreSQL does not answer. It changes with every
+    # start of PostgreSQL, which is how a job knows that a restart or a re-clone it asked for has happened.
+    started: str | None
+    pending_restart: bool
+
+
 def _member(raw: dict[str, Any]) -> Member:
     timeline, lag = raw.get("timeline"), raw.get("lag")
     return Member(
@@ -142,6 +163,18 @@ class Patroni:
         assert failure is not None
         raise failure
 
+    async def status(self, pod: str) -> MemberStatus:
+        """GET /patroni on `pod`."""
+        raw = await self.get(pod, "patroni")
+        started = raw.get("postmaster_start_time")
+        return MemberStatus(
+            name=pod,
+            state=str(raw.get("state", "")),
+            role=str(raw.get("role", "")),
+            started=str(started) if started else None,
+            pending_restart=bool(raw.get("pending_restart")),
+        )
+
     async def post(self, pod: str, endpoint: str, body: dict[str, Any], timeout_s: float | None = None) -> str:
         """POST `body` to `endpoint` of Patroni on `pod`; Patroni's answer on success (see the module for errors)."""
         answer = await self.kube.proxy(self.namespace, pod, PORT, endpoint, body=body, timeout_s=timeout_s)
@@ -152,3 +185,14 @@ class Patroni:
         leader holds the lock (it polls for up to ~30 s), hence the call's own `timeout_s`. Naming the leader makes
         a late duplicate harmless: once another member leads, Patroni answers 412 "leader name does not match"."""
         return await self.post(pod, "switchover", {"leader": leader, "candidate": candidate}, timeout_s)
+
+    async def restart(self, pod: str, *, pending_only: bool, timeout_s: float) -> str:
+        """Restart PostgreSQL on `pod`, now. Patroni answers once it is back ("restarted successfully") or gave up
+        ("restart failed", 503), hence `timeout_s`. `pending_only`: only if Patroni flags it `pending_restart` (503
+        "restart conditions are not satisfied" otherwise)."""
+        return await self.post(pod, "restart", {"restart_pending": True} if pending_only else {}, timeout_s)
+
+    async def reinitialize(self, pod: str) -> str:
+        """Re-clone the replica `pod` from the leader, in place (its data directory wiped, its volume kept). Patroni
+        answers as soon as the re-clone has begun ("reinitialize started")."""
+        return await self.post(pod, "reinitialize", {})

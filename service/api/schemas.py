@@ -45,6 +45,8 @@ class JobOut(BaseModel):
     approval_expires_at: datetime | None
     # The worker running it now (until its lease ends); None when no worker holds it.
     lease_owner: str | None = None
+    # What its steps recorded for the steps after them (`ctx.remember`): e.g. the topology found at the start.
+    state: dict[str, Any] = {}
     steps: list[StepOut]
 
 

@@ -7,9 +7,11 @@ in-process API and `python -m tests.kube_sim --help` for running it as its own p
 
 from __future__ import annotations
 
-from tests.kube_sim.faults import Behaviour
+from tests.kube_sim.faults import Behaviour, MemberFault
 from tests.kube_sim.objects import PROFILES, Profile
 from tests.kube_sim.sim import CLUSTER, NAMESPACE, KubeSim
 from tests.kube_sim.timing import DEMO, FAST, Speed
 
-__all__ = ["CLUSTER", "DEMO", "FAST", "NAMESPACE", "PROFILES", "Behaviour", "KubeSim", "Profile", "Speed"]
+__all__ = [
+    "CLUSTER", "DEMO", "FAST", "NAMESPACE", "PROFILES", "Behaviour", "KubeSim", "MemberFault", "Profile", "Speed",
+]  # fmt: skip

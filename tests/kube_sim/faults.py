@@ -22,6 +22,13 @@ class Behaviour(enum.StrEnum):
     UNSCHEDULABLE = "unschedulable"  # PodScheduled=False, reason Unschedulable
 
 
+class MemberFault(enum.StrEnum):
+    """What Patroni's actions do on a member of that name."""
+
+    RESTART_CRASH_LOOP = "restart_crash_loop"  # POST /restart: "restart failed", then `starting`/`crashed` for ever
+    BASEBACKUP_FAILS = "basebackup_fails"  # POST /reinitialize: every basebackup fails, Patroni tries again
+
+
 @dataclass
 class RequestRule:
     """Matches requests by verb (get, list, watch, delete), resource (plural), namespace and name; None = any."""
@@ -75,10 +82,14 @@ class Faults:
     stuck_pvcs: set[tuple[str, str]] = field(default_factory=set)
     rollouts: set[tuple[str, str]] = field(default_factory=set)  # StatefulSets whose update never progresses
     patroni: list[PatroniFault] = field(default_factory=list)
+    members: dict[tuple[str, str], MemberFault] = field(default_factory=dict)
+    lag_after_restart: dict[tuple[str, str], int] = field(default_factory=dict)  # bytes a member trails once back
 
     def clear(self) -> None:
         self.http.clear()
         self.patroni.clear()
+        self.members.clear()
+        self.lag_after_restart.clear()
         self.latency.clear()
         self.watch_cuts.clear()
         self.pods.clear()
@@ -117,6 +128,9 @@ class Faults:
     def pod_behaviour(self, namespace: str, name: str) -> Behaviour | None:
         return self.pods.get((namespace, name))
 
+    def member(self, namespace: str, name: str) -> MemberFault | None:
+        return self.members.get((namespace, name))
+
     def summary(self) -> dict[str, Any]:
         return {
             "http": [vars(f) for f in self.http],
@@ -126,6 +140,8 @@ class Faults:
             "stuckPvcs": sorted(f"{ns}/{name}" for ns, name in self.stuck_pvcs),
             "rollouts": sorted(f"{ns}/{name}" for ns, name in self.rollouts),
             "patroni": [vars(f) for f in self.patroni],
+            "members": {f"{ns}/{name}": str(f) for (ns, name), f in self.members.items()},
+            "lagAfterRestart": {f"{ns}/{name}": lag for (ns, name), lag in self.lag_after_restart.items()},
         }
 
 

@@ -16,11 +16,13 @@ status in JSON; the API server's proxy passes its status codes and bodies throug
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from tests.kube_sim.faults import Faults
+from tests.kube_sim.faults import Faults, MemberFault
 from tests.kube_sim.kubelet import is_ready, stage_of
 from tests.kube_sim.objects import Profile
 from tests.kube_sim.store import Obj, Store
@@ -48,6 +50,19 @@ def format_lsn(lsn: int) -> str:
 
 
 @dataclass
+class Action:
+    """What Patroni's async executor runs on one member (Patroni runs one at a time: `... already in progress`), in
+    phases over simulated time: a restart (`restarting`, then `running`, or a crash loop of `starting` and `crashed`
+    after `restart failed`), a re-clone (`creating replica`, then `running`, or `stopped` and a new basebackup)."""
+
+    kind: Literal["restart", "reinitialize"]
+    phase: str  # Patroni's state of the member while the action runs
+    since: float | None = None  # on the controller's clock, set on its first tick
+    # A restart's request waits for its outcome, as Patroni's synchronous POST /restart does.
+    answer: asyncio.Future[tuple[int, str]] | None = None
+
+
+@dataclass
 class MemberState:
     """What Patroni on one member knows beyond the labels; kept by pod name, so it outlives a recreated pod."""
 
@@ -55,8 +70,11 @@ class MemberState:
     tags: dict[str, Any] = field(default_factory=dict)
     pending_restart: bool = False
     timeline_behind: int = 0  # how many timelines this member trails the cluster (it missed a promotion)
-    reinit_started: float | None = None  # a running /reinitialize: "creating replica" until the sim's ready delay
+    action: Action | None = None
     restarts: int = 0
+    basebackups: int = 0  # basebackups started by /reinitialize, failed ones included
+    # pg_postmaster_start_time(), which GET /patroni shows as `postmaster_start_time`: a restart or a re-clone sets it.
+    started_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -109,6 +127,9 @@ class Patroni:
         self.clusters: dict[tuple[str, str], ClusterState] = {}
         self.history: list[SwitchoverRecord] = []
         self.restarts: list[tuple[str, str]] = []  # (namespace, pod) of every POST /restart carried out
+        self.reinits: list[tuple[str, str]] = []  # (namespace, pod) of every POST /reinitialize carried out
+        self.restart_s: dict[tuple[str, str], float] = {}  # fault: a member's restart takes this long
+        self.reclone_s: dict[tuple[str, str], float] = {}  # fault: a member's basebackup takes this long
         self.requests: list[tuple[str, str, str]] = []  # (method, endpoint, pod) of every request Patroni received
 
     # state
@@ -150,8 +171,9 @@ class Patroni:
         if stage not in ("running", "ready"):
             return None
         ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-        if self.member(ns, name).reinit_started is not None:
-            return "creating replica"
+        action = self.member(ns, name).action
+        if action is not None:
+            return action.phase
         role = self.profile.role_of(pod)
         if self._is_leader(pod):
             return "running"
@@ -196,7 +218,7 @@ class Patroni:
             if mine.tags:
                 member["tags"] = dict(mine.tags)
             if not leading:
-                if status in ("creating replica", "starting"):
+                if status not in ("streaming", "running"):
                     member |= {"lsn": "unknown", "lag": "unknown"}
                 else:
                     member |= {"lsn": format_lsn(leader_lsn - mine.lag), "lag": mine.lag}
@@ -217,24 +239,30 @@ class Patroni:
         body: Obj = {
             "state": "running" if status == "streaming" else status,
             "role": "primary" if leading else "replica",
-            "server_version": SERVER_VERSION,
-            "timeline": self._timeline(namespace, cluster, pod),
-            "cluster_unlocked": self.leader(namespace, cluster) is None,
-            "xlog": {"location": lsn}
-            if leading
-            else {"received_location": lsn, "replayed_location": lsn, "replayed_timestamp": None, "paused": False},
-            "patroni": {"version": VERSION, "scope": cluster, "name": name},
         }
+        if mine.action is None:  # PostgreSQL answers Patroni's query; while it is down only the two above are known
+            body |= {
+                # As psycopg hands Patroni the timestamptz and `json.dumps(default=str)` writes it.
+                "postmaster_start_time": str(datetime.datetime.fromtimestamp(mine.started_at, datetime.UTC)),
+                "server_version": SERVER_VERSION,
+                "timeline": self._timeline(namespace, cluster, pod),
+                "xlog": {"location": lsn}
+                if leading
+                else {"received_location": lsn, "replayed_location": lsn, "replayed_timestamp": None, "paused": False},
+            }
         if not leading and status == "streaming":
             body["replication_state"] = "streaming"
+        if state.synchronous_mode and state.sync_standby == name:
+            body["sync_standby"] = True
+        if state.paused:
+            body["pause"] = True
+        if self.leader(namespace, cluster) is None:
+            body["cluster_unlocked"] = True
         if mine.tags:
             body["tags"] = dict(mine.tags)
         if mine.pending_restart:
             body["pending_restart"] = True
-        if state.paused:
-            body["pause"] = True
-        if state.synchronous_mode and state.sync_standby == name:
-            body["sync_standby"] = True
+        body["patroni"] = {"version": VERSION, "scope": cluster, "name": name}
         return body
 
     # REST API
@@ -268,7 +296,7 @@ class Patroni:
         if not isinstance(request, dict):
             return 400, "text/html", "Bad Request"
         if endpoint == "restart":
-            return self._restart(ns, cluster, pod, request)
+            return await self._restart(ns, cluster, pod, request)
         if endpoint == "reinitialize":
             return self._reinitialize(ns, cluster, pod)
         return await self._switchover(ns, cluster, request)
@@ -337,52 +365,114 @@ class Patroni:
         status, text = await asyncio.shield(switch.answer)
         return status, "text/html", text
 
-    def _restart(self, ns: str, cluster: str, pod: Obj, request: Obj) -> Answer:
+    async def _restart(self, ns: str, cluster: str, pod: Obj, request: Obj) -> Answer:
+        """Patroni's `do_POST_restart` and `Ha.restart`: the request's keys checked in turn (400 on a bad one), then
+        the conditions (`role`, `restart_pending`: 503), then one action at a time (503 `... already in progress`);
+        an immediate restart answers once PostgreSQL is back (200 "restarted successfully") or did not come back
+        (503 "restart failed"). Scheduled restarts are not simulated."""
         state = self.cluster(ns, cluster)
         if state.paused and "schedule" in request:
             return 500, "text/html", "Can't schedule restart in the paused state"
+        for key, value in request.items():
+            if key == "role" and value not in ("primary", "standby_leader", "replica"):
+                return 400, "text/html", "PostgreSQL role should be either primary, standby_leader, or replica"
+            if key == "timeout" and (not isinstance(value, int | float) or value <= 0):
+                return 400, "text/html", "Timeout should be a positive number of seconds"
+            if key not in ("role", "timeout", "restart_pending", "postgres_version", "schedule"):
+                return 400, "text/html", f"Unknown filter for the scheduled restart: {key}"
+        name = pod["metadata"]["name"]
+        mine = self.member(ns, name)
         role = request.get("role")
-        if role is not None and role not in ("primary", "standby_leader", "replica"):
-            return 400, "text/html", "PostgreSQL role should be either primary, standby_leader, or replica"
-        mine = self.member(ns, pod["metadata"]["name"])
-        leading = self._is_leader(pod)
-        if (role is not None and role != ("primary" if leading else "replica")) or (
-            request.get("restart_pending") and not mine.pending_restart
+        # Patroni asks only whether `restart_pending` is present, not what it says (`'restart_pending' in ...`).
+        if (role is not None and role != ("primary" if self._is_leader(pod) else "replica")) or (
+            "restart_pending" in request and not mine.pending_restart
         ):
             return 503, "text/html", "restart conditions are not satisfied"
-        mine.pending_restart = False
+        if mine.action is not None:
+            return 503, "text/html", f"{mine.action.kind} already in progress"
+        answer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        mine.action = Action("restart", "restarting", answer=answer)
         mine.restarts += 1
-        self.restarts.append((ns, pod["metadata"]["name"]))
-        return 200, "text/html", "restarted successfully"
+        self.restarts.append((ns, name))
+        # As for a switchover, a client that goes away changes nothing: the restart goes on.
+        status, text = await asyncio.shield(answer)
+        return status, "text/html", text
 
     def _reinitialize(self, ns: str, cluster: str, pod: Obj) -> Answer:
-        if self._is_leader(pod):
-            return 503, "text/html", "I am the leader, can not reinitialize"
+        """Patroni's `Ha.reinitialize`: never on the leader nor without one, one action at a time; the re-clone itself
+        runs in the background (200 "reinitialize started")."""
         if self.leader(ns, cluster) is None:
             return 503, "text/html", "Cluster has no leader, can not reinitialize"
-        mine = self.member(ns, pod["metadata"]["name"])
-        if mine.reinit_started is not None:
-            return 503, "text/html", "reinitialize already in progress"
-        mine.reinit_started = -1.0  # the controller stamps its own clock on the next tick
+        if self._is_leader(pod):
+            return 503, "text/html", "I am the leader, can not reinitialize"
+        name = pod["metadata"]["name"]
+        mine = self.member(ns, name)
+        if mine.action is not None:
+            return 503, "text/html", f"{mine.action.kind} already in progress"
+        mine.action = Action("reinitialize", "creating replica")
+        mine.basebackups += 1
+        self.reinits.append((ns, name))
         return 200, "text/html", "reinitialize started"
 
     # controller
 
     def reconcile(self, now: float) -> None:
-        """Carry out switchovers and re-clones over simulated time."""
+        """Carry out switchovers, restarts and re-clones over simulated time."""
         for (ns, cluster), state in list(self.clusters.items()):
             if state.switchover is not None:
                 self._advance(ns, cluster, state, now)
-        for mine in self.members.values():
-            if mine.reinit_started is None:
+        for (ns, name), mine in list(self.members.items()):
+            action = mine.action
+            if action is None:
                 continue
-            if mine.reinit_started < 0:
-                mine.reinit_started = now
-            elif now - mine.reinit_started >= self.speed.ready:
-                # A fresh copy of the leader: no lag, on its timeline.
-                mine.reinit_started = None
-                mine.lag = 0
-                mine.timeline_behind = 0
+            if action.since is None:
+                action.since = now
+            elapsed = now - action.since
+            if action.kind == "restart":
+                self._restarting(ns, name, mine, action, elapsed, now)
+            else:
+                self._recloning(ns, name, mine, action, elapsed, now)
+
+    def _restarting(self, ns: str, name: str, mine: MemberState, action: Action, elapsed: float, now: float) -> None:
+        """`restarting` for the sim's restart delay, then back (a new postmaster start time), or, under the
+        `restart_crash_loop` fault, "restart failed" and a crash loop of `starting` and `crashed` (Patroni trying to
+        start PostgreSQL again on every cycle) until the fault is cleared."""
+        crashing = self.faults.member(ns, name) is MemberFault.RESTART_CRASH_LOOP
+        if action.phase == "restarting":
+            if elapsed < self.restart_s.get((ns, name), self.speed.restart):
+                return
+            if crashing:
+                action.phase, action.since = "restart failed", now
+                _answer(action, 503, "restart failed")
+                return
+        elif crashing:
+            if elapsed >= self.speed.crash:
+                action.phase, action.since = ("crashed" if action.phase == "starting" else "starting"), now
+            return
+        mine.action = None
+        mine.started_at = time.time()
+        mine.pending_restart = False
+        mine.lag = self.faults.lag_after_restart.get((ns, name), mine.lag)
+        _answer(action, 200, "restarted successfully")
+
+    def _recloning(self, ns: str, name: str, mine: MemberState, action: Action, elapsed: float, now: float) -> None:
+        """`creating replica` for the sim's ready delay, then a fresh copy of the leader (no lag, its timeline, a new
+        postmaster start time); under the `basebackup_fails` fault, `stopped` (Patroni removed the data directory)
+        for the crash period, then another basebackup, for ever (Patroni's `Bootstrap.create_replica`, `Ha.clone`)."""
+        if action.phase == "stopped":
+            if elapsed >= self.speed.crash:
+                action.phase, action.since = "creating replica", now
+                mine.basebackups += 1
+            return
+        if elapsed < self.reclone_s.get((ns, name), self.speed.ready):
+            return
+        if self.faults.member(ns, name) is MemberFault.BASEBACKUP_FAILS:
+            action.phase, action.since = "stopped", now
+            return
+        mine.action = None
+        mine.started_at = time.time()
+        mine.lag = 0
+        mine.timeline_behind = 0
 
     def _advance(self, ns: str, cluster: str, state: ClusterState, now: float) -> None:
         switch = state.switchover
@@ -434,6 +524,14 @@ class Patroni:
         """Answer any request still waiting, so the server can shut down."""
         for state in self.clusters.values():
             self._finish(state, 503, "Switchover status unknown")
+        for mine in self.members.values():
+            if mine.action is not None:
+                _answer(mine.action, 503, "restart failed")
+
+
+def _answer(action: Action, status: int, text: str) -> None:
+    if action.answer is not None and not action.answer.done():
+        action.answer.set_result((status, text))
 
 
 def _json(status: int, body: Obj) -> Answer:

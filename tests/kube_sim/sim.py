@@ -26,11 +26,20 @@ from tests.kube_sim.api import KubeApi
 from tests.kube_sim.cnpg import PLURAL as CNPG_CLUSTERS
 from tests.kube_sim.cnpg import Cnpg, Promotion
 from tests.kube_sim.controllers import Controllers, bind
-from tests.kube_sim.faults import Behaviour, Faults, HttpFault, Latency, PatroniFault, WatchCut, parse_request_fault
+from tests.kube_sim.faults import (
+    Behaviour,
+    Faults,
+    HttpFault,
+    Latency,
+    MemberFault,
+    PatroniFault,
+    WatchCut,
+    parse_request_fault,
+)
 from tests.kube_sim.kubelet import is_ready, settle
 from tests.kube_sim.objects import PROFILES, Profile, namespace_obj, pod_from_statefulset, pvc_from_template, revision
 from tests.kube_sim.objects import statefulset as statefulset_obj
-from tests.kube_sim.patroni import ClusterState, Patroni, SwitchoverRecord
+from tests.kube_sim.patroni import Action, ClusterState, Patroni, SwitchoverRecord
 from tests.kube_sim.rbac import Authorizing, Rbac
 from tests.kube_sim.store import DEFAULT_HISTORY, Obj, Store
 from tests.kube_sim.timing import SPEEDS, Speed
@@ -63,9 +72,10 @@ class _Server(uvicorn.Server):
 
 
 # What POST /_sim/faults takes as "kind" (see KubeSim.apply_fault).
+PATRONI_FAULT_KINDS = ("patroni", "lag", "leader_lost", "member", "lag_after_restart", "pending_restart")
 FAULT_KINDS = (
     "http", "latency", "watch_cut", "cut_watches", "compact", "pod", "pvc_stuck", "rollout", "primary_change",
-    "patroni", "lag", "leader_lost",
+    *PATRONI_FAULT_KINDS,
 )  # fmt: skip
 
 
@@ -335,15 +345,6 @@ class KubeSim:
 
     not_ready = never_ready  # on a running member it turns Ready to False: "a member not Ready"
 
-    def recloning(self, pod: str, namespace: str = NAMESPACE) -> None:
-        """The member is being re-cloned and stays so: its readiness probe fails and Patroni has removed its role
-        label, so Patroni shows it `creating replica`."""
-        self.never_ready(pod, namespace)
-        found = self.pod(pod, namespace)
-        if found is not None:
-            self.profile.set_role(found, None)
-            self.store.update("pods", found)
-
     def crash_loop(self, pod: str, namespace: str = NAMESPACE) -> None:
         self.set_behaviour(pod, Behaviour.CRASH_LOOP, namespace)
 
@@ -413,6 +414,41 @@ class KubeSim:
         for key in [k for k, v in mine.items() if v is None]:
             del mine[key]
 
+    @property
+    def restarts(self) -> list[str]:
+        """Every member Patroni restarted through POST /restart, in order (of any namespace)."""
+        return [pod for _, pod in self.patroni.restarts]
+
+    @property
+    def reinits(self) -> list[str]:
+        """Every member Patroni began to re-clone through POST /reinitialize, in order."""
+        return [pod for _, pod in self.patroni.reinits]
+
+    def member_fault(self, pod: str, fault: MemberFault | None, namespace: str = NAMESPACE) -> None:
+        """What Patroni's restart or re-clone does on the member (a crash loop, failing basebackups); None clears."""
+        if fault is None:
+            self.faults.members.pop((namespace, pod), None)
+        else:
+            self.faults.members[(namespace, pod)] = fault
+
+    def lag_after_restart(self, pod: str, lag_bytes: int, namespace: str = NAMESPACE) -> None:
+        """The member trails the leader by `lag_bytes` once a restart brought it back (until `lag(pod, 0)`)."""
+        self.faults.lag_after_restart[(namespace, pod)] = lag_bytes
+
+    def slow_restart(self, pod: str, seconds: float, namespace: str = NAMESPACE) -> None:
+        """The member's restarts take `seconds` (its POST /restart waits all along)."""
+        self.patroni.restart_s[(namespace, pod)] = seconds
+
+    def recloning(self, pod: str, seconds: float = 60.0, namespace: str = NAMESPACE) -> None:
+        """The member is being re-cloned for `seconds`, as if someone else had asked Patroni (not in `reinits`)."""
+        self.patroni.reclone_s[(namespace, pod)] = seconds
+        self.patroni.member(namespace, pod).action = Action("reinitialize", "creating replica")
+
+    def pending_restart(self, *pods: str, namespace: str = NAMESPACE) -> None:
+        """Patroni flags these members `pending_restart` (a changed parameter needs a restart to apply)."""
+        for pod in pods:
+            self.patroni.member(namespace, pod).pending_restart = True
+
     def patroni_answer(
         self,
         status: int,
@@ -454,6 +490,9 @@ class KubeSim:
         {"kind": "patroni", "status": 412, "endpoint": "switchover", "name": "pg-0", "message": "...", "times": 1}
         {"kind": "lag", "name": "pg-1", "bytes": 5242880}
         {"kind": "leader_lost", "to": "pg-2", "seconds": 1}     "to" optional: the candidate
+        {"kind": "member", "name": "pg-1", "fault": "restart_crash_loop"}   see MemberFault; null clears
+        {"kind": "lag_after_restart", "name": "pg-1", "bytes": 5242880}
+        {"kind": "pending_restart", "name": "pg-1"}
         Request rules match any namespace unless "namespace" is given; the other kinds default to "db".
         """
         kind = spec.get("kind")
@@ -469,7 +508,19 @@ class KubeSim:
             self.start_rollout(spec.get("statefulset") or CLUSTER, ns)
         elif kind == "primary_change":
             return {"primary": self.change_primary(spec.get("to"), spec.get("cluster") or CLUSTER, ns)}
-        elif kind == "patroni":
+        elif kind in PATRONI_FAULT_KINDS:
+            self._patroni_fault(kind, spec, ns)
+        elif kind == "cut_watches":
+            return {"cut": self.cut_watches()}
+        elif kind == "compact":
+            self.compact()
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}; the kinds are {', '.join(FAULT_KINDS)}")
+        return {"added": kind}
+
+    def _patroni_fault(self, kind: str, spec: Obj, ns: str) -> None:
+        """The kinds of `apply_fault` that change what Patroni does."""
+        if kind == "patroni":
             self.patroni_answer(
                 int(spec.get("status", 503)),
                 endpoint=spec.get("endpoint", "switchover"),
@@ -482,10 +533,10 @@ class KubeSim:
             self.lag(spec["name"], int(spec["bytes"]), ns)
         elif kind == "leader_lost":
             self.lose_leader(spec.get("to"), float(spec.get("seconds", 1.0)), spec.get("cluster") or CLUSTER, ns)
-        elif kind == "cut_watches":
-            return {"cut": self.cut_watches()}
-        elif kind == "compact":
-            self.compact()
+        elif kind == "member":
+            fault = spec.get("fault")
+            self.member_fault(spec["name"], MemberFault(fault) if fault else None, ns)
+        elif kind == "lag_after_restart":
+            self.lag_after_restart(spec["name"], int(spec["bytes"]), ns)
         else:
-            raise ValueError(f"unknown fault kind {kind!r}; the kinds are {', '.join(FAULT_KINDS)}")
-        return {"added": kind}
+            self.pending_restart(spec["name"], namespace=ns)

@@ -19,6 +19,7 @@ class Speed:
     recreate: float = 0.05  # the StatefulSet controller noticing a missing member
     crash: float = 0.1  # period of crash-loop restarts and image-pull retries
     switchover: float = 0.1  # Patroni's switchover: the leader demotes, the candidate promotes
+    restart: float = 0.1  # Patroni's POST /restart: PostgreSQL stops and starts again
 
 
 FAST = Speed()
@@ -34,6 +35,7 @@ DEMO = Speed(
     recreate=1.0,
     crash=3.0,
     switchover=3.0,
+    restart=3.0,
 )
 SPEEDS = {"fast": FAST, "demo": DEMO}
 

@@ -199,7 +199,7 @@ async def job_page(request: Request, viewer: Viewer, problem: ServiceError | Non
     return render(
         request, "job.html", problem.status_code if problem else 200, viewer=viewer, job=job, events=shown,
         all_events=len(events), only_changes=only_changes, may=may, problem=problem, now=_now(),
-        last_event=events[-1].event_id if events else 0, params=_pretty(job.params),
+        last_event=events[-1].event_id if events else 0, params=_pretty(job.params), state=_pretty(job.state),
     )  # fmt: skip
 
 

@@ -104,8 +104,7 @@ def is_finished(job: JobOut) -> bool:
 class FormField:
     """One input of a submit form, from one property of the params schema."""
 
-    name: str
-    label: str
+    name: str  # the param's own name, as the API, the CLI and the docs spell it, is its label too
     widget: str  # text, number, checkbox, select or json
     required: bool
     description: str = ""
@@ -139,8 +138,7 @@ def _field(name: str, spec: dict[str, Any], required: bool) -> FormField | None:
     options = [s for s in spec.get("anyOf", [spec]) if s.get("type") != "null"]
     kind = options[0] if len(options) == 1 else {"type": "json"}
     default = spec.get("default")
-    label = spec.get("title") or name
-    made = FormField(name, label, "text", required, spec.get("description", ""), default, pattern=kind.get("pattern"))
+    made = FormField(name, "text", required, spec.get("description", ""), default, pattern=kind.get("pattern"))
     if "enum" in kind:
         made.widget, made.options = "select", [str(v) for v in kind["enum"]]
     elif kind.get("type") == "boolean":

@@ -118,22 +118,34 @@ function countMove(from, to) {
 }
 
 // A job's page: each event of the job has the page's live part fetched again and swapped in; the stream is closed
-// once the job has finished.
+// once the job has finished, and opened again when an action (a retry) starts it anew.
+let jobStream = null;
+
 function followJob(live) {
+  jobStream?.close();
+  jobStream = null;
   if (live.dataset.finished === "1") {
     return;
   }
-  const source = listen(live.dataset.stream, live.dataset.kinds.split(","), debounce(async () => {
-    const doc = await fetchDocument(window.location.href);
-    const fresh = doc?.getElementById("live");
-    if (!fresh) {
-      return;
-    }
-    document.getElementById("live").replaceWith(document.importNode(fresh, true));
-    if (fresh.dataset.finished === "1") {
-      source.close();
-    }
+  jobStream = listen(live.dataset.stream, live.dataset.kinds.split(","), debounce(async () => {
+    swapLive(await fetchDocument(window.location.href), false);
   }, 150));
+}
+
+// Put a fresh rendering of the job page's live part in place; with `restart`, follow the job from there on.
+function swapLive(doc, restart) {
+  const fresh = doc?.getElementById("live");
+  if (!fresh) {
+    return false;
+  }
+  const imported = document.importNode(fresh, true);
+  document.getElementById("live").replaceWith(imported);
+  if (restart) {
+    followJob(imported);
+  } else if (fresh.dataset.finished === "1") {
+    jobStream?.close();
+  }
+  return true;
 }
 
 // Durations of what still runs, ticking; the same format as the server's (service.api.console.present).
@@ -156,18 +168,33 @@ function tick() {
   }
 }
 
-document.addEventListener("submit", (event) => {
+// A cancel asks first. A job page's own actions (cancel, retry, approve) are sent without leaving the page: the
+// answer is the job page, whose live part is swapped in, and the job is followed from there. Anything else (a
+// reject, which asks why on a page of its own; any other form) is an ordinary navigation.
+document.addEventListener("submit", async (event) => {
   const form = event.target;
-  if (!form.dataset.confirm) {
-    return;
-  }
-  if (!window.confirm(form.dataset.confirm)) {
+  if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
     event.preventDefault();
     return;
   }
-  const confirmed = document.createElement("input");
-  Object.assign(confirmed, { type: "hidden", name: "confirmed", value: "yes" });
-  form.append(confirmed);
+  const body = new URLSearchParams(new FormData(form));
+  if (form.dataset.confirm) {
+    body.set("confirmed", "yes");
+  }
+  if (!("inplace" in form.dataset)) {
+    if (form.dataset.confirm) {
+      const confirmed = document.createElement("input");
+      Object.assign(confirmed, { type: "hidden", name: "confirmed", value: "yes" });
+      form.append(confirmed);
+    }
+    return;
+  }
+  event.preventDefault();
+  const response = await fetch(form.action, { method: "POST", body, credentials: "same-origin" });
+  const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+  if (!swapLive(doc, true)) {
+    window.location.assign(response.url); // signed out meanwhile, or an answer without the job: show it whole
+  }
 });
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -129,3 +129,12 @@ def _ready_replica(sim: KubeSim, name: str, other_than: str | None = None) -> bo
         return False
     ready = any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
     return ready and sim.profile.role_of(pod) == "replica"
+
+
+async def test_a_failover_fault_goes_through_the_operator(sim: KubeSim) -> None:
+    assert sim.apply_fault({"kind": "primary_change", "to": "pg-2"}) == {"primary": "pg-2"}
+
+    await sim.wait_for(lambda: sim.primary() == "pg-2")
+
+    assert [(p.primary, p.target, p.timeline) for p in sim.promotions] == [("pg-1", "pg-2", 2)]
+    assert (sim.cnpg_cluster() or {})["status"]["currentPrimary"] == "pg-2"

@@ -367,7 +367,8 @@ class KubeSim:
         self.controllers.reconcile_statefulsets(0.0)
 
     def change_primary(self, to: str | None = None, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> str:
-        """Fail over: the role label moves from the current primary to `to` (default: the first Ready replica)."""
+        """Fail over: the role label moves from the current primary to `to` (default: the first Ready replica). On a
+        CloudNativePG Cluster its operator does it, within the speed's switchover delay (`cnpg_promote`)."""
         members = self.members(cluster, namespace)
         old = self.primary(cluster, namespace)
         if to is None:
@@ -375,6 +376,9 @@ class KubeSim:
             if not candidates:
                 raise ValueError(f"no Ready replica to promote in {namespace}/{cluster}")
             to = str(candidates[0])
+        if self.cnpg_cluster(cluster, namespace) is not None:
+            self.cnpg_promote(to, cluster, namespace)
+            return to
         for pod in members:
             name = pod["metadata"]["name"]
             if name == to:

@@ -14,7 +14,7 @@ What CloudNativePG's fields mean, and where that comes from, is in `jobs.pgkube.
 from __future__ import annotations
 
 from jobs.pgkube.cnpg import HEALTHY, CnpgCluster, promote, read_cluster
-from jobs.pgkube.handover import Handover as Switch
+from jobs.pgkube.handover import Handover
 from jobs.pgkube.kube import KubeError, PodView
 from jobs.pgkube.params import Refused
 from jobs.pgkube.waiting import Seen, WontHeal
@@ -23,14 +23,14 @@ from service.jobtypes import TransientError
 NO_LAG = "CloudNativePG's Cluster status reports no lag: max_lag_bytes not applied"
 
 
-async def look(s: Switch) -> tuple[CnpgCluster, list[PodView]]:
+async def _look(s: Handover) -> tuple[CnpgCluster, list[PodView]]:
     cluster = await read_cluster(s.kube, s.params.namespace, s.params.cluster)
     if cluster is None:
         raise Refused(f"CloudNativePG Cluster {s.params.namespace}/{s.params.cluster} not found")
     return cluster, await s.members()
 
 
-def _describe(s: Switch, cluster: CnpgCluster, pod: PodView) -> str:
+def _describe(s: Handover, cluster: CnpgCluster, pod: PodView) -> str:
     """`pg-2 (replica, Ready, healthy, timeline 1)`."""
     state = "Ready" if pod.ready and not pod.deleting else "not Ready"
     health = "healthy" if pod.name in cluster.healthy else "not healthy"
@@ -38,7 +38,7 @@ def _describe(s: Switch, cluster: CnpgCluster, pod: PodView) -> str:
     return f"{pod.name} ({s.profile.role(pod) or 'no role'}, {state}, {health}, timeline {timeline or '?'})"
 
 
-def _primary(s: Switch, cluster: CnpgCluster, pods: list[PodView]) -> str:
+def _primary(s: Handover, cluster: CnpgCluster, pods: list[PodView]) -> str:
     """The primary the operator and the labels agree on, with no switchover under way and the Cluster healthy."""
     labelled = [p.name for p in pods if s.profile.is_primary(p)]
     if labelled != [cluster.current_primary]:
@@ -50,7 +50,7 @@ def _primary(s: Switch, cluster: CnpgCluster, pods: list[PodView]) -> str:
     return labelled[0]
 
 
-def _unfit(s: Switch, cluster: CnpgCluster, pod: PodView) -> str | None:
+def _unfit(s: Handover, cluster: CnpgCluster, pod: PodView) -> str | None:
     """Why `pod` may not become the primary; None if it may."""
     if pod.name == cluster.current_primary or s.profile.is_primary(pod):
         return f"{pod.name} is the current primary"
@@ -68,7 +68,7 @@ def _pod(pods: list[PodView], name: str) -> PodView | None:
     return next((p for p in pods if p.name == name), None)
 
 
-def _candidate(s: Switch, cluster: CnpgCluster, pods: list[PodView], name: str) -> PodView:
+def _candidate(s: Handover, cluster: CnpgCluster, pods: list[PodView], name: str) -> PodView:
     pod = _pod(pods, name)
     if pod is None:
         names = ", ".join(p.name for p in pods)
@@ -79,7 +79,7 @@ def _candidate(s: Switch, cluster: CnpgCluster, pods: list[PodView], name: str) 
     return pod
 
 
-def check(s: Switch, cluster: CnpgCluster, pods: list[PodView]) -> PodView:
+def _check(s: Handover, cluster: CnpgCluster, pods: list[PodView]) -> PodView:
     """Every refusal, against the recorded topology; the candidate when none applies."""
     primary = _primary(s, cluster, pods)
     if primary != s.topology["leader"]:
@@ -87,14 +87,14 @@ def check(s: Switch, cluster: CnpgCluster, pods: list[PodView]) -> PodView:
     return _candidate(s, cluster, pods, s.topology["candidate"])
 
 
-def took_over(s: Switch, cluster: CnpgCluster) -> bool:
+def _switched(s: Handover, cluster: CnpgCluster) -> bool:
     """The operator made the candidate the primary on a later timeline: the switchover is done."""
     candidate = s.topology["candidate"]
     later = (cluster.timeline or 0) > (s.topology["timeline"] or 0)
     return cluster.current_primary == cluster.target_primary == candidate and later
 
 
-def _elsewhere(s: Switch, cluster: CnpgCluster) -> None:
+def _elsewhere(s: Handover, cluster: CnpgCluster) -> None:
     """Fails when the Cluster is headed for another primary than the recorded one or the candidate."""
     expected = (s.topology["leader"], s.topology["candidate"])
     others = {cluster.current_primary, cluster.target_primary} - {None, *expected}
@@ -105,9 +105,9 @@ def _elsewhere(s: Switch, cluster: CnpgCluster) -> None:
 # Steps (called by jobs.pg_switchover's steps on the cnpg profile)
 
 
-async def read_topology(s: Switch, named: str | None) -> str:
+async def read_topology(s: Handover, named: str | None) -> str:
     topology = s.ctx.state.get("topology")
-    cluster, pods = await look(s)
+    cluster, pods = await _look(s)
     if topology is None:
         primary = _primary(s, cluster, pods)
         candidate = named
@@ -131,24 +131,24 @@ async def read_topology(s: Switch, named: str | None) -> str:
     )
 
 
-async def check_candidate(s: Switch) -> str:
-    cluster, pods = await look(s)
-    if took_over(s, cluster):
+async def check_candidate(s: Handover) -> str:
+    cluster, pods = await _look(s)
+    if _switched(s, cluster):
         return f"{cluster.describe()}: the switchover happened earlier in this job"
-    candidate = check(s, cluster, pods)
+    candidate = _check(s, cluster, pods)
     return f"{cluster.describe()}; candidate {_describe(s, cluster, candidate)} may be promoted; {NO_LAG}"
 
 
-async def switchover(s: Switch) -> str:
+async def switchover(s: Handover) -> str:
     topology = s.topology
-    cluster, pods = await look(s)
-    if took_over(s, cluster):
+    cluster, pods = await _look(s)
+    if _switched(s, cluster):
         return f"{cluster.describe()}: switched over earlier in this job, nothing asked"
     if cluster.target_primary == topology["candidate"]:
         # Asked before the worker was lost (or by someone else): the plugin does nothing in that case either.
         return f"status.targetPrimary already names {topology['candidate']}: asked earlier, not asked again"
     _elsewhere(s, cluster)
-    check(s, cluster, pods)
+    _check(s, cluster, pods)
     action = f"status.targetPrimary of Cluster {cluster.name} to {topology['candidate']}, as kubectl cnpg promote does"
     if s.params.dry_run:
         return f"dry run: would set {action}"
@@ -161,14 +161,14 @@ async def switchover(s: Switch) -> str:
     return f"set {action} (primary was {topology['leader']})"
 
 
-async def wait_new_leader(s: Switch) -> str:
+async def wait_new_leader(s: Handover) -> str:
     topology = s.topology
 
     async def probe() -> Seen[str]:
-        cluster, pods = await look(s)
+        cluster, pods = await _look(s)
         _elsewhere(s, cluster)
         labelled = [p.name for p in pods if s.profile.is_primary(p)]
-        if took_over(s, cluster) and labelled == [topology["candidate"]]:
+        if _switched(s, cluster) and labelled == [topology["candidate"]]:
             label = next(s.profile.role(p) for p in pods if p.name == labelled[0])
             return Seen(
                 "",
@@ -180,12 +180,12 @@ async def wait_new_leader(s: Switch) -> str:
     return await s.wait(probe, f"waiting for {topology['candidate']} to be the primary", s.params.switchover_timeout_s)
 
 
-async def wait_replicas(s: Switch) -> str:
+async def wait_replicas(s: Handover) -> str:
     topology = s.topology
 
     async def probe() -> Seen[str]:
-        cluster, pods = await look(s)
-        if not took_over(s, cluster):
+        cluster, pods = await _look(s)
+        if not _switched(s, cluster):
             raise WontHeal(f"{topology['candidate']} is no longer the primary: {cluster.describe()}")
         others = [p for p in pods if p.name != topology["candidate"]]
         behind = [_describe(s, cluster, p) for p in others if _unfit(s, cluster, p) is not None]

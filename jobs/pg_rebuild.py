@@ -1,8 +1,14 @@
 """`pg-rebuild`: rebuild one PostgreSQL replica on Kubernetes by recreating its storage.
 
 The replica's data PVCs and then its pod are deleted; the StatefulSet recreates both, and the operator (Patroni,
-Spilo, ...) re-clones the new, empty member from the primary. Before anything is deleted the job refuses the
-primary, a cluster with another member not Ready, and a StatefulSet in the middle of a rollout.
+Spilo, ...) re-clones the new, empty member from the primary. On CloudNativePG (profile `cnpg`) its own operator
+owns the pods: it replaces an instance whose PVCs are gone by a new one under the next serial (`jobs.pgkube.cnpg`),
+which the job then follows. Before anything is deleted the job refuses the primary, a cluster with another member not
+Ready, and a StatefulSet in the middle of a rollout (a CloudNativePG Cluster in the middle of a switchover).
+
+Where the profile has Patroni the job also asks it (`jobs.pgkube.cluster`): it refuses a member Patroni is already
+re-cloning and another replica not streaming within `max_lag_bytes`, and waits for the new member to stream within
+it. Where Patroni does not answer, the health check says so and the whole job goes by the labels.
 
 Every step re-derives what it needs from the cluster, so each one can run again after a crash at any point:
 a PVC already Terminating or gone is deleted already; a pod whose storage is still live is already the
@@ -14,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
+from jobs.pgkube.cluster import PatroniCluster, not_streaming, one_leader
+from jobs.pgkube.cnpg import CnpgCluster, read_cluster
 from jobs.pgkube.kube import Kube, PodView, PvcView, StatefulSetView
 from jobs.pgkube.params import (
     MAX_WAIT_S,
-    ClusterParams,
+    PatroniParams,
     PgSettings,
     PodName,
     Refused,
@@ -30,6 +38,7 @@ from jobs.pgkube.params import (
     pg_job_type,
     profile_for,
 )
+from jobs.pgkube.patroni import ClusterView, Member
 from jobs.pgkube.profiles import Profile
 from jobs.pgkube.waiting import PodWatch, Seen, Since, WontHeal, describe_pod, wait_until
 from service.jobtypes import Step, StepContext
@@ -48,7 +57,10 @@ class PgRebuildSettings(PgSettings):
     pg_rebuild_pvc_release_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
 
-class RebuildParams(ClusterParams):
+class RebuildParams(PatroniParams):
+    # Patroni is asked where the profile has it; on CloudNativePG the job goes through its Cluster resource.
+    cnpg_refusal: ClassVar[str | None] = None
+
     pod: Annotated[PodName, Field(description="the replica pod to rebuild")]
     mode: Literal["recreate-storage"] = "recreate-storage"
     delete_timeout_s: Annotated[Seconds, Field(description="for the old pod and PVCs to go")] = 300
@@ -83,6 +95,11 @@ class Rebuild:
     def poll_s(self) -> float:
         return self.settings.pg_rebuild_poll_interval_s
 
+    @property
+    def cnpg(self) -> bool:
+        """CloudNativePG owns the pods through its Cluster resource; a StatefulSet does otherwise."""
+        return self.profile.owner == "Cluster"
+
     async def members(self) -> list[PodView]:
         return await self.kube.pods(self.ns, self.profile.selector(self.params.cluster))
 
@@ -94,11 +111,42 @@ class Rebuild:
             raise Refused(f"pod {self.name} is not named like a StatefulSet member, or StatefulSet {base} is gone")
         return sts
 
-    def claims(self, sts: StatefulSetView) -> list[str]:
-        return [f"{template}-{self.name}" for template in sts.claim_templates]
+    async def cnpg_cluster(self) -> CnpgCluster:
+        cluster = await read_cluster(self.kube, self.ns, self.params.cluster)
+        if cluster is None:
+            raise Refused(f"CloudNativePG Cluster {self.ns}/{self.params.cluster} not found")
+        return cluster
 
-    async def pvcs(self, sts: StatefulSetView) -> dict[str, PvcView | None]:
-        return {claim: await self.kube.pvc(self.ns, claim) for claim in self.claims(sts)}
+    async def claims(self) -> list[str]:
+        """The old pod's data PVCs: as preflight recorded them (CloudNativePG: the PVCs the pod mounts), else the
+        StatefulSet's claim names for it."""
+        recorded: list[str] | None = self.ctx.state.get("claims")
+        if recorded is not None:
+            return recorded
+        return [f"{template}-{self.name}" for template in (await self.statefulset()).claim_templates]
+
+    async def pvcs(self, claims: list[str] | None = None) -> dict[str, PvcView | None]:
+        names = claims if claims is not None else await self.claims()
+        return {claim: await self.kube.pvc(self.ns, claim) for claim in names}
+
+    async def replacement(self) -> PodView | None:
+        """The new member: the StatefulSet recreates the pod under its name; CloudNativePG creates an instance under
+        a new serial, the first pod not among the members preflight saw (remembered once found)."""
+        if not self.cnpg:
+            return await self.kube.pod(self.ns, self.name)
+        found: str | None = self.ctx.state.get("replacement")
+        if found is not None:
+            return await self.kube.pod(self.ns, found)
+        before = set(self.ctx.state.get("members") or [self.name])
+        new = [p for p in await self.members() if p.name not in before and not p.deleting]
+        if not new:
+            return None
+        pod = min(new, key=lambda p: (len(p.name), p.name))  # serials in order: pg-10 after pg-9
+        await self.ctx.remember(replacement=pod.name)
+        return pod
+
+    async def new_claims(self, pod: PodView) -> list[str]:
+        return list(pod.claims) if self.cnpg else await self.claims()
 
 
 def _pvc_text(pvc: PvcView) -> str:
@@ -115,22 +163,70 @@ class Health:
     primary: str
     others: list[str]
     target_role: str | None
+    ha: str  # what Patroni said of the members, or why the job goes by labels
 
 
-async def _assess(r: Rebuild) -> Health:
-    """Exactly one primary, Ready; the target is not it; every other member present, Ready and labelled."""
+async def _ha(r: Rebuild, members: list[PodView]) -> ClusterView | str:
+    """Patroni's view, or why the job goes by labels alone. The health check decides once, for the whole job: where
+    Patroni answered it, it must answer the later steps too (its errors are retried like any API error); where it
+    did not, every later step goes by labels as well, so that the job judges the cluster one way throughout."""
+    cluster = PatroniCluster.of(r.ctx, r.params)
+    if "labels_only" not in r.ctx.state:
+        view = await cluster.view_or_why(members)
+        await r.ctx.remember(labels_only=view if isinstance(view, str) else "")
+        return view
+    reason: str = r.ctx.state["labels_only"]
+    return reason or await cluster.view(members)
+
+
+def _leader(r: Rebuild, view: ClusterView, primary: str) -> Member:
+    """Patroni's one leader, which must be the member labelled primary."""
+    leader = one_leader(view, r.params.cluster)
+    if leader.name != primary:
+        raise Refused(f"Patroni's leader is {leader.name}, the labels' primary {primary}")
+    return leader
+
+
+def _ha_check(r: Rebuild, name: str, view: ClusterView | str, primary: str, others: list[str]) -> str:
+    """Refuses a target Patroni is already re-cloning and another replica that is not streaming from the leader
+    within the lag limit; says what Patroni showed, or that the job goes by labels."""
+    if isinstance(view, str):
+        return f"labels only: {view}"
+    leader = _leader(r, view, primary)
+    target = view.member(name)
+    if target is not None and target.state == "creating replica":
+        raise Refused(
+            f"pod {name} is already re-cloning (Patroni: creating replica); a second re-clone would race the first"
+        )
+    members = {other: view.member(other) for other in others if other != primary}
+    behind = [
+        f"{other} is not in Patroni's member list" if m is None else not_streaming(m, leader, r.params.max_lag_bytes)
+        for other, m in members.items()
+    ]
+    reasons = [reason for reason in behind if reason is not None]
+    if reasons:
+        raise Refused(
+            f"other members not streaming: {'; '.join(reasons)}; rebuilding {name} now could leave the cluster "
+            "without a replica"
+        )
+    streaming = ", ".join(m.describe() for m in members.values() if m is not None)
+    return f"Patroni: {leader.name} leads on timeline {leader.timeline}; {streaming or 'no other replica'}"
+
+
+async def _assess(r: Rebuild, target: str | None = None) -> Health:
+    """Exactly one primary, Ready; the target (the pod to rebuild, or after the rebuild its replacement) is not it;
+    every other member present, Ready and labelled; the owner's view agrees; Patroni's, where it answers, too."""
+    name = target or r.name
     members = await r.members()
     by_name = {p.name: p for p in members}
-    target_pod = by_name.get(r.name)
+    target_pod = by_name.get(name)
     if target_pod is None:
         raise Refused(
-            f"pod {r.name} is not a member of cluster {r.params.cluster} ({r.profile.selector(r.params.cluster)})"
+            f"pod {name} is not a member of cluster {r.params.cluster} ({r.profile.selector(r.params.cluster)})"
         )
     role_key = next((k for k in r.profile.role_labels if k in target_pod.labels), r.profile.role_labels[0])
     if r.profile.is_primary(target_pod):
-        raise Refused(
-            f"pod {r.name} is the primary ({role_key}={r.profile.role(target_pod)}); only replicas are rebuilt"
-        )
+        raise Refused(f"pod {name} is the primary ({role_key}={r.profile.role(target_pod)}); only replicas are rebuilt")
     primaries = [p for p in members if r.profile.is_primary(p)]
     if len(primaries) != 1:
         found = ", ".join(p.name for p in primaries) or "none"
@@ -139,17 +235,34 @@ async def _assess(r: Rebuild) -> Health:
     expected = r.ctx.state.get("primary")
     if expected is not None and expected != primary.name:
         raise WontHeal(f"the primary changed from {expected} to {primary.name}")
-    others = [p for p in members if p.name != r.name]
+    others = [p for p in members if p.name != name]
     unready = [p for p in others if p.deleting or not p.ready or r.profile.role(p) is None]
     if unready:
         seen = ", ".join(describe_pod(p, None if r.profile.role(p) else "no role label") for p in unready)
         raise Refused(
-            f"other members not ready: {seen}; rebuilding {r.name} now could leave the cluster without a replica"
+            f"other members not ready: {seen}; rebuilding {name} now could leave the cluster without a replica"
         )
-    sts = await r.statefulset()
-    if len(members) < sts.replicas:
-        raise Refused(f"only {len(members)} of {sts.replicas} members of StatefulSet {sts.name} exist")
-    return Health(primary.name, [p.name for p in others], r.profile.role(target_pod))
+    await _owner_check(r, len(members), primary.name)
+    names = [p.name for p in others]
+    ha = _ha_check(r, name, await _ha(r, members), primary.name, names)
+    return Health(primary.name, names, r.profile.role(target_pod), ha)
+
+
+async def _owner_check(r: Rebuild, count: int, primary: str) -> None:
+    """Every member the owner wants exists; CloudNativePG's operator names the labelled primary as its own and is
+    not in the middle of a switchover."""
+    if not r.cnpg:
+        sts = await r.statefulset()
+        if count < sts.replicas:
+            raise Refused(f"only {count} of {sts.replicas} members of StatefulSet {sts.name} exist")
+        return
+    cluster = await r.cnpg_cluster()
+    if cluster.switching:
+        raise Refused(f"{cluster.describe()} is switching over; wait for it to finish")
+    if cluster.current_primary != primary:
+        raise Refused(f"{cluster.describe()} disagrees with the labels, which say {primary} is the primary")
+    if count < cluster.instances:
+        raise Refused(f"only {count} of {cluster.instances} instances of {cluster.describe()} exist")
 
 
 async def _primary_text(r: Rebuild) -> str:
@@ -170,8 +283,10 @@ async def _primary_text(r: Rebuild) -> str:
 
 
 async def preflight(ctx: StepContext, params: RebuildParams) -> str:
-    """Reads the pod, its StatefulSet and its PVCs; changes nothing. Done when the pod is a member of the cluster,
-    owned by a StatefulSet that is not mid-rollout, with its data PVCs known; refuses otherwise."""
+    """Reads the pod, its owner (a StatefulSet, or CloudNativePG's Cluster) and its PVCs; changes nothing. Done when
+    the pod is a member of the cluster, owned as its profile says by an owner not mid-rollout (nor mid-switchover),
+    with its data PVCs known; refuses otherwise. Records the pod's uid, its PVCs and the members, by which the
+    later steps tell the old pod from its replacement."""
     r = Rebuild.of(ctx, params)
     pod = await r.kube.pod(r.ns, r.name)
     if pod is None:
@@ -179,30 +294,44 @@ async def preflight(ctx: StepContext, params: RebuildParams) -> str:
     if not r.profile.belongs(pod, params.cluster):
         selector = r.profile.selector(params.cluster)
         raise Refused(f"pod {r.name} is not a member of cluster {params.cluster}: labels do not match {selector}")
-    if pod.owner_kind != "StatefulSet":
-        # CloudNativePG owns its pods directly and may recreate them under a new name: not supported yet.
+    if pod.owner_kind != r.profile.owner:
         owner = f"{pod.owner_kind} {pod.owner_name}" if pod.owner_kind else "nothing"
-        raise Refused(f"pod {r.name} is owned by {owner}, not a StatefulSet; recreate-storage needs a StatefulSet")
+        raise Refused(
+            f"pod {r.name} is owned by {owner}, not a {r.profile.owner} as on profile {r.profile.name}: "
+            "nothing known would recreate it"
+        )
     if pod.deleting:
         raise Refused(f"pod {r.name} is already terminating")
+    owner, claims = await (_cluster_owner(r, pod) if r.cnpg else _statefulset_owner(r))
+    pvcs = await r.pvcs(claims)
+    if not pvcs:
+        raise Refused(f"{owner} gives {r.name} no data PVCs: it has no storage to recreate")
+    missing = [name for name, pvc in pvcs.items() if pvc is None]
+    if missing:
+        raise Refused(f"data PVCs of {r.name} not found: {', '.join(missing)}")
+    await ctx.remember(old_uid=pod.uid, claims=claims, members=[p.name for p in await r.members()])
+    storage = ", ".join(_pvc_text(pvc) for pvc in pvcs.values() if pvc is not None)
+    return f"pod {r.name} (uid {pod.uid}, node {pod.node or 'none'}) of {owner}; data PVCs: {storage}"
+
+
+async def _statefulset_owner(r: Rebuild) -> tuple[str, list[str]]:
+    """The StatefulSet, not mid-rollout, and the pod's claims from its volumeClaimTemplates."""
     sts = await r.statefulset()
     if sts.rolling_out:
         raise Refused(
             f"StatefulSet {sts.name} is mid-rollout (currentRevision {sts.current_revision} != updateRevision "
             f"{sts.update_revision}); wait for it to finish"
         )
-    pvcs = await r.pvcs(sts)
-    if not pvcs:
-        raise Refused(f"StatefulSet {sts.name} has no volumeClaimTemplates: {r.name} has no storage to recreate")
-    missing = [name for name, pvc in pvcs.items() if pvc is None]
-    if missing:
-        raise Refused(f"data PVCs of {r.name} not found: {', '.join(missing)}")
-    await ctx.remember(old_uid=pod.uid)
-    storage = ", ".join(_pvc_text(pvc) for pvc in pvcs.values() if pvc is not None)
-    return (
-        f"pod {r.name} (uid {pod.uid}, node {pod.node or 'none'}) of StatefulSet {sts.name} at revision "
-        f"{sts.current_revision}; data PVCs: {storage}"
-    )
+    return f"StatefulSet {sts.name} at revision {sts.current_revision}", await r.claims()
+
+
+async def _cluster_owner(r: Rebuild, pod: PodView) -> tuple[str, list[str]]:
+    """CloudNativePG's Cluster, not mid-switchover, and the PVCs the pod mounts (PGDATA, and WAL if separate): the
+    ones its docs say to delete before the pod so that the operator re-clones the instance instead of reusing them."""
+    cluster = await r.cnpg_cluster()
+    if cluster.switching:
+        raise Refused(f"{cluster.describe()} is switching over; wait for it to finish")
+    return f"CloudNativePG {cluster.describe()}", list(pod.claims)
 
 
 async def check_cluster_health(ctx: StepContext, params: RebuildParams) -> str:
@@ -213,7 +342,7 @@ async def check_cluster_health(ctx: StepContext, params: RebuildParams) -> str:
     await ctx.remember(primary=health.primary)
     return (
         f"primary {health.primary} healthy; {len(health.others)}/{len(health.others)} other members ready "
-        f"({', '.join(health.others)}); {r.name} is {health.target_role or 'unlabelled (not running)'}"
+        f"({', '.join(health.others)}); {r.name} is {health.target_role or 'unlabelled (not running)'}; {health.ha}"
     )
 
 
@@ -226,9 +355,8 @@ async def delete_pvcs(ctx: StepContext, params: RebuildParams) -> str:
     if pod is None:
         raise Refused(f"pod {r.name} disappeared before its storage was deleted")
     await _assess(r)
-    sts = await r.statefulset()
     done = []
-    for claim in r.claims(sts):
+    for claim in await r.claims():
         done.append(await _delete_claim(r, claim))
     if params.dry_run:
         return "dry run: would delete " + "; ".join(done)
@@ -255,14 +383,13 @@ async def delete_pod(ctx: StepContext, params: RebuildParams) -> str:
     gone. A pod whose data PVCs are all live (not Terminating) is already the replacement and is left alone, so a
     re-run never deletes the new pod; a 409 on the precondition means the pod changed: it is read again."""
     r = Rebuild.of(ctx, params)
-    sts = await r.statefulset()
     for _ in range(REPLANS):
         pod = await r.kube.pod(r.ns, r.name)
         if pod is None:
             return f"pod {r.name} already gone"
         if pod.deleting:
             return f"pod {r.name} (uid {pod.uid}) already terminating"
-        pvcs = await r.pvcs(sts)
+        pvcs = await r.pvcs()
         if not params.dry_run and all(pvc is not None and not pvc.deleting for pvc in pvcs.values()):
             return f"pod {r.name} already replaced (uid {pod.uid}, with live PVCs)"
         await _assess(r)
@@ -285,16 +412,17 @@ async def wait_old_gone(ctx: StepContext, params: RebuildParams) -> str:
     if params.dry_run:
         return DRY_RUN_WAIT
     r = Rebuild.of(ctx, params)
-    sts = await r.statefulset()
     grace = r.settings.pg_rebuild_pvc_release_grace_s
     since = Since()
 
     async def probe() -> Seen[str]:
         primary = await _primary_text(r)
         pod = await r.kube.pod(r.ns, r.name)
-        pvcs = await r.pvcs(sts)
+        pvcs = await r.pvcs()
         old_storage = [pvc for pvc in pvcs.values() if pvc is not None and pvc.deleting]
-        old_pod = pod is not None and (pod.deleting or any(pvc is None or pvc.deleting for pvc in pvcs.values()))
+        # A StatefulSet's replacement takes the old name, with new PVCs; CloudNativePG's never does.
+        stale = r.cnpg or any(pvc is None or pvc.deleting for pvc in pvcs.values())
+        old_pod = pod is not None and (pod.deleting or stale)
         if not old_pod and not old_storage:
             new = f"; replacement pod {pod.name} (uid {pod.uid}) created" if pod is not None else ""
             return Seen("", f"old pod {r.name} and PVCs {', '.join(pvcs)} gone{new}")
@@ -327,16 +455,15 @@ async def wait_scheduled(ctx: StepContext, params: RebuildParams) -> str:
     if params.dry_run:
         return DRY_RUN_WAIT
     r = Rebuild.of(ctx, params)
-    sts = await r.statefulset()
     watch = PodWatch(r.settings.pg_rebuild_unschedulable_grace_s)
 
     async def probe() -> Seen[str]:
         primary = await _primary_text(r)
-        pod = await r.kube.pod(r.ns, r.name)
+        pod = await r.replacement()
         if pod is None or pod.deleting:
-            return Seen(f"remaining: {r.name} (not created yet){primary}")
+            return Seen(f"remaining: {'a new instance' if r.cnpg else r.name} (not created yet){primary}")
         watch.check(pod)
-        pvcs = await r.pvcs(sts)
+        pvcs = await r.pvcs(await r.new_claims(pod))
         unbound = [
             f"PVC {name} ({'missing' if pvc is None else pvc.phase})"
             for name, pvc in pvcs.items()
@@ -344,7 +471,7 @@ async def wait_scheduled(ctx: StepContext, params: RebuildParams) -> str:
         ]
         if pod.node is not None and not unbound:
             bound = ", ".join(_pvc_text(pvc) for pvc in pvcs.values() if pvc is not None)
-            return Seen("", f"pod {r.name} (uid {pod.uid}) scheduled on {pod.node}; PVCs {bound}")
+            return Seen("", f"pod {pod.name} (uid {pod.uid}) scheduled on {pod.node}; PVCs {bound}")
         return Seen(f"remaining: {', '.join([describe_pod(pod), *unbound])}{primary}")
 
     return await wait_until(
@@ -357,8 +484,9 @@ async def wait_scheduled(ctx: StepContext, params: RebuildParams) -> str:
 
 
 async def wait_ready(ctx: StepContext, params: RebuildParams) -> str:
-    """Changes nothing; polls. Done when the new pod is Ready and carries the replica role label (the operator
-    labels a member only once it streams from the primary). Fails fast on a container state that will not heal
+    """Changes nothing; polls. Done when the new pod is Ready, carries the replica role label (the operator labels a
+    member only once it runs) and, where Patroni answered the health check, Patroni shows it `streaming` from the
+    leader on its timeline within `max_lag_bytes`. Fails fast on a container state that will not heal
     (CrashLoopBackOff, image pull errors, config errors), on climbing restarts and on the primary changing."""
     if params.dry_run:
         return DRY_RUN_WAIT
@@ -368,32 +496,53 @@ async def wait_ready(ctx: StepContext, params: RebuildParams) -> str:
 
     async def probe() -> Seen[str]:
         primary = await _primary_text(r)
-        pod = await r.kube.pod(r.ns, r.name)
+        pod = await r.replacement()
         if pod is None:
-            return Seen(f"remaining: {r.name} (missing){primary}")
+            return Seen(f"remaining: {r.ctx.state.get('replacement') or r.name} (missing){primary}")
         watch.check(pod)
         if pod.ready and r.profile.is_replica(pod):
-            took = asyncio.get_running_loop().time() - started
-            return Seen("", f"pod {r.name} (uid {pod.uid}) Ready as {r.profile.role(pod)} after {took:.0f}s")
+            behind, streaming = await _replicating(r, pod)
+            if behind is None:
+                took = asyncio.get_running_loop().time() - started
+                role = r.profile.role(pod)
+                return Seen("", f"pod {pod.name} (uid {pod.uid}) Ready as {role}, {streaming}, after {took:.0f}s")
+            return Seen(f"remaining: {behind}{primary}")
         role = f"no {r.profile.role_labels[0]} label yet" if pod.ready else None
         return Seen(f"remaining: {describe_pod(pod, role)}{primary}")
 
     return await wait_until(ctx, probe, what="waiting for pods", timeout_s=params.ready_timeout_s, interval_s=r.poll_s)
 
 
+async def _replicating(r: Rebuild, pod: PodView) -> tuple[str | None, str]:
+    """What still keeps the new member from counting as a replica by Patroni's word (None: nothing), and what
+    Patroni shows of it, or why the job goes by labels."""
+    view = await _ha(r, await r.members())
+    if isinstance(view, str):
+        return None, f"labels only: {view}"
+    leaders = view.leaders
+    member = view.member(pod.name)
+    if len(leaders) != 1 or member is None:
+        seen = f"leaders {', '.join(m.name for m in leaders) or 'none'}" if member else "not in its member list yet"
+        return f"{pod.name} (Patroni: {seen})", ""
+    behind = not_streaming(member, leaders[0], r.params.max_lag_bytes)
+    if behind is not None:
+        return f"{member.describe()}: {behind}", ""
+    return None, f"streaming from {leaders[0].name} (timeline {member.timeline}, lag {member.lag} B)"
+
+
 async def post_check(ctx: StepContext, params: RebuildParams) -> str:
-    """Reads the members; changes nothing. Done when the primary is the one the health check saw and every member is
-    Ready with a role label."""
+    """Reads the members; changes nothing. Done when the primary is the one the health check saw and every member,
+    the rebuilt one (under its new name on CloudNativePG) among them, is Ready with a role label."""
     r = Rebuild.of(ctx, params)
     expected = r.ctx.state.get("primary")
-    health = await _assess(r)
-    pod = await r.kube.pod(r.ns, r.name)
+    pod = await r.kube.pod(r.ns, r.name) if params.dry_run else await r.replacement()
     if pod is None or not pod.ready:
-        raise WontHeal(f"pod {r.name} is not Ready: {describe_pod(pod) if pod else 'missing'}")
+        raise WontHeal(f"pod {pod.name if pod else r.name} is not Ready: {describe_pod(pod) if pod else 'missing'}")
+    health = await _assess(r, pod.name)
     same = "unchanged" if expected == health.primary else "(no primary was recorded to compare with)"
     old = r.ctx.state.get("old_uid")
     rebuilt = f"uid {old} -> {pod.uid}" if old and not params.dry_run else f"uid {pod.uid}"
-    verb = "untouched (dry run)" if params.dry_run else "rebuilt"
+    verb = "untouched (dry run)" if params.dry_run else "rebuilt" if pod.name == r.name else f"rebuilt as {pod.name}"
     return (
         f"primary {health.primary} {same}; {len(health.others) + 1}/{len(health.others) + 1} members ready; "
         f"{r.name} {verb} ({rebuilt})"
@@ -417,8 +566,10 @@ JOB = pg_job_type(
     "pg-rebuild",
     (
         "Rebuild one PostgreSQL replica on Kubernetes: delete its data PVCs and pod, wait until the StatefulSet "
-        "recreates them and the new member is Ready as a replica. Refuses the primary, an unhealthy cluster and "
-        "a StatefulSet mid-rollout before deleting anything; `dry_run` only reports what it would delete."
+        "recreates them (CloudNativePG: a new instance replaces it) and the new member is Ready as a replica, "
+        "streaming within max_lag_bytes where Patroni tells. Refuses the primary, an unhealthy cluster, a member "
+        "already re-cloning and a StatefulSet mid-rollout before deleting anything; `dry_run` only reports what it "
+        "would delete."
     ),
     RebuildParams,
     STEPS,

@@ -11,7 +11,10 @@ Crash-safe: the topology is recorded once, at the start, and every later step co
 step never asks twice: the candidate leading on a higher timeline means done; a request that was sent when the worker
 was lost is waited for, not repeated; and Patroni itself turns down a late duplicate, since the request names the
 leader it moves from ("leader name does not match"). The handover itself, and the checks, are
-`jobs.pgkube.handover`'s, shared with pg-restart. CloudNativePG has no Patroni and is refused at submission.
+`jobs.pgkube.handover`'s, shared with pg-restart.
+
+CloudNativePG has no Patroni: on the `cnpg` profile each step hands over to `jobs.pg_switchover_cnpg`, which asks the
+operator through its Cluster resource (`status.targetPrimary`, as `kubectl cnpg promote` does).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
+from jobs import pg_switchover_cnpg as cnpg
 from jobs.pgkube import params as pg
 from jobs.pgkube.cluster import best, one_leader
 from jobs.pgkube.handover import Handover, HandoverParams, took_over
@@ -30,9 +34,8 @@ DRY_RUN_WAIT = "dry run: no switchover asked, nothing to wait for"
 
 
 class SwitchoverParams(HandoverParams):
-    cnpg_refusal: ClassVar[str] = (
-        "a switchover through its Cluster resource (status.targetPrimary) is not supported yet"
-    )
+    # CloudNativePG: through its Cluster resource (status.targetPrimary), jobs.pg_switchover_cnpg.
+    cnpg_refusal: ClassVar[str | None] = None
 
     candidate: Annotated[
         pg.PodName | None, Field(description="the replica to promote (default: the streaming replica with least lag)")
@@ -43,6 +46,11 @@ def _handover(ctx: StepContext, params: SwitchoverParams) -> Handover:
     return Handover.under(ctx, params, key="topology", sent="switchover_sent")
 
 
+def _on_cnpg(h: Handover) -> bool:
+    """CloudNativePG owns the pods through its Cluster resource, and has no Patroni to ask."""
+    return h.profile.owner == "Cluster"
+
+
 # Steps
 
 
@@ -51,6 +59,8 @@ async def read_topology(ctx: StepContext, params: SwitchoverParams) -> str:
     and the candidate (the named one, or the replica with least lag that may take over): what every later step,
     on whichever worker, compares against. Done when recorded; refuses a cluster without exactly one leader."""
     h = _handover(ctx, params)
+    if _on_cnpg(h):
+        return await cnpg.read_topology(h, params.candidate)
     view = await h.view()
     if not h.recorded:
         leader = one_leader(view, params.cluster)
@@ -75,6 +85,8 @@ async def check_candidate(ctx: StepContext, params: SwitchoverParams) -> str:
     paused and the candidate is a member, streaming on the leader's timeline within the lag limit, not tagged
     nofailover, and the synchronous standby in synchronous mode; refuses otherwise."""
     h = _handover(ctx, params)
+    if _on_cnpg(h):
+        return await cnpg.check_candidate(h)
     view = await h.view()
     done = took_over(view, h.topology)
     if done is not None:
@@ -93,7 +105,8 @@ async def switchover(ctx: StepContext, params: SwitchoverParams) -> str:
     Patroni answers that the candidate took over, or the candidate already leads on a later timeline (a re-run sends
     nothing). A request sent before the worker was lost is waited for, never sent again while it may still act.
     Patroni's 412/400 fail the step with its words; its 503 is retried."""
-    return await _handover(ctx, params).switch_over()
+    h = _handover(ctx, params)
+    return await (cnpg.switchover(h) if _on_cnpg(h) else h.switch_over())
 
 
 async def wait_new_leader(ctx: StepContext, params: SwitchoverParams) -> str:
@@ -101,7 +114,8 @@ async def wait_new_leader(ctx: StepContext, params: SwitchoverParams) -> str:
     labels follow (the candidate labelled primary, no other member). Fails fast when another member leads."""
     if params.dry_run:
         return DRY_RUN_WAIT
-    return await _handover(ctx, params).wait_new_leader()
+    h = _handover(ctx, params)
+    return await (cnpg.wait_new_leader(h) if _on_cnpg(h) else h.wait_new_leader())
 
 
 async def wait_replicas(ctx: StepContext, params: SwitchoverParams) -> str:
@@ -109,7 +123,8 @@ async def wait_replicas(ctx: StepContext, params: SwitchoverParams) -> str:
     on its timeline within the lag limit. Fails fast when another member than the candidate leads."""
     if params.dry_run:
         return DRY_RUN_WAIT
-    return await _handover(ctx, params).wait_replicas()
+    h = _handover(ctx, params)
+    return await (cnpg.wait_replicas(h) if _on_cnpg(h) else h.wait_replicas())
 
 
 STEPS: list[Step[SwitchoverParams]] = [

@@ -405,6 +405,14 @@ async def kube_sim() -> AsyncIterator[KubeSim]:
         yield sim
 
 
+@pytest.fixture
+async def cnpg_sim() -> AsyncIterator[KubeSim]:
+    """A CloudNativePG Cluster `pg` in `db` (pg-1 primary, pg-2 and pg-3 replicas) at test speed, under the shipped
+    Role."""
+    async with shipped_role_cluster("cnpg") as sim:
+        yield sim
+
+
 def kube_settings_for(sim: KubeSim, path: Path, **overrides: Any) -> PgRebuildSettings:
     """pg-rebuild's settings for `sim`: a kubeconfig for it and waits short enough for tests."""
     kubeconfig = sim.write_kubeconfig(path, context="sim")

@@ -1,6 +1,7 @@
 """`make demo`: rebuild replica pg-1 of a simulated PostgreSQL cluster through the real service, live;
 `make demo JOB=switchover`: move its leader to pg-1 through Patroni instead; `JOB=restart`: restart every member,
-the primary last; `JOB=reinit`: re-clone replica pg-1 in place.
+the primary last; `JOB=reinit`: re-clone replica pg-1 in place; `JOB=cnpg-rebuild` and `JOB=cnpg-switchover`: on a
+CloudNativePG Cluster, rebuild pg-2 (it comes back as a new instance) or promote it.
 
 Starts the simulated Kubernetes cluster (demo speed) as its own process, then `apiops run` (API and a worker)
 on a database (`apiops_demo`, recreated each time) and a queue of its own, so the user's `apiops` data is never
@@ -85,6 +86,8 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-1"}),
     "restart": ("pg-restart", {"namespace": "db", "cluster": "pg"}),
     "reinit": ("pg-reinit", {"namespace": "db", "cluster": "pg", "pod": "pg-1"}),
+    "cnpg-rebuild": ("pg-rebuild", {"namespace": "db", "cluster": "pg", "pod": "pg-2", "profile": "cnpg"}),
+    "cnpg-switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-2", "profile": "cnpg"}),
 }
 
 
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = subprocess.Popen(
             [sys.executable, "-m", "tests.kube_sim", "--port", str(sim_port), "--kubeconfig", str(kubeconfig)]
             + ["--speed", "demo", "--log-level", "WARNING", "--rbac", str(RBAC)]
+            + ["--profile", params.get("profile", "zalando")]
         )
         processes.append(sim)
         wait_http(f"http://127.0.0.1:{sim_port}/version", 15, sim)

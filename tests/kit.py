@@ -43,6 +43,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.kube_sim import KubeSim
+from tests.kube_sim.faults import Latency
 
 Job = dict[str, Any]  # a job as GET /ops/jobs/{job_id} shows it
 
@@ -189,6 +190,19 @@ class JobKit:
         await self.start_worker()
         taken_over = self.settings.lease_ttl_s + within
         await self.until(job_id, lambda j: j["attempt"] > death.attempt, "takeover by another worker", taken_over)
+
+    @asynccontextmanager
+    async def worker_dies_with_request_in_flight(
+        self, job_id: str, step: str, *, verb: str, resource: str, held_s: float = 1.0
+    ) -> AsyncIterator[Latency]:
+        """`worker_dies_during` at the worst moment of a step that changes the cluster: the cluster holds the first
+        matching request `held_s` (it lands all the same, as on a real API server), and the worker dies once it has
+        sent it, before the answer. Yields the rule that counts every matching request, so that a test can say the
+        step that ran again sent none. Give the kit a lease longer than `held_s` (`lease_ttl_s=4`)."""
+        self.cluster.slow(held_s, verb=verb, resource=resource, times=1)
+        sent = self.cluster.slow(0, verb=verb, resource=resource)
+        async with self.worker_dies_during(job_id, step, when=lambda: sent.hits == 1):
+            yield sent
 
 
 def step_of(job: Job, name: str) -> dict[str, Any]:

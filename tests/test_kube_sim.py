@@ -544,11 +544,14 @@ async def test_profiles_label_the_seeded_cluster(profile: str, tmp_path: Path) -
     async with KubeSim.running(profile=profile) as sim, await connect(sim, tmp_path) as api:
         core = client.CoreV1Api(api)
         members = await core.list_namespaced_pod(NS, label_selector=conventions.selector("pg"), _request_timeout=5)
-        assert names(members.items) == ["pg-0", "pg-1", "pg-2"]
+        # CloudNativePG counts its instances' serials from 1; a StatefulSet its ordinals from 0.
+        first = 1 if profile == "cnpg" else 0
+        assert names(members.items) == [f"pg-{n}" for n in range(first, first + 3)]
         for role_label in conventions.role_labels:
             primary = await pod_names(core, label_selector=f"{role_label}={conventions.primary}")
-            assert primary == ["pg-0"]
-            assert await pod_names(core, label_selector=f"{role_label}=replica") == ["pg-1", "pg-2"]
+            assert primary == [f"pg-{first}"]
+            replicas = [f"pg-{first + 1}", f"pg-{first + 2}"]
+            assert await pod_names(core, label_selector=f"{role_label}=replica") == replicas
 
 
 async def test_cli_serves_a_seeded_cluster_and_stops_on_sigterm(tmp_path: Path) -> None:

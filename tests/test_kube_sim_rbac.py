@@ -48,6 +48,12 @@ USER = "system:serviceaccount:apiops:apiops-worker"
             "",
             ("create", "", "db", "pods", "proxy", "pg-0:8008"),
         ),
+        (
+            "PATCH",
+            "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg/status",
+            "",
+            ("patch", "postgresql.cnpg.io", "db", "clusters", "status", "pg"),
+        ),
     ],
 )
 def test_requests_map_to_verbs_and_resources_as_the_api_server_maps_them(
@@ -75,6 +81,8 @@ def test_the_shipped_role_grants_exactly_what_the_job_types_call() -> None:
         ("", "persistentvolumeclaims", "get"),
         ("", "persistentvolumeclaims", "delete"),
         ("apps", "statefulsets", "get"),
+        ("postgresql.cnpg.io", "clusters", "get"),
+        ("postgresql.cnpg.io", "clusters/status", "patch"),
     }
 
 
@@ -174,6 +182,22 @@ async def test_a_verb_the_role_lacks_is_refused_with_the_api_servers_status(
     assert len(sim.rbac.denied if sim.rbac else []) == 6
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", True),
+        ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg/status", True),
+        ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", False),  # the spec: never
+        ("DELETE", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", False),
+        ("GET", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters", False),
+    ],
+)
+def test_the_shipped_role_reaches_a_cloudnativepg_clusters_status_not_its_spec(
+    method: str, path: str, allowed: bool
+) -> None:
+    assert Rbac.load().authorize(attributes(method, path)) is allowed
+
+
 def test_the_suites_cluster_fixture_enforces_the_shipped_role(kube_sim: KubeSim) -> None:
     assert kube_sim.rbac is not None
     assert kube_sim.rbac.user == USER and kube_sim.rbac.granted() == Rbac.load().granted()
@@ -182,18 +206,22 @@ def test_the_suites_cluster_fixture_enforces_the_shipped_role(kube_sim: KubeSim)
 async def test_a_rebuild_and_a_switchover_under_the_shipped_role_use_every_rule_it_grants(
     client: httpx.AsyncClient, settings: Settings, tmp_path: Path
 ) -> None:
-    async with shipped_role_cluster() as sim:
-        kube = PgRebuildSettings(
-            kubeconfig=sim.write_kubeconfig(tmp_path / "kubeconfig"), pg_rebuild_poll_interval_s=0.05
-        )
-        async with running_worker(settings, kube_registry(kube)):
-            job_id = await submit(client, "pg-rebuild", namespace="db", cluster="pg", pod="pg-1")
-            job = await wait_for_status(client, job_id, "success", "failed", within=10)
-            assert job["status"] == "success", job
-            # Submitted after the rebuild: both act on the cluster, one at a time.
-            job_id = await submit(client, "pg-switchover", namespace="db", cluster="pg", candidate="pg-2")
-            job = await wait_for_status(client, job_id, "success", "failed", within=10)
-            assert job["status"] == "success", job
-        assert sim.rbac is not None
-        # Least privilege: a rule no call of the job needs would show here as granted but never used.
-        assert sim.rbac.allowed == sim.rbac.granted()
+    used: set[tuple[str, str, str]] = set()
+    # Both job types on a Patroni cluster, then on CloudNativePG (its Cluster resource instead of a StatefulSet).
+    for profile, rebuilt, candidate in (("zalando", "pg-1", "pg-2"), ("cnpg", "pg-2", "pg-3")):
+        async with shipped_role_cluster(profile) as sim:
+            kube = PgRebuildSettings(
+                kubeconfig=sim.write_kubeconfig(tmp_path / f"kubeconfig-{profile}"), pg_rebuild_poll_interval_s=0.05
+            )
+            cluster = {"namespace": "db", "cluster": "pg", "profile": profile}
+            async with running_worker(settings, kube_registry(kube)):
+                # One after the other: both act on the cluster, one at a time.
+                for job_type, params in (("pg-rebuild", {"pod": rebuilt}), ("pg-switchover", {"candidate": candidate})):
+                    job_id = await submit(client, job_type, **cluster, **params)
+                    job = await wait_for_status(client, job_id, "success", "failed", within=10)
+                    assert job["status"] == "success", job
+            assert sim.rbac is not None
+            used |= sim.rbac.allowed
+            granted = sim.rbac.granted()
+    # Least privilege: a rule no call of the jobs needs would show here as granted but never used.
+    assert used == granted

@@ -91,8 +91,9 @@ async def test_rebuilds_a_replica_with_new_pod_and_new_storage(
     detail = {name: s["detail"] for name, s in steps(job).items()}
     assert detail["preflight"].startswith(f"pod pg-1 (uid {old_pod}, node node-b) of StatefulSet pg at revision pg-")
     assert f"data PVCs: data-pg-1 (uid {old_pvc}, 10Gi, Bound)" in detail["preflight"]
-    assert (
-        detail["check-cluster-health"] == "primary pg-0 healthy; 2/2 other members ready (pg-0, pg-2); pg-1 is replica"
+    assert detail["check-cluster-health"] == (
+        "primary pg-0 healthy; 2/2 other members ready (pg-0, pg-2); pg-1 is replica; "
+        "Patroni: pg-0 leads on timeline 1; pg-2 (streaming, timeline 1, lag 0 B)"
     )
     assert (
         detail["delete-pvcs"]
@@ -101,7 +102,9 @@ async def test_rebuilds_a_replica_with_new_pod_and_new_storage(
     assert detail["delete-pod"] == f"deleted pod pg-1 (uid {old_pod}, node node-b) with grace period 30s"
     assert detail["wait-old-gone"].startswith("old pod pg-1 and PVCs data-pg-1 gone")
     assert detail["wait-scheduled"].startswith(f"pod pg-1 (uid {after['pods/pg-1'][0]}) scheduled on node-b")
-    assert detail["wait-ready"].startswith(f"pod pg-1 (uid {after['pods/pg-1'][0]}) Ready as replica after")
+    assert detail["wait-ready"].startswith(
+        f"pod pg-1 (uid {after['pods/pg-1'][0]}) Ready as replica, streaming from pg-0 (timeline 1, lag 0 B), after "
+    )
     assert detail["post-check"] == (
         f"primary pg-0 unchanged; 3/3 members ready; pg-1 rebuilt (uid {old_pod} -> {after['pods/pg-1'][0]})"
     )
@@ -180,7 +183,7 @@ async def test_dry_run_reports_what_it_would_delete_and_deletes_nothing(
     assert world(kube_sim) == before
 
 
-@pytest.mark.parametrize("profile", ["cnpg", "patroni"])
+@pytest.mark.parametrize("profile", ["patroni", "stackgres"])
 async def test_rebuilds_with_another_label_profile(
     client: httpx.AsyncClient, settings: Settings, tmp_path: Path, profile: str
 ) -> None:

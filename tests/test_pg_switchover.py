@@ -3,7 +3,7 @@ answers through the pod proxy, under the shipped worker Role.
 
 A switchover to a healthy replica, the best one chosen when none is named, the refusals (nothing asked of Patroni),
 Patroni's 412 failing at once and its 503 retried, a leader lost during the switchover, the dry run, the Patroni
-profiles, CloudNativePG refused at submission, and a worker SIGKILLed in the middle of the switchover.
+profiles, and a worker SIGKILLed in the middle of the switchover.
 """
 
 from __future__ import annotations
@@ -198,15 +198,6 @@ async def test_switches_over_with_every_patroni_profile(
         assert sim.primary() == "pg-2"
         labels = {p["metadata"]["name"]: sim.profile.role_of(p) for p in sim.members()}
         assert labels == {"pg-0": "replica", "pg-1": "replica", "pg-2": sim.profile.primary}
-
-
-async def test_cloudnativepg_is_refused_at_submission(client: httpx.AsyncClient) -> None:
-    response = await client.post(
-        "/ops/jobs/pg-switchover", json={"namespace": "db", "cluster": "pg", "profile": "cnpg"}
-    )
-
-    assert response.status_code == 422, response.text
-    assert "CloudNativePG has no Patroni" in response.text
 
 
 async def test_job_type_lists_its_steps(client: httpx.AsyncClient) -> None:

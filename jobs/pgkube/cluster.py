@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jobs.pgkube import params as pg
-from jobs.pgkube.kube import Kube, PodView
+from jobs.pgkube.kube import Kube, KubeError, PodView
 from jobs.pgkube.params import PatroniParams, PgSettings, Refused
-from jobs.pgkube.patroni import ClusterView, Member, Patroni
+from jobs.pgkube.patroni import ClusterView, Member, Patroni, PatroniRefused
 from jobs.pgkube.profiles import Profile
 from jobs.pgkube.waiting import Seen, wait_until
-from service.jobtypes import StepContext
+from service.jobtypes import StepContext, TransientError
 
 T = TypeVar("T")
 
@@ -51,6 +51,17 @@ class PatroniCluster:
         pods = pods if pods is not None else await self.members()
         ordered = sorted(pods, key=lambda p: (not self.profile.is_primary(p), p.deleting, p.name))
         return await self.patroni.cluster([p.name for p in ordered])
+
+    async def view_or_why(self, pods: list[PodView]) -> ClusterView | str:
+        """Patroni's view, or why there is none: the profile's operator has no Patroni (CloudNativePG), or no
+        member's Patroni answered (nothing listens, the Role lacks `pods/proxy`, the API server refused). A job that
+        can do without goes by the labels and says why."""
+        if not self.profile.patroni:
+            return f"profile {self.profile.name} has no Patroni"
+        try:
+            return await self.view(pods)
+        except (TransientError, KubeError, PatroniRefused) as exc:
+            return f"Patroni did not answer ({exc})"
 
     async def wait(self, probe: Callable[[], Awaitable[Seen[T]]], what: str, timeout_s: float) -> T:
         return await wait_until(self.ctx, probe, what=what, timeout_s=timeout_s, interval_s=self.poll_s)

@@ -199,6 +199,7 @@ class Kube:
 
         self._core: Any = client.CoreV1Api(api)
         self._apps: Any = client.AppsV1Api(api)
+        self._custom: Any = client.CustomObjectsApi(api)
         self.timeout_s = timeout_s
 
     async def pod(self, namespace: str, name: str) -> PodView | None:
@@ -216,6 +217,27 @@ class Kube:
     async def statefulset(self, namespace: str, name: str) -> StatefulSetView | None:
         found = await self._read(self._apps.read_namespaced_stateful_set, name, namespace)
         return _statefulset_view(found) if found is not None else None
+
+    async def custom_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> Any:
+        """A custom resource (e.g. a CloudNativePG Cluster) as the API server returns it: plain JSON; None if gone."""
+        return await self._read(self._custom.get_namespaced_custom_object, group, version, namespace, plural, name)
+
+    async def patch_custom_status(
+        self, group: str, version: str, namespace: str, plural: str, name: str, patch: dict[str, Any]
+    ) -> Any:
+        """A JSON merge patch of a custom resource's status subresource. The client would send a dict as a JSON
+        patch (its default Content-Type for PATCH), which the API server refuses, hence the explicit type. A
+        `metadata.resourceVersion` in `patch` makes it conditional: a 409 (KubeError) when the object changed."""
+        return await self._call(
+            self._custom.patch_namespaced_custom_object_status,
+            group,
+            version,
+            namespace,
+            plural,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
 
     async def delete_pod(
         self, namespace: str, name: str, uid: str, grace_s: int | None, dry_run: bool = False

@@ -100,9 +100,10 @@ class ClusterParams(BaseModel):
 
 class PatroniParams(ClusterParams):
     """The params of a job that asks Patroni: the lag it allows a replica. CloudNativePG has no Patroni: such a job is
-    refused at submission on the `cnpg` profile, in words that say what it would do (`cnpg_refusal`)."""
+    refused at submission on the `cnpg` profile, in words that say what it would do (`cnpg_refusal`), unless it has a
+    way through CloudNativePG's Cluster resource instead (`cnpg_refusal` None)."""
 
-    cnpg_refusal: ClassVar[str] = "this job through its Cluster resource is not supported yet"
+    cnpg_refusal: ClassVar[str | None] = "this job through its Cluster resource is not supported yet"
 
     max_lag_bytes: Annotated[
         int, Field(ge=0, description="most bytes a replica may trail the leader to count as healthy")
@@ -110,7 +111,7 @@ class PatroniParams(ClusterParams):
 
     @model_validator(mode="after")
     def _has_patroni(self) -> PatroniParams:
-        if self.profile == "cnpg":
+        if self.profile == "cnpg" and self.cnpg_refusal is not None:
             raise ValueError(f"profile cnpg: CloudNativePG has no Patroni; {self.cnpg_refusal}")
         return self
 

@@ -24,6 +24,10 @@ class Profile:
     role_labels: tuple[str, ...]  # the first one present wins
     primary_roles: frozenset[str]
     replica_roles: frozenset[str] = frozenset({"replica"})
+    # Whether Patroni runs in the pods (its REST API on port 8008); CloudNativePG has its own instance manager.
+    patroni: bool = True
+    # The kind of object that owns the pods: a StatefulSet, or CloudNativePG's own Cluster resource.
+    owner: Literal["StatefulSet", "Cluster"] = "StatefulSet"
 
     def selector(self, cluster: str) -> str:
         return ",".join(f"{key}={value.format(cluster=cluster)}" for key, value in self.cluster_labels)
@@ -56,6 +60,8 @@ PROFILES: dict[ProfileName, Profile] = {
             (("cnpg.io/cluster", "{cluster}"), ("cnpg.io/podRole", "instance")),
             ("cnpg.io/instanceRole", "role"),
             frozenset({"primary"}),
+            patroni=False,
+            owner="Cluster",
         ),
         Profile(
             "patroni",

@@ -1,4 +1,5 @@
-"""A simulated Kubernetes API server (pods, PVCs, StatefulSets, watches, controllers, faults) for tests.
+"""A simulated Kubernetes API server (pods, PVCs, StatefulSets, CloudNativePG Clusters, watches, controllers, faults,
+Patroni behind the pod proxy) for tests.
 
 The unmodified kubernetes_asyncio client talks to it over real HTTP on 127.0.0.1. See `KubeSim` for the
 in-process API and `python -m tests.kube_sim --help` for running it as its own process.

@@ -3,7 +3,8 @@
     python -m tests.kube_sim --port 8081 --kubeconfig /tmp/kubeconfig-sim [--profile zalando] [--speed demo|fast]
         [--rbac deploy/worker-rbac.yaml]
 
-Seeds namespace `db` with StatefulSet `pg` (pg-0 primary, pg-1 and pg-2 replicas, PVCs data-pg-N Bound), writes
+Seeds namespace `db` with StatefulSet `pg` (pg-0 primary, pg-1 and pg-2 replicas, PVCs data-pg-N Bound; with
+`--profile cnpg` a CloudNativePG Cluster `pg` instead: pg-1 primary, pg-2 and pg-3 replicas, PVCs pg-N), writes
 the kubeconfig, logs one `kube-sim ready` line and serves until SIGINT or SIGTERM. Faults can be injected over
 HTTP: `curl -X POST $URL/_sim/faults -d '{"kind": "pod", "name": "pg-1", "behaviour": "crash_loop"}'`.
 """

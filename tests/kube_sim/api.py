@@ -19,6 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from tests.kube_sim.cnpg import API_VERSION as CNPG_API_VERSION
+from tests.kube_sim.cnpg import PLURAL as CNPG_CLUSTERS
 from tests.kube_sim.faults import Faults, HttpFault
 from tests.kube_sim.patroni import PORT, Patroni
 from tests.kube_sim.store import Event, Gone, Obj, Selector, SelectorError, Store
@@ -63,7 +65,10 @@ KINDS = {
     ("v1", "persistentvolumeclaims"): Kind("persistentvolumeclaims", "PersistentVolumeClaim", "v1"),
     ("v1", "namespaces"): Kind("namespaces", "Namespace", "v1", namespaced=False),
     ("apps/v1", "statefulsets"): Kind("statefulsets", "StatefulSet", "apps/v1"),
+    # A custom resource, served as the API server serves a CRD's objects (kubernetes-asyncio's CustomObjectsApi).
+    (CNPG_API_VERSION, CNPG_CLUSTERS): Kind(CNPG_CLUSTERS, "Cluster", CNPG_API_VERSION),
 }
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def status_body(code: int, message: str, details: Obj | None = None) -> Obj:
@@ -107,6 +112,19 @@ def fault_response(fault: HttpFault, kind: Kind, name: str) -> JSONResponse:
 
 def not_found(kind: Kind, name: str) -> JSONResponse:
     return status_response(404, f'{kind.qualified} "{name}" not found', kind.details(name))
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def _line(event_type: str, obj: Obj) -> bytes:
@@ -195,6 +213,14 @@ class KubeApi:
             Route("/apis/apps/v1/{resource}", self.collection),
             Route("/apis/apps/v1/namespaces/{namespace}/{resource}", self.collection),
             Route("/apis/apps/v1/namespaces/{namespace}/{resource}/{name}", self.item, methods=["GET", "DELETE"]),
+            Route(f"/apis/{CNPG_API_VERSION}/{{resource}}", self.collection),
+            Route(f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}", self.collection),
+            Route(f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}/{{name}}", self.item),
+            Route(
+                f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}/{{name}}/status",
+                self.status,
+                methods=["GET", "PATCH"],
+            ),
         ]
 
     def app(self) -> Starlette:
@@ -202,7 +228,9 @@ class KubeApi:
 
     @staticmethod
     def _kind(request: Request) -> Kind | None:
-        api_version = "apps/v1" if request.url.path.startswith("/apis/apps/") else "v1"
+        """`/api/v1/...` is the core group, `/apis/GROUP/VERSION/...` the others."""
+        parts = request.url.path.split("/")
+        api_version = "v1" if parts[1] == "api" else f"{parts[2]}/{parts[3]}"
         return KINDS.get((api_version, request.path_params["resource"]))
 
     async def _faults(self, verb: str, kind: Kind, namespace: str, name: str) -> Response | None:
@@ -211,6 +239,15 @@ class KubeApi:
             await asyncio.sleep(delay)
         fault = self.faults.take_http(verb, kind.resource, namespace, name)
         return fault_response(fault, kind, name) if fault else None
+
+    async def _target(self, verb: str, kind: Kind, faulted: Kind, namespace: str, name: str) -> Obj | Response:
+        """The object a request acts on, once the request faults for `faulted` (the kind, or its subresource) have
+        had their say; else the response that ends the request (the fault's, or a 404)."""
+        failed = await self._faults(verb, faulted, namespace, name)
+        if failed:
+            return failed
+        obj = self.store.get(kind.resource, namespace, name)
+        return obj if obj is not None else not_found(kind, name)
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"major": "1", "minor": "31", "gitVersion": "v1.31.0-kube-sim", "platform": "linux/amd64"})
@@ -281,12 +318,9 @@ class KubeApi:
         # Read before any latency: a request that has arrived whole is carried out even if its client goes away
         # meanwhile (a worker killed while its delete is held), as a real API server does.
         raw = await request.body() if verb == "delete" else b""
-        failed = await self._faults(verb, kind, namespace, name)
-        if failed:
-            return failed
-        obj = self.store.get(kind.resource, namespace, name)
-        if obj is None:
-            return not_found(kind, name)
+        obj = await self._target(verb, kind, kind, namespace, name)
+        if not isinstance(obj, dict):
+            return obj
         if verb == "get":
             return JSONResponse(obj)
         options: Obj = json.loads(raw) if raw.strip() else {}
@@ -316,6 +350,42 @@ class KubeApi:
         if meta.get("finalizers"):
             return JSONResponse(self.store.mark_deleting(kind.resource, obj))
         return JSONResponse(self.store.remove(kind.resource, meta.get("namespace", ""), meta["name"]))
+
+    async def status(self, request: Request) -> Response:
+        """The status subresource: GET, or PATCH with a JSON merge patch of which only `status` is applied (the
+        rest of the object is not the subresource's to change). A `metadata.resourceVersion` in the patch is a
+        precondition, as a client's optimistic lock: a stale one is a 409."""
+        kind = self._kind(request)
+        if kind is None:
+            return status_response(404, "the server could not find the requested resource")
+        namespace, name = request.path_params["namespace"], request.path_params["name"]
+        verb = "patch" if request.method == "PATCH" else "get"
+        raw = await request.body()
+        subresource = Kind(f"{kind.resource}/status", kind.kind, kind.api_version)
+        obj = await self._target(verb, kind, subresource, namespace, name)
+        if not isinstance(obj, dict):
+            return obj
+        if verb == "get":
+            return JSONResponse(obj)
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip()
+        try:
+            patch = json.loads(raw)
+        except ValueError:
+            return status_response(400, "error decoding patch: invalid JSON")
+        if content_type != MERGE_PATCH or not isinstance(patch, dict):
+            # The sim takes merge patches only. A JSON object sent as a JSON patch (kubernetes-asyncio's default
+            # Content-Type for a dict body is application/json-patch+json) gets the API server's own words.
+            got = type(patch).__name__
+            return status_response(400, f"json: cannot unmarshal {got} into Go value of type jsonpatch.Patch")
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != obj["metadata"]["resourceVersion"]:
+            message = (
+                f'Operation cannot be fulfilled on {kind.qualified} "{name}": the object has been modified; please '
+                "apply your changes to the latest version and try again"
+            )
+            return status_response(409, message, kind.details(name))
+        obj["status"] = merge_patch(obj.get("status") or {}, patch.get("status") or {})
+        return JSONResponse(self.store.update(kind.resource, obj))
 
     async def proxy(self, request: Request) -> Response:
         """The API server's pod proxy in front of Patroni's REST API: Patroni's answers pass through unchanged; a

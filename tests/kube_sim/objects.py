@@ -3,8 +3,8 @@
 The builders emit every field that kubernetes_asyncio's models insist on (it raises ValueError on a missing
 required field, e.g. V1ContainerStatus.image_id), so a deserialization through the real client never fails.
 
-Profiles follow the table in design/pg-rebuild.md. CloudNativePG has no StatefulSet in reality; the sim still
-uses one for every profile, since only the labels differ for the job's checks.
+Profiles follow the table in design/pg-rebuild.md. CloudNativePG has no StatefulSet: on its profile the sim's
+cluster is a CloudNativePG `Cluster` (tests.kube_sim.cnpg) instead.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def namespace_obj(name: str) -> Obj:
     }
 
 
-def _pvc_spec(storage: str) -> Obj:
+def pvc_spec(storage: str) -> Obj:
     return {
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": storage}},
@@ -134,7 +134,7 @@ def statefulset(name: str, ns: str, labels: dict[str, str], replicas: int, stora
                     "apiVersion": "v1",
                     "kind": "PersistentVolumeClaim",
                     "metadata": {"name": "data", "labels": dict(labels)},
-                    "spec": _pvc_spec(storage),
+                    "spec": pvc_spec(storage),
                 }
             ],
         },

@@ -23,6 +23,8 @@ from typing import Any
 import uvicorn
 
 from tests.kube_sim.api import KubeApi
+from tests.kube_sim.cnpg import PLURAL as CNPG_CLUSTERS
+from tests.kube_sim.cnpg import Cnpg, Promotion
 from tests.kube_sim.controllers import Controllers, bind
 from tests.kube_sim.faults import (
     Behaviour,
@@ -100,6 +102,7 @@ class KubeSim:
         self.faults = Faults()
         self.controllers = Controllers(self.store, self.faults, self.speed, self.profile)
         self.patroni = Patroni(self.store, self.faults, self.speed, self.profile)
+        self.cnpg = Cnpg(self.store, self.speed, self.profile)
         self.api = KubeApi(self.store, self.faults, self.patroni, self.apply_fault)
         # When given, every request is authorized as its user (tests.kube_sim.rbac); None: everything is allowed.
         self.rbac = rbac
@@ -156,7 +159,9 @@ class KubeSim:
             await asyncio.sleep(0.005)
         self._loops = [
             asyncio.create_task(self.controllers.run(name, step), name=f"kube-sim-{name}")
-            for name, step in (self.controllers.loops() | {"patroni-ha": self.patroni.reconcile}).items()
+            for name, step in (
+                self.controllers.loops() | {"patroni-ha": self.patroni.reconcile, "cnpg": self.cnpg.reconcile}
+            ).items()
         ]
         log.info("kube-sim serving %s (profile %s)", self.url, self.profile.name)
 
@@ -192,9 +197,12 @@ class KubeSim:
     # seeding
 
     def seed_cluster(self, namespace: str = NAMESPACE, name: str = CLUSTER, replicas: int = 3) -> Obj:
-        """A settled cluster: StatefulSet `name` with Ready members `name-0..`, `name-0` primary, PVCs Bound."""
+        """A settled cluster: StatefulSet `name` with Ready members `name-0..`, `name-0` primary, PVCs Bound; on the
+        cnpg profile a CloudNativePG Cluster `name` instead, its instances `name-1..`, `name-1` primary."""
         if self.store.get("namespaces", "", namespace) is None:
             self.store.create("namespaces", namespace_obj(namespace))
+        if self.profile.name == "cnpg":
+            return self.cnpg.seed(namespace, name, replicas)
         sts = self.store.create(
             "statefulsets", statefulset_obj(name, namespace, self.profile.labels_for(name), replicas)
         )
@@ -225,9 +233,32 @@ class KubeSim:
     def statefulset(self, name: str = CLUSTER, namespace: str = NAMESPACE) -> Obj | None:
         return self.store.get("statefulsets", namespace, name)
 
+    def cnpg_cluster(self, name: str = CLUSTER, namespace: str = NAMESPACE) -> Obj | None:
+        """The CloudNativePG Cluster (cnpg profile)."""
+        return self.store.get(CNPG_CLUSTERS, namespace, name)
+
+    def cnpg_promote(self, to: str, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> None:
+        """What `kubectl cnpg promote` does: name `to` the Cluster's target primary, and the operator switches over
+        to it; a name that is no instance leaves the Cluster switching over for good."""
+        found = self.cnpg_cluster(cluster, namespace)
+        if found is None:
+            raise ValueError(f"no CloudNativePG Cluster {namespace}/{cluster}")
+        found["status"] |= {
+            "targetPrimary": to,
+            "phase": "Switchover in progress",
+            "phaseReason": f"Switching over to {to}",
+        }
+        self.store.update(CNPG_CLUSTERS, found)
+
+    @property
+    def promotions(self) -> list[Promotion]:
+        """Every switchover CloudNativePG's operator carried out, in order."""
+        return list(self.cnpg.history)
+
     def members(self, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> list[Obj]:
-        sts = self.statefulset(cluster, namespace)
-        uid = sts["metadata"]["uid"] if sts else None
+        """The pods owned by the StatefulSet, or the CloudNativePG Cluster, named `cluster`."""
+        owner = self.statefulset(cluster, namespace) or self.cnpg_cluster(cluster, namespace)
+        uid = owner["metadata"]["uid"] if owner else None
         pods = self.store.objects("pods", namespace)
         return [p for p in pods if any(r.get("uid") == uid for r in p["metadata"].get("ownerReferences") or [])]
 
@@ -336,7 +367,8 @@ class KubeSim:
         self.controllers.reconcile_statefulsets(0.0)
 
     def change_primary(self, to: str | None = None, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> str:
-        """Fail over: the role label moves from the current primary to `to` (default: the first Ready replica)."""
+        """Fail over: the role label moves from the current primary to `to` (default: the first Ready replica). On a
+        CloudNativePG Cluster its operator does it, within the speed's switchover delay (`cnpg_promote`)."""
         members = self.members(cluster, namespace)
         old = self.primary(cluster, namespace)
         if to is None:
@@ -344,6 +376,9 @@ class KubeSim:
             if not candidates:
                 raise ValueError(f"no Ready replica to promote in {namespace}/{cluster}")
             to = str(candidates[0])
+        if self.cnpg_cluster(cluster, namespace) is not None:
+            self.cnpg_promote(to, cluster, namespace)
+            return to
         for pod in members:
             name = pod["metadata"]["name"]
             if name == to:

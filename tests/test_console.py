@@ -30,8 +30,10 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 CHROMIUM_PRESENT = Path(CHROMIUM).exists()
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "var" / "screenshots"
-# Long enough for a loaded machine; every wait ends as soon as the page shows what it waits for.
+# Long enough for a loaded machine; every wait ends as soon as the page shows what it waits for. Playwright's
+# `expect` has a timeout of its own (5 s by default), set here for every assertion of this module.
 WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture

@@ -110,8 +110,8 @@ async def _wait(c: PatroniCluster, params: RestartParams, members: list[str], wh
         finished = all(m in done for m in members)
         if finished and (rolling.topology(ctx)["primary"] not in members or cluster.phase == HEALTHY):
             return Seen("", f"restarted {', '.join(members)}; {cluster.describe()}")
-        reason = cluster.phase_reason or "no reason given"
-        return Seen(f"{cluster.describe()}: {reason}; {rolling.progress(ctx, current)}")
+        reason = f": {cluster.phase_reason}" if cluster.phase_reason else ""
+        return Seen(f"{cluster.describe()}{reason}; {rolling.progress(ctx, current)}")
 
     return await c.wait(probe, what, timeout_s)
 
@@ -161,6 +161,7 @@ async def restart_replicas(c: PatroniCluster, params: RestartParams) -> str:
             await ctx.remember(**{ASKED: asked})  # before the patch: a re-run recognises its own value
         await ask_restart(c.kube, params.namespace, cluster.name, asked)
         said = f"set {action} ({asked})"
+        await ctx.progress(f"{said}; {rolling.progress(ctx, None)}")
     else:
         said = f"{RESTART_ANNOTATION} already {asked}: asked earlier in this job, not asked again"
     replicas = topology["replicas"]
@@ -173,7 +174,8 @@ async def switchover(c: PatroniCluster, params: RestartParams) -> str:
     """With method switchover: waits for the operator's own switchover away from the recorded primary."""
     topology = rolling.topology(c.ctx)
     if params.method != "switchover":
-        return f"no switchover: the Cluster's primaryUpdateMethod restart, {topology['primary']} restarted in place"
+        method = "no switchover: the Cluster's primaryUpdateMethod is restart"
+        return f"{method}: the operator restarts {topology['primary']} in place"
     if params.dry_run:
         return "dry run: the operator would switch over to a restarted replica before restarting the primary"
 
@@ -186,7 +188,7 @@ async def switchover(c: PatroniCluster, params: RestartParams) -> str:
                 f"the operator switched over to {cluster.current_primary} on timeline {cluster.timeline} (was "
                 f"{topology['primary']} on timeline {topology['timeline']}); {cluster.describe()}",
             )
-        return Seen(f"{cluster.describe()}: {cluster.phase_reason or 'no reason given'}")
+        return Seen(f"{cluster.describe()}{f': {cluster.phase_reason}' if cluster.phase_reason else ''}")
 
     what = f"waiting for the operator to switch over from {topology['primary']}"
     return await c.wait(probe, what, params.switchover_timeout_s)

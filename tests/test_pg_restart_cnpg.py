@@ -58,7 +58,9 @@ async def test_a_rolling_restart_restarts_every_instance_once_and_the_primary_la
         f"set {RESTART_ANNOTATION} on Cluster pg, as kubectl cnpg restart does ({job['state']['restart_asked']}); "
         "restarted pg-3, pg-2, one at a time, each back Ready and healthy"
     )
-    assert detail["switchover"] == "no switchover: the Cluster's primaryUpdateMethod restart, pg-1 restarted in place"
+    assert detail["switchover"] == (
+        "no switchover: the Cluster's primaryUpdateMethod is restart: the operator restarts pg-1 in place"
+    )
     assert detail["restart-primary"] == (
         f"restarted pg-3, pg-2, pg-1; {HEALTHY}; every instance restarted once: pg-3, pg-2, pg-1"
     )

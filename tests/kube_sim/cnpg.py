@@ -286,7 +286,9 @@ class Cnpg:
             self._rolling.discard(uid)
             return None
         if out or missing:  # one instance at a time: the one restarted is back before the next
-            return f"{UPGRADING}: waiting for {', '.join(out) or 'the instance restarted'} to be back"
+            return (
+                f"{UPGRADING}: waiting for {', '.join(out) + ' to be back' if out else 'an instance to be recreated'}"
+            )
         if status.get("targetPrimary") != current:
             return None  # the switchover's own phase says it
         replicas = sorted(

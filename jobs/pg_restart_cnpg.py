@@ -110,20 +110,17 @@ async def _wait(c: PatroniCluster, params: RestartParams, members: list[str], wh
         finished = all(m in done for m in members)
         if finished and (rolling.topology(ctx)["primary"] not in members or cluster.phase == HEALTHY):
             return Seen("", f"restarted {', '.join(members)}; {cluster.describe()}")
-        reason = f": {cluster.phase_reason}" if cluster.phase_reason else ""
-        return Seen(f"{cluster.describe()}{reason}; {rolling.progress(ctx, current)}")
+        return Seen(f"{cluster.describe_why()}; {rolling.progress(ctx, current)}")
 
     return await c.wait(probe, what, timeout_s)
-
-
-def _remaining_in(c: PatroniCluster, members: list[str]) -> list[str]:
-    return [m for m in members if m not in rolling.done(c.ctx)]
 
 
 # Steps (called by jobs.pg_restart's steps on the cnpg profile)
 
 
 async def read_topology(c: PatroniCluster, params: RestartParams) -> str:
+    """Reads the Cluster and its pods; changes nothing. Refuses what `_check` refuses; records, once, the topology
+    with each instance's pod uid, by which the waits tell a restarted instance."""
     if c.ctx.state.get("topology") is None:
         cluster, pods = await look(c)
         primary = _check(c, cluster, pods, params.method)
@@ -165,7 +162,7 @@ async def restart_replicas(c: PatroniCluster, params: RestartParams) -> str:
     else:
         said = f"{RESTART_ANNOTATION} already {asked}: asked earlier in this job, not asked again"
     replicas = topology["replicas"]
-    for pod in _remaining_in(c, replicas):
+    for pod in [m for m in replicas if m not in rolling.done(ctx)]:
         await _wait(c, params, [pod], f"waiting for {pod} to restart", params.restart_timeout_s)
     return f"{said}; restarted {', '.join(replicas) or 'no replica'}, one at a time, each back Ready and healthy"
 
@@ -188,7 +185,7 @@ async def switchover(c: PatroniCluster, params: RestartParams) -> str:
                 f"the operator switched over to {cluster.current_primary} on timeline {cluster.timeline} (was "
                 f"{topology['primary']} on timeline {topology['timeline']}); {cluster.describe()}",
             )
-        return Seen(f"{cluster.describe()}{f': {cluster.phase_reason}' if cluster.phase_reason else ''}")
+        return Seen(cluster.describe_why())
 
     what = f"waiting for the operator to switch over from {topology['primary']}"
     return await c.wait(probe, what, params.switchover_timeout_s)

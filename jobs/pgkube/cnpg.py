@@ -70,6 +70,10 @@ class CnpgCluster:
         ready = f"{self.ready_instances}/{self.instances} ready"
         return f"Cluster {self.name} ({self.phase or 'no phase'}, primary {primary}, {ready})"
 
+    def describe_why(self) -> str:
+        """`describe()` with the operator's phase reason, when it gives one: `...: restarting pg-3`."""
+        return f"{self.describe()}: {self.phase_reason}" if self.phase_reason else self.describe()
+
 
 def _cluster(raw: dict[str, Any]) -> CnpgCluster:
     status, spec = raw.get("status") or {}, raw.get("spec") or {}

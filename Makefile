@@ -55,7 +55,7 @@ migrate: install services ## create the database if missing and apply the migrat
 run: migrate ## serve the API on 127.0.0.1:8080 with a worker, in the foreground (Ctrl-C stops both)
 	$(BIN)/apiops run
 
-demo: migrate ## rebuild replica pg-1 of a simulated cluster (JOB=switchover|restart|reinit|cnpg-rebuild|cnpg-switchover) via the API, live
+demo: migrate ## rebuild replica pg-1 of a simulated cluster (JOB=switchover|restart|reinit|cnpg-rebuild|cnpg-switchover|cnpg-restart) via the API, live
 	$(BIN)/python -m tests.demo $(JOB)
 
 bench: install services ## the service against the floor of its stack (own database); prints a table, writes var/bench.json

@@ -15,48 +15,29 @@ topology is recorded once; every later step compares against it, on whichever wo
 Crash-safe: each member's restart is recorded before it is sent and recognised afterwards by its PostgreSQL's start
 time (`jobs.pgkube.memberops`): a resumed job continues with the member it was on and never restarts a member twice;
 the members done are kept in the job's state. A restart that crash-loops fails the job fast, before any other member
-is touched. CloudNativePG has no Patroni and is refused at submission.
+is touched.
+
+CloudNativePG has no Patroni: on the `cnpg` profile each step hands over to `jobs.pg_restart_cnpg`, which asks the
+operator for its own rolling restart through the Cluster resource (as `kubectl cnpg restart` does) and follows it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import Field
-
+from jobs import pg_restart_cnpg as cnpg
 from jobs.pgkube import params as pg
-from jobs.pgkube.cluster import PatroniCluster, best, not_paused, not_streaming, one_leader, recorded
-from jobs.pgkube.handover import Handover, HandoverParams
+from jobs.pgkube import rolling
+from jobs.pgkube.cluster import PatroniCluster, best, not_paused, not_streaming, one_leader
+from jobs.pgkube.handover import Handover
 from jobs.pgkube.memberops import RESTART, Churn, ask_once, wait_back
 from jobs.pgkube.params import PgSettings, Refused, pg_job_type
 from jobs.pgkube.patroni import ClusterView, PatroniUnavailable
+from jobs.pgkube.rolling import RestartParams
 from service.jobtypes import Step, StepContext
 
 MARK = "restarting"  # the job's state: the member being restarted, its start time before, whether it was asked
 NOT_PENDING = "restart conditions are not satisfied"  # Patroni, asked with restart_pending on a member without it
-
-
-class RestartParams(HandoverParams):
-    cnpg_refusal: ClassVar[str] = "a rolling restart through its Cluster resource is not supported yet"
-
-    only_pending_restart: Annotated[
-        bool, Field(description="restart only the members Patroni flags pending_restart; skip the others")
-    ] = False
-    method: Annotated[
-        Literal["switchover", "in-place"],
-        Field(description="for the primary: switch over to a healthy replica first, or restart it where it is"),
-    ] = "switchover"
-    restart_timeout_s: Annotated[
-        pg.Seconds, Field(description="for each member: Patroni's restart and the member healthy again")
-    ] = 300
-
-
-def _topology(ctx: StepContext) -> dict[str, Any]:
-    return recorded(ctx, "topology", "read-topology")
-
-
-def _done(ctx: StepContext) -> list[str]:
-    return list(ctx.state.get("restarted") or [])
 
 
 def _unhealthy(view: ClusterView, cluster: str, max_lag: int) -> str | None:
@@ -77,32 +58,11 @@ def _plan(params: RestartParams, view: ClusterView, leader: str) -> dict[str, An
     return {"replicas": replicas, "primary": leader if any(m.name == leader for m in wanted) else None, "skip": skipped}
 
 
-def _order(topology: dict[str, Any], method: str) -> str:
-    order = list(topology["replicas"])
-    if topology["primary"]:
-        how = "after a switchover" if method == "switchover" else "in place"
-        order.append(f"{topology['primary']} (the primary, {how})")
-    return ", ".join(order) or "nothing"
-
-
-def _remaining(ctx: StepContext, current: str | None) -> list[str]:
-    """The members planned, neither done nor `current`, in order."""
-    topology, done = _topology(ctx), _done(ctx)
-    everyone = [*topology["replicas"], *([topology["primary"]] if topology["primary"] else [])]
-    return [m for m in everyone if m not in done and m != current]
-
-
-def _progress(ctx: StepContext, current: str) -> str:
-    """`done: pg-1; in progress: pg-2; remaining: pg-0`, from the job's state."""
-    done, remaining = _done(ctx), _remaining(ctx, current)
-    return f"done: {', '.join(done) or 'none'}; in progress: {current}; remaining: {', '.join(remaining) or 'none'}"
-
-
 async def _finished(ctx: StepContext, pod: str) -> None:
     """Records `pod` done: the job's state says, besides the topology, what is done (`restarted`), what is in
     progress (`restarting`, with the request's mark) and what remains (`remaining`)."""
-    await ctx.remember(restarted=[*_done(ctx), pod], **{MARK: None})
-    await ctx.remember(remaining=_remaining(ctx, None))
+    await ctx.remember(restarted=[*rolling.done(ctx), pod], **{MARK: None})
+    await ctx.remember(remaining=rolling.remaining(ctx, None))
 
 
 async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
@@ -120,8 +80,8 @@ async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
                 return exc.answer
             raise
 
-    await ctx.remember(remaining=_remaining(ctx, pod))
-    await ctx.progress(f"restarting {pod}; {_progress(ctx, pod)}")
+    await ctx.remember(remaining=rolling.remaining(ctx, pod))
+    await ctx.progress(f"restarting {pod}; {rolling.progress(ctx, pod)}")
     try:
         mark, said = await ask_once(c, RESTART, pod, send, key=MARK, timeout_s=params.restart_timeout_s)
     except PatroniUnavailable as exc:
@@ -130,7 +90,7 @@ async def _restart(c: PatroniCluster, params: RestartParams, pod: str) -> str:
         # Patroni no longer flags it (restarted by someone else meanwhile): nothing left to apply.
         await _finished(ctx, pod)
         return f"{pod} no longer pending a restart, skipped"
-    what = f"waiting for {pod} after its restart ({said}); {_progress(ctx, pod)}"
+    what = f"waiting for {pod} after its restart ({said}); {rolling.progress(ctx, pod)}"
     back = await wait_back(c, RESTART, pod, mark, timeout_s=params.restart_timeout_s, what=what, churn=churn)
     await _finished(ctx, pod)
     return back
@@ -145,6 +105,8 @@ async def read_topology(ctx: StepContext, params: RestartParams) -> str:
     the members skipped. Refuses a cluster without exactly one leader, a paused one, one with a member unhealthy, and,
     when the primary is to be switched away from, one where no replica may take over."""
     c = PatroniCluster.of(ctx, params)
+    if not c.profile.patroni:  # CloudNativePG: its operator restarts the instances
+        return await cnpg.read_topology(c, params)
     view = await c.view()
     if ctx.state.get("topology") is None:
         leader = one_leader(view, params.cluster)
@@ -162,12 +124,12 @@ async def read_topology(ctx: StepContext, params: RestartParams) -> str:
             **plan,
         }
         await ctx.remember(topology=topology, restarted=[])
-        await ctx.remember(remaining=_remaining(ctx, None))
-    topology = _topology(ctx)
+        await ctx.remember(remaining=rolling.remaining(ctx, None))
+    topology = rolling.topology(ctx)
     skipped = f"; skipped (no pending restart): {', '.join(topology['skip'])}" if topology["skip"] else ""
     return (
         f"leader {topology['leader']} on timeline {topology['timeline']}; members: {', '.join(topology['members'])}; "
-        f"restart order: {_order(topology, params.method)}{skipped}"
+        f"restart order: {rolling.order(topology, params.method)}{skipped}"
     )
 
 
@@ -175,20 +137,22 @@ async def restart_replicas(ctx: StepContext, params: RestartParams) -> str:
     """Restarts the planned replicas one at a time through Patroni, each back `streaming` on the leader's timeline
     within the lag limit before the next. Done when every one is recorded done; a resumed run continues with the
     member it was on and never restarts one twice. Fails fast on a restart that crash-loops."""
-    topology = _topology(ctx)
+    c = PatroniCluster.of(ctx, params)
+    if not c.profile.patroni:  # CloudNativePG: its operator restarts the instances
+        return await cnpg.restart_replicas(c, params)
+    topology = rolling.topology(ctx)
     replicas = topology["replicas"]
     if params.dry_run:
         return f"dry run: would restart {', '.join(replicas) or 'no replica'}, one at a time"
-    c = PatroniCluster.of(ctx, params)
     for pod in replicas:
-        if pod in _done(ctx):
+        if pod in rolling.done(ctx):
             continue
         if ctx.state.get(MARK) is None:  # not resumed in the middle of this member: the others must be healthy
             unhealthy = _unhealthy(await c.view(), params.cluster, params.max_lag_bytes)
             if unhealthy is not None:
                 raise Refused(f"before restarting {pod}: {unhealthy}")
         await _restart(c, params, pod)
-    done = ", ".join(m for m in _done(ctx) if m in replicas) or "no replica"
+    done = ", ".join(m for m in rolling.done(ctx) if m in replicas) or "no replica"
     return f"restarted {done}, one at a time, each back streaming within {params.max_lag_bytes} bytes"
 
 
@@ -196,7 +160,10 @@ async def switchover(ctx: StepContext, params: RestartParams) -> str:
     """With method switchover and the primary to restart: records, once, the leader and the healthiest replica to
     take over, then switches over exactly as pg-switchover does (checked again, asked once, a switchover already done
     recognised) and waits until the candidate leads and every other member streams from it. Otherwise does nothing."""
-    topology = _topology(ctx)
+    c = PatroniCluster.of(ctx, params)
+    if not c.profile.patroni:  # CloudNativePG: its operator restarts the instances
+        return await cnpg.switchover(c, params)
+    topology = rolling.topology(ctx)
     if topology["primary"] is None or params.method != "switchover":
         why = "the primary is not to be restarted" if topology["primary"] is None else "method in-place"
         return f"no switchover: {why}"
@@ -220,19 +187,21 @@ async def switchover(ctx: StepContext, params: RestartParams) -> str:
 async def restart_primary(ctx: StepContext, params: RestartParams) -> str:
     """Restarts the former primary (a replica since the switchover), or the primary in place with method in-place,
     once; done when it is back: streaming within the lag limit, or running as the leader. Fails fast on a crash loop."""
-    topology = _topology(ctx)
+    c = PatroniCluster.of(ctx, params)
+    if not c.profile.patroni:  # CloudNativePG: its operator restarts the instances
+        return await cnpg.restart_primary(c, params)
+    topology = rolling.topology(ctx)
     primary = topology["primary"]
     if primary is None:
         return f"{topology['leader']} not restarted: Patroni flags no pending restart on it"
     if params.dry_run:
         how = "after the switchover" if params.method == "switchover" else "in place"
         return f"dry run: would restart {primary} {how}"
-    c = PatroniCluster.of(ctx, params)
-    if primary not in _done(ctx):
+    if primary not in rolling.done(ctx):
         back = await _restart(c, params, primary)
     else:
         back = f"{primary} restarted earlier in this job"
-    return f"{back}; every member restarted once: {', '.join(_done(ctx))}"
+    return f"{back}; every member restarted once: {', '.join(rolling.done(ctx))}"
 
 
 STEPS: list[Step[RestartParams]] = [
@@ -249,7 +218,9 @@ JOB = pg_job_type(
         "Restart every member of a Patroni cluster through Patroni's REST API, one at a time: the replicas, each "
         "back streaming within the lag limit before the next, then a switchover to a healthy replica and the former "
         "primary (`method: in-place`: the primary where it is). `only_pending_restart` skips the members Patroni "
-        "does not flag pending_restart. Refuses an unhealthy or paused cluster; `dry_run` only runs the checks."
+        "does not flag pending_restart. Refuses an unhealthy or paused cluster; `dry_run` only runs the checks. On "
+        "CloudNativePG (profile cnpg), asks its operator for a rolling restart, as `kubectl cnpg restart` does, and "
+        "follows it instance by instance."
     ),
     RestartParams,
     STEPS,

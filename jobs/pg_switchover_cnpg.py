@@ -13,7 +13,7 @@ What CloudNativePG's fields mean, and where that comes from, is in `jobs.pgkube.
 
 from __future__ import annotations
 
-from jobs.pgkube.cnpg import HEALTHY, CnpgCluster, promote, read_cluster
+from jobs.pgkube.cnpg import HEALTHY, CnpgCluster, agreed_primary, describe, look, promote
 from jobs.pgkube.handover import Handover
 from jobs.pgkube.kube import KubeError, PodView
 from jobs.pgkube.params import Refused
@@ -23,39 +23,12 @@ from service.jobtypes import TransientError
 NO_LAG = "CloudNativePG's Cluster status reports no lag: max_lag_bytes not applied"
 
 
-async def _look(s: Handover) -> tuple[CnpgCluster, list[PodView]]:
-    cluster = await read_cluster(s.kube, s.params.namespace, s.params.cluster)
-    if cluster is None:
-        raise Refused(f"CloudNativePG Cluster {s.params.namespace}/{s.params.cluster} not found")
-    return cluster, await s.members()
-
-
-def _describe(s: Handover, cluster: CnpgCluster, pod: PodView) -> str:
-    """`pg-2 (replica, Ready, healthy, timeline 1)`."""
-    state = "Ready" if pod.ready and not pod.deleting else "not Ready"
-    health = "healthy" if pod.name in cluster.healthy else "not healthy"
-    timeline = cluster.timelines.get(pod.name)
-    return f"{pod.name} ({s.profile.role(pod) or 'no role'}, {state}, {health}, timeline {timeline or '?'})"
-
-
-def _primary(s: Handover, cluster: CnpgCluster, pods: list[PodView]) -> str:
-    """The primary the operator and the labels agree on, with no switchover under way and the Cluster healthy."""
-    labelled = [p.name for p in pods if s.profile.is_primary(p)]
-    if labelled != [cluster.current_primary]:
-        raise Refused(f"{cluster.describe()} disagrees with the labels: primary {', '.join(labelled) or 'none'}")
-    if cluster.switching:
-        raise Refused(f"{cluster.describe()}: a switchover is already under way")
-    if cluster.phase != HEALTHY:
-        raise Refused(f"{cluster.describe()} is not healthy: {cluster.phase_reason or 'no reason given'}")
-    return labelled[0]
-
-
 def _unfit(s: Handover, cluster: CnpgCluster, pod: PodView) -> str | None:
     """Why `pod` may not become the primary; None if it may."""
     if pod.name == cluster.current_primary or s.profile.is_primary(pod):
         return f"{pod.name} is the current primary"
     if pod.deleting or not pod.ready or not s.profile.is_replica(pod):
-        return f"{_describe(s, cluster, pod)} is not a Ready replica"
+        return f"{describe(s, cluster, pod)} is not a Ready replica"
     if pod.name not in cluster.healthy:
         return f"{pod.name} is not among the Cluster's healthy instances ({', '.join(cluster.healthy) or 'none'})"
     timeline = cluster.timelines.get(pod.name)
@@ -81,7 +54,7 @@ def _candidate(s: Handover, cluster: CnpgCluster, pods: list[PodView], name: str
 
 def _check(s: Handover, cluster: CnpgCluster, pods: list[PodView]) -> PodView:
     """Every refusal, against the recorded topology; the candidate when none applies."""
-    primary = _primary(s, cluster, pods)
+    primary = agreed_primary(s, cluster, pods)
     if primary != s.topology["leader"]:
         raise Refused(f"the primary is {primary}, not {s.topology['leader']} as when the job started")
     return _candidate(s, cluster, pods, s.topology["candidate"])
@@ -107,9 +80,9 @@ def _elsewhere(s: Handover, cluster: CnpgCluster) -> None:
 
 async def read_topology(s: Handover, named: str | None) -> str:
     topology = s.ctx.state.get("topology")
-    cluster, pods = await _look(s)
+    cluster, pods = await look(s)
     if topology is None:
-        primary = _primary(s, cluster, pods)
+        primary = agreed_primary(s, cluster, pods)
         candidate = named
         if candidate is None:
             fit = [p for p in pods if _unfit(s, cluster, p) is None]
@@ -121,7 +94,7 @@ async def read_topology(s: Handover, named: str | None) -> str:
             "leader": primary,
             "timeline": cluster.timeline,
             "candidate": candidate,
-            "members": [_describe(s, cluster, p) for p in pods],
+            "members": [describe(s, cluster, p) for p in pods],
         }
         await s.ctx.remember(topology=topology)
     chosen = "named" if named else "the first healthy replica: the Cluster status reports no lag"
@@ -132,16 +105,16 @@ async def read_topology(s: Handover, named: str | None) -> str:
 
 
 async def check_candidate(s: Handover) -> str:
-    cluster, pods = await _look(s)
+    cluster, pods = await look(s)
     if _switched(s, cluster):
         return f"{cluster.describe()}: the switchover happened earlier in this job"
     candidate = _check(s, cluster, pods)
-    return f"{cluster.describe()}; candidate {_describe(s, cluster, candidate)} may be promoted; {NO_LAG}"
+    return f"{cluster.describe()}; candidate {describe(s, cluster, candidate)} may be promoted; {NO_LAG}"
 
 
 async def switchover(s: Handover) -> str:
     topology = s.topology
-    cluster, pods = await _look(s)
+    cluster, pods = await look(s)
     if _switched(s, cluster):
         return f"{cluster.describe()}: switched over earlier in this job, nothing asked"
     if cluster.target_primary == topology["candidate"]:
@@ -165,7 +138,7 @@ async def wait_new_leader(s: Handover) -> str:
     topology = s.topology
 
     async def probe() -> Seen[str]:
-        cluster, pods = await _look(s)
+        cluster, pods = await look(s)
         _elsewhere(s, cluster)
         labelled = [p.name for p in pods if s.profile.is_primary(p)]
         if _switched(s, cluster) and labelled == [topology["candidate"]]:
@@ -184,13 +157,13 @@ async def wait_replicas(s: Handover) -> str:
     topology = s.topology
 
     async def probe() -> Seen[str]:
-        cluster, pods = await _look(s)
+        cluster, pods = await look(s)
         if not _switched(s, cluster):
             raise WontHeal(f"{topology['candidate']} is no longer the primary: {cluster.describe()}")
         others = [p for p in pods if p.name != topology["candidate"]]
-        behind = [_describe(s, cluster, p) for p in others if _unfit(s, cluster, p) is not None]
+        behind = [describe(s, cluster, p) for p in others if _unfit(s, cluster, p) is not None]
         if not behind and cluster.phase == HEALTHY:
-            streaming = ", ".join(_describe(s, cluster, p) for p in others)
+            streaming = ", ".join(describe(s, cluster, p) for p in others)
             return Seen("", f"{streaming} follow {topology['candidate']}; {cluster.describe()}; {NO_LAG}")
         return Seen(f"remaining: {', '.join(behind) or cluster.describe()}")
 

@@ -1,7 +1,8 @@
 """`make demo`: rebuild replica pg-1 of a simulated PostgreSQL cluster through the real service, live;
 `make demo JOB=switchover`: move its leader to pg-1 through Patroni instead; `JOB=restart`: restart every member,
-the primary last; `JOB=reinit`: re-clone replica pg-1 in place; `JOB=cnpg-rebuild` and `JOB=cnpg-switchover`: on a
-CloudNativePG Cluster, rebuild pg-2 (it comes back as a new instance) or promote it.
+the primary last; `JOB=reinit`: re-clone replica pg-1 in place; `JOB=cnpg-rebuild`, `JOB=cnpg-switchover` and
+`JOB=cnpg-restart`: on a CloudNativePG Cluster, rebuild pg-2 (it comes back as a new instance), promote it, or have
+the operator restart every instance, the primary last and in place (the Cluster's primaryUpdateMethod: restart).
 
 Starts the simulated Kubernetes cluster (demo speed) as its own process, then `apiops run` (API and a worker)
 on a database (`apiops_demo`, recreated each time) and a queue of its own, so the user's `apiops` data is never
@@ -88,6 +89,7 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "reinit": ("pg-reinit", {"namespace": "db", "cluster": "pg", "pod": "pg-1"}),
     "cnpg-rebuild": ("pg-rebuild", {"namespace": "db", "cluster": "pg", "pod": "pg-2", "profile": "cnpg"}),
     "cnpg-switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-2", "profile": "cnpg"}),
+    "cnpg-restart": ("pg-restart", {"namespace": "db", "cluster": "pg", "method": "in-place", "profile": "cnpg"}),
 }
 
 

@@ -1,7 +1,8 @@
 """CloudNativePG on the simulated cluster, through the unmodified kubernetes_asyncio client: the `Cluster` custom
 resource and its status read and patched as CustomObjectsApi calls them, its operator owning pods and PVCs itself,
-recreating a deleted pod under its name, replacing an instance whose PVC was deleted under the next serial, and
-promoting the pod `status.targetPrimary` names."""
+recreating a deleted pod under its name, replacing an instance whose PVC was deleted under the next serial,
+promoting the pod `status.targetPrimary` names, and rolling every instance when the Cluster's restartedAt
+annotation changes (the replicas one at a time, then the primary by its update method; held by a crash loop)."""
 
 from __future__ import annotations
 
@@ -138,3 +139,69 @@ async def test_a_failover_fault_goes_through_the_operator(sim: KubeSim) -> None:
 
     assert [(p.primary, p.target, p.timeline) for p in sim.promotions] == [("pg-1", "pg-2", 2)]
     assert (sim.cnpg_cluster() or {})["status"]["currentPrimary"] == "pg-2"
+
+
+def _restarted(sim: KubeSim, count: int, phases: list[str]) -> bool:
+    """Every one of `count` instances restarted and the Cluster healthy again; each phase on the way, in `phases`."""
+    phase = (sim.cnpg_cluster() or {})["status"]["phase"]
+    if not phases or phases[-1] != phase:
+        phases.append(phase)
+    return len(sim.cnpg_restarts) == count and phase == HEALTHY
+
+
+HEALTHY = "Cluster in healthy state"
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+
+
+@pytest.mark.parametrize(
+    ("method", "restarts", "phase", "primary"),
+    [
+        ("restart", [("pg-3", "replica"), ("pg-2", "replica"), ("pg-1", "primary")], "Primary instance is", "pg-1"),
+        ("switchover", [("pg-3", "replica"), ("pg-2", "replica"), ("pg-1", "replica")], "Switchover in", "pg-2"),
+    ],
+)
+async def test_the_restarted_at_annotation_rolls_the_replicas_one_at_a_time_then_the_primary(
+    sim: KubeSim, api: client.ApiClient, method: str, restarts: list[tuple[str, str]], phase: str, primary: str
+) -> None:
+    sim.cnpg_spec(primaryUpdateMethod=method)
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in sim.members()}
+    patch = {"metadata": {"annotations": {RESTARTED_AT: "2026-12-04T06:00:00Z"}}}
+    custom: Any = client.CustomObjectsApi(api)  # the generated signature leaves out `_content_type`
+    await custom.patch_namespaced_custom_object(
+        GROUP, VERSION, NS, PLURAL, "pg", patch, _content_type=MERGE, _request_timeout=TIMEOUT
+    )
+    seen: list[str] = []
+    await sim.wait_for(lambda: _restarted(sim, 3, seen), within=20)
+
+    assert [(r.pod, r.role) for r in sim.cnpg_restarts] == restarts
+    assert seen[0] == HEALTHY and "Upgrading cluster" in seen and any(p.startswith(phase) for p in seen)
+    assert seen[-1] == HEALTHY and sim.primary() == primary
+    after = {p["metadata"]["name"]: p for p in sim.members()}
+    assert all(after[name]["metadata"]["uid"] != uid for name, uid in before.items()), "each pod recreated"
+    assert {p["metadata"]["annotations"][RESTARTED_AT] for p in after.values()} == {"2026-12-04T06:00:00Z"}
+    assert (sim.pvc("pg-1") or {})["status"]["phase"] == "Bound"
+
+
+async def test_a_supervised_cluster_waits_for_the_user_before_the_primary(sim: KubeSim) -> None:
+    sim.cnpg_spec(primaryUpdateStrategy="supervised")
+    sim.cnpg_restart("2026-12-04T06:00:00Z")
+
+    await sim.wait_for(lambda: (sim.cnpg_cluster() or {})["status"]["phase"] == "Waiting for user action", within=20)
+
+    assert [r.pod for r in sim.cnpg_restarts] == ["pg-3", "pg-2"]
+
+
+async def test_an_instance_that_crash_loops_holds_the_rollout(sim: KubeSim) -> None:
+    sim.crash_loop("pg-3")  # the running pod is not touched: its recreation crash-loops
+    sim.cnpg_restart("2026-12-04T06:00:00Z")
+
+    def crash_looping() -> bool:
+        pod = sim.pod("pg-3") or {"status": {}}
+        statuses = pod["status"].get("containerStatuses") or [{}]
+        return ((statuses[0].get("state") or {}).get("waiting") or {}).get("reason") == "CrashLoopBackOff"
+
+    await sim.wait_for(crash_looping, within=20)
+
+    status = (sim.cnpg_cluster() or {})["status"]
+    assert (status["phase"], status["phaseReason"]) == ("Upgrading cluster", "waiting for pg-3 to be back")
+    assert [r.pod for r in sim.cnpg_restarts] == ["pg-3"]

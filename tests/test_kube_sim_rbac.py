@@ -82,6 +82,7 @@ def test_the_shipped_role_grants_exactly_what_the_job_types_call() -> None:
         ("", "persistentvolumeclaims", "delete"),
         ("apps", "statefulsets", "get"),
         ("postgresql.cnpg.io", "clusters", "get"),
+        ("postgresql.cnpg.io", "clusters", "patch"),
         ("postgresql.cnpg.io", "clusters/status", "patch"),
     }
 
@@ -187,12 +188,12 @@ async def test_a_verb_the_role_lacks_is_refused_with_the_api_servers_status(
     [
         ("GET", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", True),
         ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg/status", True),
-        ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", False),  # the spec: never
+        ("PATCH", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", True),  # its restartedAt annotation
         ("DELETE", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters/pg", False),
         ("GET", "/apis/postgresql.cnpg.io/v1/namespaces/db/clusters", False),
     ],
 )
-def test_the_shipped_role_reaches_a_cloudnativepg_clusters_status_not_its_spec(
+def test_the_shipped_role_reads_and_patches_a_cloudnativepg_cluster_and_deletes_none(
     method: str, path: str, allowed: bool
 ) -> None:
     assert Rbac.load().authorize(attributes(method, path)) is allowed
@@ -203,11 +204,12 @@ def test_the_suites_cluster_fixture_enforces_the_shipped_role(kube_sim: KubeSim)
     assert kube_sim.rbac.user == USER and kube_sim.rbac.granted() == Rbac.load().granted()
 
 
-async def test_a_rebuild_and_a_switchover_under_the_shipped_role_use_every_rule_it_grants(
+async def test_a_rebuild_a_switchover_and_a_restart_under_the_shipped_role_use_every_rule_it_grants(
     client: httpx.AsyncClient, settings: Settings, tmp_path: Path
 ) -> None:
     used: set[tuple[str, str, str]] = set()
-    # Both job types on a Patroni cluster, then on CloudNativePG (its Cluster resource instead of a StatefulSet).
+    # The job types on a Patroni cluster, then on CloudNativePG (its Cluster resource instead of a StatefulSet), where
+    # pg-restart asks the operator through the Cluster's annotations.
     for profile, rebuilt, candidate in (("zalando", "pg-1", "pg-2"), ("cnpg", "pg-2", "pg-3")):
         async with shipped_role_cluster(profile) as sim:
             kube = PgRebuildSettings(
@@ -215,8 +217,11 @@ async def test_a_rebuild_and_a_switchover_under_the_shipped_role_use_every_rule_
             )
             cluster = {"namespace": "db", "cluster": "pg", "profile": profile}
             async with running_worker(settings, kube_registry(kube)):
-                # One after the other: both act on the cluster, one at a time.
-                for job_type, params in (("pg-rebuild", {"pod": rebuilt}), ("pg-switchover", {"candidate": candidate})):
+                # One after the other: each acts on the cluster, one at a time.
+                jobs = [("pg-rebuild", {"pod": rebuilt}), ("pg-switchover", {"candidate": candidate})]
+                if profile == "cnpg":
+                    jobs.append(("pg-restart", {"method": "in-place"}))
+                for job_type, params in jobs:
                     job_id = await submit(client, job_type, **cluster, **params)
                     job = await wait_for_status(client, job_id, "success", "failed", within=10)
                     assert job["status"] == "success", job

@@ -3,8 +3,8 @@ members through the pod proxy, under the shipped worker Role.
 
 A rolling restart (the replicas one at a time, a switchover, the former primary last, each member once),
 only_pending_restart, the in-place method, the refusal of an unhealthy cluster, a replica lagging after its restart
-waited for, a crash-looping restart failing fast, the dry run, the Patroni profiles, CloudNativePG refused at
-submission, and a worker SIGKILLed during the primary's switchover and during the primary's restart.
+waited for, a crash-looping restart failing fast, the dry run, the Patroni profiles, and a worker SIGKILLed during
+the primary's switchover and during the primary's restart. CloudNativePG: tests/test_pg_restart_cnpg.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from jobs import pg_restart
 from jobs.pg_rebuild import PgRebuildSettings
+from jobs.pgkube.rolling import RestartParams
 from service.settings import Settings
 from tests.conftest import kube_settings_for, run_pg_job, shipped_role_cluster
 from tests.conftest import step_details as details
@@ -179,13 +180,6 @@ async def test_restarts_with_every_patroni_profile(
         assert sim.primary() == "pg-1"
 
 
-async def test_cloudnativepg_is_refused_at_submission(client: httpx.AsyncClient) -> None:
-    response = await client.post("/ops/jobs/pg-restart", json={"namespace": "db", "cluster": "pg", "profile": "cnpg"})
-
-    assert response.status_code == 422, response.text
-    assert "CloudNativePG has no Patroni; a rolling restart" in response.text
-
-
 async def test_job_type_lists_its_steps(client: httpx.AsyncClient) -> None:
     types = {t["name"]: t for t in (await client.get("/ops/job-types")).json()["job_types"]}
 
@@ -233,9 +227,7 @@ async def test_a_worker_killed_during_the_primarys_restart_leaves_one_restart_pe
 async def test_every_step_can_run_again_and_each_member_is_restarted_once(
     kube_settings: PgRebuildSettings, kube_sim: KubeSim
 ) -> None:
-    params = pg_restart.RestartParams.model_validate(
-        {"namespace": "db", "cluster": "pg"}, context={"settings": kube_settings}
-    )
+    params = RestartParams.model_validate({"namespace": "db", "cluster": "pg"}, context={"settings": kube_settings})
     state: dict[str, Any] = {}
     runs = await run_each_step_twice(pg_restart.STEPS, kube_settings, params, state)
 

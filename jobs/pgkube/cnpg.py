@@ -15,6 +15,12 @@ From CloudNativePG's documentation and code:
   already names the pod; otherwise it sets `status.targetPrimary`, `targetPrimaryTimestamp`, `phase` "Switchover in
   progress" and `phaseReason` "Switching over to <pod>" through the status subresource, with an optimistic lock.
   The operator then demotes the current primary and promotes the target, and sets `currentPrimary` to it.
+- `kubectl cnpg restart <cluster>` (internal/cmd/plugin/restart) asks for a rolling restart by setting the
+  annotation `kubectl.kubernetes.io/restartedAt` on the Cluster to the current time (RFC 3339), a merge patch of
+  its metadata. Docs, "Rolling Updates": the operator restarts the replicas one pod at a time, from the highest
+  serial, then the primary last, as `spec.primaryUpdateStrategy` (`unsupervised`, the default: by itself;
+  `supervised`: it waits for the user) and `spec.primaryUpdateMethod` (`restart`, the default: in place;
+  `switchover`: to a replica first) say. Pods are deleted and recreated on their PVCs, without a re-clone.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from jobs.pgkube.kube import Kube
+from jobs.pgkube.cluster import PatroniCluster
+from jobs.pgkube.kube import Kube, PodView
+from jobs.pgkube.params import Refused
 
 GROUP, VERSION, PLURAL = "postgresql.cnpg.io", "v1", "clusters"
 HEALTHY = "Cluster in healthy state"
+RESTART_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 SWITCHOVER = "Switchover in progress"
 
 
@@ -45,6 +54,9 @@ class CnpgCluster:
     healthy: tuple[str, ...]  # instancesStatus.healthy
     timeline: int | None
     timelines: dict[str, int]  # instancesReportedState: each instance's timeline as last reported
+    restarted_at: str | None = None  # metadata.annotations[RESTART_ANNOTATION]: the last rolling restart asked
+    update_strategy: str = "unsupervised"  # spec.primaryUpdateStrategy
+    update_method: str = "restart"  # spec.primaryUpdateMethod
 
     @property
     def switching(self) -> bool:
@@ -58,15 +70,19 @@ class CnpgCluster:
         ready = f"{self.ready_instances}/{self.instances} ready"
         return f"Cluster {self.name} ({self.phase or 'no phase'}, primary {primary}, {ready})"
 
+    def describe_why(self) -> str:
+        """`describe()` with the operator's phase reason, when it gives one: `...: restarting pg-3`."""
+        return f"{self.describe()}: {self.phase_reason}" if self.phase_reason else self.describe()
+
 
 def _cluster(raw: dict[str, Any]) -> CnpgCluster:
-    status = raw.get("status") or {}
+    status, spec = raw.get("status") or {}, raw.get("spec") or {}
     reported = status.get("instancesReportedState") or {}
     timeline = status.get("timelineID")
     return CnpgCluster(
         name=raw["metadata"]["name"],
         resource_version=str(raw["metadata"].get("resourceVersion", "")),
-        instances=int((raw.get("spec") or {}).get("instances") or 0),
+        instances=int(spec.get("instances") or 0),
         ready_instances=int(status.get("readyInstances") or 0),
         current_primary=status.get("currentPrimary"),
         target_primary=status.get("targetPrimary"),
@@ -79,12 +95,44 @@ def _cluster(raw: dict[str, Any]) -> CnpgCluster:
             for name, state in reported.items()
             if isinstance(state, dict) and isinstance(state.get("timeLineID"), int)
         },
+        restarted_at=(raw["metadata"].get("annotations") or {}).get(RESTART_ANNOTATION),
+        update_strategy=str(spec.get("primaryUpdateStrategy") or "unsupervised"),
+        update_method=str(spec.get("primaryUpdateMethod") or "restart"),
     )
 
 
 async def read_cluster(kube: Kube, namespace: str, name: str) -> CnpgCluster | None:
     raw = await kube.custom_object(GROUP, VERSION, namespace, PLURAL, name)
     return _cluster(raw) if raw is not None else None
+
+
+async def look(c: PatroniCluster) -> tuple[CnpgCluster, list[PodView]]:
+    """The job's Cluster and its instances' pods; refused when the Cluster is not there."""
+    cluster = await read_cluster(c.kube, c.params.namespace, c.params.cluster)
+    if cluster is None:
+        raise Refused(f"CloudNativePG Cluster {c.params.namespace}/{c.params.cluster} not found")
+    return cluster, await c.members()
+
+
+def describe(c: PatroniCluster, cluster: CnpgCluster, pod: PodView) -> str:
+    """`pg-2 (replica, Ready, healthy, timeline 1)`."""
+    state = "Ready" if pod.ready and not pod.deleting else "not Ready"
+    health = "healthy" if pod.name in cluster.healthy else "not healthy"
+    timeline = cluster.timelines.get(pod.name)
+    return f"{pod.name} ({c.profile.role(pod) or 'no role'}, {state}, {health}, timeline {timeline or '?'})"
+
+
+def agreed_primary(c: PatroniCluster, cluster: CnpgCluster, pods: list[PodView]) -> str:
+    """The primary the operator and the labels agree on, with no switchover under way and the Cluster healthy:
+    what a job that changes the Cluster's instances starts from; refused otherwise."""
+    labelled = [p.name for p in pods if c.profile.is_primary(p)]
+    if labelled != [cluster.current_primary]:
+        raise Refused(f"{cluster.describe()} disagrees with the labels: primary {', '.join(labelled) or 'none'}")
+    if cluster.switching:
+        raise Refused(f"{cluster.describe()}: a switchover is already under way")
+    if cluster.phase != HEALTHY:
+        raise Refused(f"{cluster.describe()} is not healthy: {cluster.phase_reason or 'no reason given'}")
+    return labelled[0]
 
 
 async def promote(kube: Kube, namespace: str, cluster: CnpgCluster, pod: str) -> None:
@@ -101,3 +149,10 @@ async def promote(kube: Kube, namespace: str, cluster: CnpgCluster, pod: str) ->
         },
     }
     await kube.patch_custom_status(GROUP, VERSION, namespace, PLURAL, cluster.name, patch)
+
+
+async def ask_restart(kube: Kube, namespace: str, name: str, at: str) -> None:
+    """What `kubectl cnpg restart` does: the Cluster's restartedAt annotation set to `at`. Setting the value it
+    already has changes nothing, so a repeated request starts no second rolling restart."""
+    patch = {"metadata": {"annotations": {RESTART_ANNOTATION: at}}}
+    await kube.patch_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)

@@ -222,22 +222,26 @@ class Kube:
         """A custom resource (e.g. a CloudNativePG Cluster) as the API server returns it: plain JSON; None if gone."""
         return await self._read(self._custom.get_namespaced_custom_object, group, version, namespace, plural, name)
 
+    async def patch_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str, patch: dict[str, Any]
+    ) -> Any:
+        """A JSON merge patch of a custom resource itself (its metadata or spec; never its status, which has its own
+        subresource): see `patch_custom_status`."""
+        return await self._merge_patch(
+            self._custom.patch_namespaced_custom_object, group, version, namespace, plural, name, patch
+        )
+
     async def patch_custom_status(
         self, group: str, version: str, namespace: str, plural: str, name: str, patch: dict[str, Any]
     ) -> Any:
         """A JSON merge patch of a custom resource's status subresource. The client would send a dict as a JSON
         patch (its default Content-Type for PATCH), which the API server refuses, hence the explicit type. A
         `metadata.resourceVersion` in `patch` makes it conditional: a 409 (KubeError) when the object changed."""
-        return await self._call(
-            self._custom.patch_namespaced_custom_object_status,
-            group,
-            version,
-            namespace,
-            plural,
-            name,
-            patch,
-            _content_type="application/merge-patch+json",
-        )
+        method = self._custom.patch_namespaced_custom_object_status
+        return await self._merge_patch(method, group, version, namespace, plural, name, patch)
+
+    async def _merge_patch(self, method: Any, *args: Any) -> Any:
+        return await self._call(method, *args, _content_type="application/merge-patch+json")
 
     async def delete_pod(
         self, namespace: str, name: str, uid: str, grace_s: int | None, dry_run: bool = False

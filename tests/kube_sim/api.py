@@ -127,6 +127,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return merged
 
 
+def _without(patch: Obj, key: str) -> Obj:
+    return {k: v for k, v in patch.items() if k != key}
+
+
 def _line(event_type: str, obj: Obj) -> bytes:
     return (json.dumps({"type": event_type, "object": obj}, separators=(",", ":")) + "\n").encode()
 
@@ -215,7 +219,11 @@ class KubeApi:
             Route("/apis/apps/v1/namespaces/{namespace}/{resource}/{name}", self.item, methods=["GET", "DELETE"]),
             Route(f"/apis/{CNPG_API_VERSION}/{{resource}}", self.collection),
             Route(f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}", self.collection),
-            Route(f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}/{{name}}", self.item),
+            Route(
+                f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}/{{name}}",
+                self.item,
+                methods=["GET", "PATCH"],
+            ),
             Route(
                 f"/apis/{CNPG_API_VERSION}/namespaces/{{namespace}}/{{resource}}/{{name}}/status",
                 self.status,
@@ -314,15 +322,18 @@ class KubeApi:
         if kind is None or not kind.namespaced:
             return status_response(404, "the server could not find the requested resource")
         namespace, name = request.path_params["namespace"], request.path_params["name"]
-        verb = "delete" if request.method == "DELETE" else "get"
+        verb = {"DELETE": "delete", "PATCH": "patch"}.get(request.method, "get")
         # Read before any latency: a request that has arrived whole is carried out even if its client goes away
         # meanwhile (a worker killed while its delete is held), as a real API server does.
-        raw = await request.body() if verb == "delete" else b""
+        raw = await request.body() if verb != "get" else b""
         obj = await self._target(verb, kind, kind, namespace, name)
         if not isinstance(obj, dict):
             return obj
         if verb == "get":
             return JSONResponse(obj)
+        if verb == "patch":
+            # A custom resource with a status subresource: the object's own endpoint changes all but `status`.
+            return self._patch(kind, obj, request, raw, lambda patch: merge_patch(obj, _without(patch, "status")))
         options: Obj = json.loads(raw) if raw.strip() else {}
         if request.query_params.get("dryRun"):
             options["dryRun"] = [request.query_params["dryRun"]]
@@ -367,6 +378,17 @@ class KubeApi:
             return obj
         if verb == "get":
             return JSONResponse(obj)
+
+        def status_only(patch: Obj) -> Obj:
+            return obj | {"status": merge_patch(obj.get("status") or {}, patch.get("status") or {})}
+
+        return self._patch(kind, obj, request, raw, status_only)
+
+    def _patch(self, kind: Kind, obj: Obj, request: Request, raw: bytes, apply: Callable[[Obj], Obj]) -> Response:
+        """A JSON merge patch of `obj`, `apply` saying which part of it the endpoint changes. A
+        `metadata.resourceVersion` in the patch is a precondition, as a client's optimistic lock: a stale one is a
+        409."""
+        name = obj["metadata"]["name"]
         content_type = request.headers.get("content-type", "").partition(";")[0].strip()
         try:
             patch = json.loads(raw)
@@ -384,8 +406,11 @@ class KubeApi:
                 "apply your changes to the latest version and try again"
             )
             return status_response(409, message, kind.details(name))
-        obj["status"] = merge_patch(obj.get("status") or {}, patch.get("status") or {})
-        return JSONResponse(self.store.update(kind.resource, obj))
+        patched = apply(patch)
+        patched["metadata"] = patched["metadata"] | {
+            k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion") if k in obj["metadata"]
+        }
+        return JSONResponse(self.store.update(kind.resource, patched))
 
     async def proxy(self, request: Request) -> Response:
         """The API server's pod proxy in front of Patroni's REST API: Patroni's answers pass through unchanged; a

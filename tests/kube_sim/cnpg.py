@@ -19,6 +19,16 @@ What it reproduces, from CloudNativePG's documentation and code:
   `targetPrimaryTimestamp`, `phase` "Switchover in progress" and `phaseReason` "Switching over to <pod>", and does
   nothing when `targetPrimary` already names the pod). The operator then demotes the current primary, promotes the
   target on a new timeline, and sets `currentPrimary` to it; role labels (`cnpg.io/instanceRole`, `role`) follow.
+- A rolling restart is asked as `kubectl cnpg restart <cluster>` asks it: the annotation
+  `kubectl.kubernetes.io/restartedAt` set on the Cluster; each pod carries the value it was created under, so a pod
+  with another value is out of date. Docs, "Rolling Updates": the replicas one pod at a time, starting from the
+  highest serial, each back Ready before the next (the pod deleted and recreated on its PVC, same name, no
+  re-clone); "the primary is always the last node to be upgraded": with `primaryUpdateStrategy: unsupervised` by
+  a switchover to a replica (`primaryUpdateMethod: switchover`), then the former primary restarted as a replica, or
+  restarted in place (`primaryUpdateMethod: restart`, the documented default); with `supervised` the operator waits
+  for the user ("Waiting for user action"). An instance that does not come back (a crash loop) holds the rollout
+  where it is. The phases are the operator's ("Upgrading cluster", "Primary instance is being restarted without a
+  switchover", "Switchover in progress"), "Cluster in healthy state" once every instance is back.
 """
 
 from __future__ import annotations
@@ -40,6 +50,10 @@ HEALTHY = "Cluster in healthy state"
 SWITCHOVER = "Switchover in progress"
 CREATING = "Creating a new replica"
 WAITING = "Waiting for the instances to become active"
+UPGRADING = "Upgrading cluster"
+RESTARTING_PRIMARY = "Primary instance is being restarted without a switchover"
+WAITING_FOR_USER = "Waiting for user action"
+RESTART_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 # CloudNativePG's default `stopDelay`: the pods' termination grace period.
 STOP_DELAY_S = 1800
 
@@ -53,6 +67,20 @@ class Promotion:
     primary: str
     target: str
     timeline: int
+
+
+@dataclass(frozen=True)
+class InstanceRestart:
+    """One instance the operator restarted in a rolling restart (its pod deleted and recreated on its PVC)."""
+
+    namespace: str
+    cluster: str
+    pod: str
+    role: str  # what it was when restarted: replica, or primary (restarted in place)
+
+
+def restarted_at(obj: Obj) -> str | None:
+    return (obj["metadata"].get("annotations") or {}).get(RESTART_ANNOTATION)
 
 
 def serial_of(name: str) -> int:
@@ -111,6 +139,8 @@ def instance_pod(cluster: Obj, serial: int, profile: Profile) -> Obj:
     meta = cluster["metadata"]
     name = f"{meta['name']}-{serial}"
     labels = profile.labels_for(meta["name"]) | {"cnpg.io/instanceName": name}
+    restart = restarted_at(cluster)
+    annotations = {"cnpg.io/nodeSerial": str(serial)} | ({RESTART_ANNOTATION: restart} if restart else {})
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -118,7 +148,7 @@ def instance_pod(cluster: Obj, serial: int, profile: Profile) -> Obj:
             "name": name,
             "namespace": meta["namespace"],
             "labels": labels,
-            "annotations": {"cnpg.io/nodeSerial": str(serial)},
+            "annotations": annotations,
             "ownerReferences": [_owner(cluster)],
         },
         "spec": {
@@ -151,6 +181,9 @@ class Cnpg:
         self.profile = profile
         self.timers = Timers()
         self.history: list[Promotion] = []
+        self.restarts: list[InstanceRestart] = []
+        self._in_place: set[tuple[str, str]] = set()  # primaries restarted in place: recreated as the primary
+        self._rolling: set[str] = set()  # the Clusters (uids) a rolling restart runs on
 
     def seed(self, namespace: str, name: str, instances: int) -> Obj:
         """A settled Cluster: instances `name-1..`, `name-1` primary, PVCs Bound."""
@@ -178,7 +211,7 @@ class Cnpg:
         for cluster in self.store.objects(PLURAL):
             waiting |= self._instances(cluster, now)
             self._promote(cluster, now, waiting)
-            self._write_status(cluster)
+            self._write_status(cluster, self._roll(cluster))
         self.timers.forget(waiting)
 
     def _instances(self, cluster: Obj, now: float) -> set[str]:
@@ -195,7 +228,11 @@ class Cnpg:
             key = f"{uid}/reuse/{claim}"
             waiting.add(key)
             if self.timers.elapsed(key, "missing", now) >= self.speed.recreate:
-                self.store.create("pods", instance_pod(cluster, serial_of(claim), self.profile))
+                pod = instance_pod(cluster, serial_of(claim), self.profile)
+                if (ns, claim) in self._in_place:  # the operator keeps it the primary, it does not fail over
+                    self._in_place.discard((ns, claim))
+                    self.profile.set_role(pod, self.profile.primary)
+                self.store.create("pods", pod)
         alive = {name for name, p in pods.items() if not p["metadata"].get("deletionTimestamp")} | set(live_claims)
         if len(alive) < int(cluster["spec"]["instances"]):
             key = f"{uid}/new"
@@ -229,11 +266,59 @@ class Cnpg:
         meta = cluster["metadata"]
         self.history.append(Promotion(meta["namespace"], meta["name"], str(current), target, status["timelineID"]))
 
+    def _roll(self, cluster: Obj) -> str | None:
+        """One move of a rolling restart asked by the Cluster's restartedAt annotation, when the last one is done:
+        restart the next out-of-date replica (highest serial first), then switch over or restart the primary.
+        Returns the phase and reason while the rollout runs, None when none does."""
+        wanted, uid = restarted_at(cluster), cluster["metadata"]["uid"]
+        pods = self.pods(cluster)
+        stale = [p for p in pods if wanted is not None and restarted_at(p) != wanted]
+        status, spec = cluster["status"], cluster["spec"]
+        current = status.get("currentPrimary")
+        back = [p for p in pods if not p["metadata"].get("deletionTimestamp") and is_ready(p)]
+        out = [p["metadata"]["name"] for p in pods if p not in back or self.profile.role_of(p) is None]
+        missing = len(pods) < int(spec["instances"])
+        if stale:
+            self._rolling.add(uid)
+        elif uid not in self._rolling:
+            return None
+        elif not out and not missing:
+            self._rolling.discard(uid)
+            return None
+        if out or missing:  # one instance at a time: the one restarted is back before the next
+            return (
+                f"{UPGRADING}: waiting for {', '.join(out) + ' to be back' if out else 'an instance to be recreated'}"
+            )
+        if status.get("targetPrimary") != current:
+            return None  # the switchover's own phase says it
+        replicas = sorted(
+            (p for p in stale if p["metadata"]["name"] != current), key=lambda p: -serial_of(p["metadata"]["name"])
+        )
+        if replicas:
+            self._restart(cluster, replicas[0], "replica")
+            return f"{UPGRADING}: restarting {replicas[0]['metadata']['name']}"
+        if spec.get("primaryUpdateStrategy", "unsupervised") == "supervised":
+            return f"{WAITING_FOR_USER}: the primary {current} is to be switched over or restarted by the user"
+        others = [p["metadata"]["name"] for p in back if p["metadata"]["name"] != current]
+        if spec.get("primaryUpdateMethod", "restart") == "switchover" and others:
+            target = min(others, key=serial_of)
+            status |= {"targetPrimary": target, "phase": SWITCHOVER, "phaseReason": f"Switching over to {target}"}
+            return None
+        self._in_place.add((cluster["metadata"]["namespace"], str(current)))
+        self._restart(cluster, stale[0], "primary")
+        return f"{RESTARTING_PRIMARY}: restarting {current}"
+
+    def _restart(self, cluster: Obj, pod: Obj, role: str) -> None:
+        """Deletes the pod with the Cluster's stopDelay as its grace period; `_instances` recreates it on its PVC."""
+        self.store.mark_deleting("pods", pod, STOP_DELAY_S)
+        meta = cluster["metadata"]
+        self.restarts.append(InstanceRestart(meta["namespace"], meta["name"], pod["metadata"]["name"], role))
+
     def _relabel(self, pod: Obj, role: str) -> None:
         self.profile.set_role(pod, role)
         self.store.update("pods", pod)
 
-    def _write_status(self, cluster: Obj) -> None:
+    def _write_status(self, cluster: Obj, rolling: str | None) -> None:
         status: dict[str, Any] = cluster["status"]
         pods = [p for p in self.pods(cluster) if not p["metadata"].get("deletionTimestamp")]
         names = [p["metadata"]["name"] for p in pods]
@@ -258,6 +343,9 @@ class Cnpg:
         }
         if status.get("targetPrimary") != status.get("currentPrimary"):
             status |= {"phase": SWITCHOVER, "phaseReason": f"Switching over to {status.get('targetPrimary')}"}
+        elif rolling is not None:
+            phase, _, reason = rolling.partition(": ")
+            status |= {"phase": phase, "phaseReason": reason}
         elif len(pods) < int(cluster["spec"]["instances"]) or any(self.profile.role_of(p) is None for p in pods):
             status |= {"phase": CREATING, "phaseReason": "Creating a new replica"}
         elif replicating:

@@ -24,7 +24,7 @@ import uvicorn
 
 from tests.kube_sim.api import KubeApi
 from tests.kube_sim.cnpg import PLURAL as CNPG_CLUSTERS
-from tests.kube_sim.cnpg import Cnpg, Promotion
+from tests.kube_sim.cnpg import RESTART_ANNOTATION, Cnpg, InstanceRestart, Promotion
 from tests.kube_sim.controllers import Controllers, bind
 from tests.kube_sim.faults import (
     Behaviour,
@@ -249,6 +249,27 @@ class KubeSim:
             "phaseReason": f"Switching over to {to}",
         }
         self.store.update(CNPG_CLUSTERS, found)
+
+    def cnpg_restart(self, at: str, cluster: str = CLUSTER, namespace: str = NAMESPACE) -> None:
+        """What `kubectl cnpg restart` does: the Cluster's restartedAt annotation set to `at`; its operator rolls."""
+        found = self.cnpg_cluster(cluster, namespace)
+        if found is None:
+            raise ValueError(f"no CloudNativePG Cluster {namespace}/{cluster}")
+        found["metadata"].setdefault("annotations", {})[RESTART_ANNOTATION] = at
+        self.store.update(CNPG_CLUSTERS, found)
+
+    def cnpg_spec(self, cluster: str = CLUSTER, namespace: str = NAMESPACE, **spec: Any) -> None:
+        """Sets fields of the Cluster's spec (`primaryUpdateMethod="switchover"`); a field given as None is removed."""
+        found = self.cnpg_cluster(cluster, namespace)
+        if found is None:
+            raise ValueError(f"no CloudNativePG Cluster {namespace}/{cluster}")
+        found["spec"] = {k: v for k, v in (found["spec"] | spec).items() if v is not None}
+        self.store.update(CNPG_CLUSTERS, found)
+
+    @property
+    def cnpg_restarts(self) -> list[InstanceRestart]:
+        """Every instance CloudNativePG's operator restarted in a rolling restart, in order."""
+        return list(self.cnpg.restarts)
 
     @property
     def promotions(self) -> list[Promotion]:

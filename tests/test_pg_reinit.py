@@ -3,7 +3,8 @@ members through the pod proxy, under the shipped worker Role.
 
 A healthy replica re-cloned in place (no pod or volume deleted), the leader and a member already re-cloning refused
 before Patroni is asked, a basebackup that keeps failing failing the job fast, the dry run, the Patroni profiles,
-CloudNativePG refused at submission, and every step run twice asking Patroni once.
+CloudNativePG refused at submission, every step run twice asking Patroni once, and a worker SIGKILLed with its
+POST /reinitialize in flight leaving exactly one re-clone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jobs.pgkube.patroni import Patroni
 from service.settings import Settings
 from tests.conftest import kube_settings_for, run_pg_job, shipped_role_cluster
 from tests.conftest import step_details as details
-from tests.kit import step_of
+from tests.kit import KitFactory, step_of
 from tests.kube_sim import KubeSim, MemberFault
 from tests.pgsteps import run_each_step_twice
 from tests.test_pg_rebuild_faults import FakeContext
@@ -191,3 +192,23 @@ async def test_a_request_lost_with_its_worker_is_waited_for_then_sent_again(
     assert said == "Patroni: reinitialize started"
     assert resumed.details[-1].startswith("waiting for the re-clone of pg-1 asked earlier in this job, pg-1 running")
     assert kube_sim.reinits == ["pg-1"]
+
+
+async def test_a_worker_killed_with_its_reinitialize_in_flight_leaves_exactly_one_re_clone(
+    job_kit: KitFactory,
+) -> None:
+    """The most dangerous moment: the POST /reinitialize has left and the worker dies before Patroni's answer. The
+    request lands all the same (the cluster holds it, then carries it out); the step that runs again finds the
+    member re-cloning or re-cloned and asks nothing: two overlapping re-clones have wiped a data directory upstream."""
+    kit = await job_kit(pg_reinit.JOB, cluster=True, lease_ttl_s=4)
+    sim = kit.cluster
+    job_id = await kit.submit("pg-reinit", namespace="db", cluster="pg", pod="pg-1")
+
+    async with kit.worker_dies_with_request_in_flight(job_id, "reinitialize", verb="create", resource="pods/proxy"):
+        assert sim.reinits == []
+    job = await kit.run_to_end(job_id)
+
+    assert job["status"] == "success", job
+    assert sim.reinits == ["pg-1"], "one re-clone, however many times the step ran"
+    assert sim.patroni_requests("POST", "reinitialize") == 1, "the resumed step asked nothing"
+    assert step_of(job, "reinitialize")["attempts"] == 2

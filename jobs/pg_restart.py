@@ -115,7 +115,7 @@ async def read_topology(ctx: StepContext, params: RestartParams) -> str:
         if unhealthy is not None:
             raise Refused(f"every member must be healthy before a rolling restart: {unhealthy}")
         plan = _plan(params, view, leader.name)
-        if plan["primary"] and params.primary_method == "switchover":
+        if plan["primary"] and params.method == "switchover":
             best(view, leader, params.max_lag_bytes)  # refuses now, not after the replicas, if none may take over
         topology = {
             "leader": leader.name,
@@ -129,7 +129,7 @@ async def read_topology(ctx: StepContext, params: RestartParams) -> str:
     skipped = f"; skipped (no pending restart): {', '.join(topology['skip'])}" if topology["skip"] else ""
     return (
         f"leader {topology['leader']} on timeline {topology['timeline']}; members: {', '.join(topology['members'])}; "
-        f"restart order: {rolling.order(topology, params.primary_method)}{skipped}"
+        f"restart order: {rolling.order(topology, params.method)}{skipped}"
     )
 
 
@@ -164,7 +164,7 @@ async def switchover(ctx: StepContext, params: RestartParams) -> str:
     if not c.profile.patroni:  # CloudNativePG: its operator restarts the instances
         return await cnpg.switchover(c, params)
     topology = rolling.topology(ctx)
-    if topology["primary"] is None or params.primary_method != "switchover":
+    if topology["primary"] is None or params.method != "switchover":
         why = "the primary is not to be restarted" if topology["primary"] is None else "method in-place"
         return f"no switchover: {why}"
     h = Handover.under(ctx, params, key="handover", sent="handover_sent")
@@ -195,7 +195,7 @@ async def restart_primary(ctx: StepContext, params: RestartParams) -> str:
     if primary is None:
         return f"{topology['leader']} not restarted: Patroni flags no pending restart on it"
     if params.dry_run:
-        how = "after the switchover" if params.primary_method == "switchover" else "in place"
+        how = "after the switchover" if params.method == "switchover" else "in place"
         return f"dry run: would restart {primary} {how}"
     if primary not in rolling.done(ctx):
         back = await _restart(c, params, primary)

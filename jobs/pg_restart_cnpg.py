@@ -6,10 +6,10 @@ primary last: after a switchover to a replica or in place, as the Cluster's `spe
 The checks are pg-switchover's on CloudNativePG (`jobs.pgkube.cnpg`): one primary the Cluster and the labels agree
 on, no switchover under way, the Cluster healthy. Besides, the operator must restart the primary by itself
 (`primaryUpdateStrategy: unsupervised`; with `supervised` it waits for a person and the job would wait for ever),
-in the way its spec says: a restart cannot choose the method, the Cluster's `primaryUpdateMethod` does. The job
-goes by it; a `method` given explicitly must match it (`switchover`, or `in-place` for `restart`), else it is
-refused with what to change. Patroni's `pending_restart` has no equivalent in the Cluster: `only_pending_restart` is
-refused at submission (RestartParams).
+and in the way the job was asked to: a restart cannot choose the method, the Cluster's spec does, so `method:
+switchover` needs `primaryUpdateMethod: switchover` and `method: in-place` needs `restart`; a mismatch is refused
+with what to change. Patroni's `pending_restart` has no equivalent in the Cluster: `only_pending_restart` is refused
+at submission (RestartParams).
 
 The job records the topology before anything changes: the primary, its timeline, each instance's pod uid (a pod
 recreated by the operator has a new one: that is how an instance counts as restarted) and the order the operator
@@ -44,38 +44,27 @@ def _serial(name: str) -> int:
     return int(suffix) if suffix.isdigit() else 0
 
 
-def _method(cluster: CnpgCluster, params: RestartParams) -> str:
-    """How the operator will restart the primary: as the Cluster's spec.primaryUpdateMethod says, which a restart
-    cannot override. A `method` the job was explicitly given must be that one; left out, the Cluster's applies."""
-    ours = next((k for k, v in UPDATE_METHODS.items() if v == cluster.update_method), None)
-    if ours is None:
-        raise Refused(
-            f"Cluster {cluster.name} has primaryUpdateMethod {cluster.update_method}, which this job knows not"
-        )
-    if params.method is not None and params.method != ours:
-        raise Refused(
-            f"Cluster {cluster.name} has primaryUpdateMethod {cluster.update_method}, which a restart cannot override: "
-            f"ask with method {ours} (or leave method out), or set primaryUpdateMethod "
-            f"{UPDATE_METHODS[params.method]} on the Cluster"
-        )
-    return ours
-
-
-def _refusal(cluster: CnpgCluster) -> str | None:
-    """Why the operator would not restart the primary by itself; None when it would."""
+def _refusal(cluster: CnpgCluster, method: str) -> str | None:
+    """Why the operator would not restart the primary the way the job was asked to; None when it would."""
     if cluster.update_strategy != "unsupervised":
         return (
             f"Cluster {cluster.name} has primaryUpdateStrategy {cluster.update_strategy}: its operator would wait for "
             "someone to switch over or restart the primary; set it to unsupervised for a rolling restart"
         )
+    wanted = UPDATE_METHODS[method]
+    if cluster.update_method != wanted:
+        return (
+            f"Cluster {cluster.name} has primaryUpdateMethod {cluster.update_method}, which a restart cannot override: "
+            f"ask with method {next(k for k, v in UPDATE_METHODS.items() if v == cluster.update_method)}, or set "
+            f"primaryUpdateMethod {wanted} on the Cluster"
+        )
     return None
 
 
-def _check(c: PatroniCluster, cluster: CnpgCluster, pods: list[PodView], params: RestartParams) -> str:
+def _check(c: PatroniCluster, cluster: CnpgCluster, pods: list[PodView], method: str) -> str:
     """Every refusal, before the restart is asked; the primary when none applies."""
     primary = agreed_primary(c, cluster, pods)
-    _method(cluster, params)
-    refusal = _refusal(cluster)
+    refusal = _refusal(cluster, method)
     if refusal is not None:
         raise Refused(refusal)
     return primary
@@ -134,7 +123,7 @@ async def read_topology(c: PatroniCluster, params: RestartParams) -> str:
     with each instance's pod uid, by which the waits tell a restarted instance."""
     if c.ctx.state.get("topology") is None:
         cluster, pods = await look(c)
-        primary = _check(c, cluster, pods, params)
+        primary = _check(c, cluster, pods, params.method)
         replicas = sorted((p.name for p in pods if p.name != primary), key=_serial, reverse=True)
         topology: dict[str, Any] = {
             "leader": primary,
@@ -144,14 +133,13 @@ async def read_topology(c: PatroniCluster, params: RestartParams) -> str:
             "primary": primary,
             "skip": [],
             "uids": {p.name: p.uid for p in pods},
-            "method": _method(cluster, params),  # the Cluster's: what every later step goes by
         }
         await c.ctx.remember(topology=topology, restarted=[])
         await c.ctx.remember(remaining=rolling.remaining(c.ctx, None))
     topology = rolling.topology(c.ctx)
     return (
         f"primary {topology['leader']} on timeline {topology['timeline']}; members: {', '.join(topology['members'])}; "
-        f"restart order (CloudNativePG's): {rolling.order(topology, topology['method'])}"
+        f"restart order (CloudNativePG's): {rolling.order(topology, params.method)}"
     )
 
 
@@ -163,7 +151,7 @@ async def restart_replicas(c: PatroniCluster, params: RestartParams) -> str:
     asked = ctx.state.get(ASKED)
     if asked is None or cluster.restarted_at != asked:
         if asked is None:  # once asked, the instances go down one by one: the checks were made before
-            _check(c, cluster, pods, params)
+            _check(c, cluster, pods, params.method)
             if params.dry_run:
                 return f"dry run: would set {action}; {NO_PATRONI}"
             asked = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -182,7 +170,7 @@ async def restart_replicas(c: PatroniCluster, params: RestartParams) -> str:
 async def switchover(c: PatroniCluster, params: RestartParams) -> str:
     """With method switchover: waits for the operator's own switchover away from the recorded primary."""
     topology = rolling.topology(c.ctx)
-    if topology["method"] != "switchover":
+    if params.method != "switchover":
         method = "no switchover: the Cluster's primaryUpdateMethod is restart"
         return f"{method}: the operator restarts {topology['primary']} in place"
     if params.dry_run:
@@ -208,7 +196,7 @@ async def restart_primary(c: PatroniCluster, params: RestartParams) -> str:
     topology = rolling.topology(c.ctx)
     primary = topology["primary"]
     if params.dry_run:
-        how = "as a replica after the switchover" if topology["method"] == "switchover" else "in place"
+        how = "as a replica after the switchover" if params.method == "switchover" else "in place"
         return f"dry run: the operator would restart {primary} {how}"
     said = await _wait(c, params, rolling.planned(c.ctx), f"waiting for {primary} to restart", params.restart_timeout_s)
     return f"{said}; every instance restarted once: {', '.join(rolling.done(c.ctx))}"

@@ -89,7 +89,7 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "reinit": ("pg-reinit", {"namespace": "db", "cluster": "pg", "pod": "pg-1"}),
     "cnpg-rebuild": ("pg-rebuild", {"namespace": "db", "cluster": "pg", "pod": "pg-2", "profile": "cnpg"}),
     "cnpg-switchover": ("pg-switchover", {"namespace": "db", "cluster": "pg", "candidate": "pg-2", "profile": "cnpg"}),
-    "cnpg-restart": ("pg-restart", {"namespace": "db", "cluster": "pg", "profile": "cnpg"}),
+    "cnpg-restart": ("pg-restart", {"namespace": "db", "cluster": "pg", "method": "in-place", "profile": "cnpg"}),
 }
 
 

@@ -39,8 +39,7 @@ def annotation(sim: KubeSim) -> str | None:
 async def test_a_rolling_restart_restarts_every_instance_once_and_the_primary_last_in_place(
     client: httpx.AsyncClient, settings: Settings, cnpg_sim: KubeSim, tmp_path: Path
 ) -> None:
-    # No method given: the Cluster's primaryUpdateMethod (restart, CloudNativePG's default) applies.
-    job = await roll(client, settings, cnpg_sim, tmp_path)
+    job = await roll(client, settings, cnpg_sim, tmp_path, method="in-place")
 
     assert job["status"] == "success", job
     assert [(s["name"], s["status"], s["attempts"]) for s in job["steps"]] == [(n, "success", 1) for n in STEPS]
@@ -89,14 +88,14 @@ async def test_with_primary_update_method_switchover_the_operator_switches_over_
         (
             {"method": "switchover"},
             {},
-            "Cluster pg has primaryUpdateMethod restart, which a restart cannot override: ask with method in-place "
-            "(or leave method out), or set primaryUpdateMethod switchover on the Cluster",
+            "Cluster pg has primaryUpdateMethod restart, which a restart cannot override: ask with method in-place, "
+            "or set primaryUpdateMethod switchover on the Cluster",
         ),
         (
             {"method": "in-place"},
             {"primaryUpdateMethod": "switchover"},
             "Cluster pg has primaryUpdateMethod switchover, which a restart cannot override: ask with method "
-            "switchover (or leave method out), or set primaryUpdateMethod restart on the Cluster",
+            "switchover, or set primaryUpdateMethod restart on the Cluster",
         ),
         (
             {"method": "in-place"},

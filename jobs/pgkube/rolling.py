@@ -26,20 +26,12 @@ class RestartParams(HandoverParams):
         bool, Field(description="restart only the members Patroni flags pending_restart; skip the others")
     ] = False
     method: Annotated[
-        Literal["switchover", "in-place"] | None,
-        Field(
-            description="for the primary: switch over to a healthy replica first, or restart it where it is "
-            "(default: switchover; on CloudNativePG, what the Cluster's primaryUpdateMethod says)"
-        ),
-    ] = None
+        Literal["switchover", "in-place"],
+        Field(description="for the primary: switch over to a healthy replica first, or restart it where it is"),
+    ] = "switchover"
     restart_timeout_s: Annotated[
         pg.Seconds, Field(description="for each member: Patroni's restart and the member healthy again")
     ] = 300
-
-    @property
-    def primary_method(self) -> str:
-        """How a Patroni cluster's primary is restarted: by switchover unless asked otherwise."""
-        return self.method or "switchover"
 
     @model_validator(mode="after")
     def _cnpg_restarts_all(self) -> RestartParams:

@@ -25,7 +25,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 
 from jobs.pgkube.cluster import PatroniCluster, not_streaming, one_leader
-from jobs.pgkube.cnpg import CnpgCluster, read_cluster
+from jobs.pgkube.cnpg import CnpgCluster, read_cluster, serial
 from jobs.pgkube.kube import Kube, PodView, PvcView, StatefulSetView
 from jobs.pgkube.params import (
     MAX_WAIT_S,
@@ -141,7 +141,7 @@ class Rebuild:
         new = [p for p in await self.members() if p.name not in before and not p.deleting]
         if not new:
             return None
-        pod = min(new, key=lambda p: (len(p.name), p.name))  # serials in order: pg-10 after pg-9
+        pod = min(new, key=lambda p: serial(p.name))  # the lowest new serial: the operator's next instance
         await self.ctx.remember(replacement=pod.name)
         return pod
 

@@ -27,7 +27,16 @@ from typing import Any
 
 from jobs.pgkube import rolling
 from jobs.pgkube.cluster import PatroniCluster
-from jobs.pgkube.cnpg import HEALTHY, RESTART_ANNOTATION, CnpgCluster, agreed_primary, ask_restart, describe, look
+from jobs.pgkube.cnpg import (
+    HEALTHY,
+    RESTART_ANNOTATION,
+    CnpgCluster,
+    agreed_primary,
+    ask_restart,
+    describe,
+    look,
+    serial,
+)
 from jobs.pgkube.kube import PodView
 from jobs.pgkube.params import Refused
 from jobs.pgkube.rolling import RestartParams
@@ -37,11 +46,6 @@ ASKED = "restart_asked"  # the job's state: the restartedAt value this job sets 
 # Our method names, and the Cluster's spec.primaryUpdateMethod values that do the same.
 UPDATE_METHODS = {"switchover": "switchover", "in-place": "restart"}
 NO_PATRONI = "CloudNativePG's operator restarts the instances; no Patroni is asked"
-
-
-def _serial(name: str) -> int:
-    suffix = name.rpartition("-")[2]
-    return int(suffix) if suffix.isdigit() else 0
 
 
 def _refusal(cluster: CnpgCluster, method: str) -> str | None:
@@ -124,7 +128,7 @@ async def read_topology(c: PatroniCluster, params: RestartParams) -> str:
     if c.ctx.state.get("topology") is None:
         cluster, pods = await look(c)
         primary = _check(c, cluster, pods, params.method)
-        replicas = sorted((p.name for p in pods if p.name != primary), key=_serial, reverse=True)
+        replicas = sorted((p.name for p in pods if p.name != primary), key=serial, reverse=True)
         topology: dict[str, Any] = {
             "leader": primary,
             "timeline": cluster.timeline,

@@ -75,6 +75,12 @@ class CnpgCluster:
         return f"{self.describe()}: {self.phase_reason}" if self.phase_reason else self.describe()
 
 
+def serial(instance: str) -> int:
+    """An instance's serial (`pg-10`: 10), by which CloudNativePG names and orders its instances (pg-10 after pg-9)."""
+    suffix = instance.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else 0
+
+
 def _cluster(raw: dict[str, Any]) -> CnpgCluster:
     status, spec = raw.get("status") or {}, raw.get("spec") or {}
     reported = status.get("instancesReportedState") or {}

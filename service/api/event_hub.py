@@ -149,10 +149,6 @@ class EventHub:
         for queue in self._queues():
             queue.put_nowait(CLOSING)
 
-    @property
-    def watcher_count(self) -> int:
-        return len(self._queues())
-
     async def run(self) -> None:
         """Listen (reconnecting with backoff) and fan out, until cancelled."""
         async with asyncio.TaskGroup() as group:

@@ -63,6 +63,11 @@ class ListFilter(BaseModel):
     since: TimeFilter | None = None
     until: TimeFilter | None = None
 
+    @classmethod
+    def within(cls, query: BaseModel) -> ListFilter:
+        """The filters a request's query holds among its other parameters (a page's cursor, a stream's kinds)."""
+        return cls.model_validate(query.model_dump(include=set(cls.model_fields), exclude_none=True))
+
     def bound(self) -> dict[str, Any]:
         """The given filters as statement parameters."""
         return {name: list(value) if name == "status" else value for name, value in self if value is not None}

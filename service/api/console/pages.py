@@ -100,9 +100,6 @@ class JobsQuery(BaseModel):
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = PAGE_SIZE
 
-    def filters(self) -> ListFilter:
-        return ListFilter.model_validate(self.model_dump(include=set(ListFilter.model_fields), exclude_none=True))
-
     def params(self, **changes: Any) -> str:
         """This view's query string with `changes` (None removes a parameter)."""
         shown = self.model_dump(include=set(JobsQuery.model_fields), exclude_none=True, mode="json")
@@ -135,7 +132,7 @@ def _jobs_query(request: Request) -> tuple[JobsQuery, str | None]:
 async def jobs_page(request: Request, viewer: Viewer) -> Response:
     state = AppState.of(request)
     query, problem = _jobs_query(request)
-    filters = viewer.principal.confine(query.filters())
+    filters = viewer.principal.confine(ListFilter.within(query))
     async with state.autocommit.connect() as conn:
         last = await last_event_id(conn)  # before the reads: the stream starts there, nothing falls in between
         if filters is None:
@@ -163,7 +160,7 @@ async def rows(request: Request, viewer: Viewer) -> Response:
     state = AppState.of(request)
     query = validate(RowsQuery, query_of(request))
     ids = [job_id for job_id in query.ids.split(",") if job_id][:200]
-    filters = viewer.principal.confine(query.filters())
+    filters = viewer.principal.confine(ListFilter.within(query))
     jobs, counts = [], dict.fromkeys(JobStatus, 0)
     if filters is not None and ids:
         async with state.autocommit.connect() as conn:

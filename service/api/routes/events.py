@@ -148,7 +148,7 @@ async def all_events(request: Request) -> StreamingResponse:
     principal = await require(request, Scope.READ)
     query = validate(EventsQuery, query_of(request, repeatable=("status", "kind")))
     after = _resume_point(request)
-    filters = principal.confine(ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields))))
+    filters = principal.confine(ListFilter.within(query))
     return StreamingResponse(
         _ListStream(state, filters, frozenset(query.kind or EventKind), after).run(),
         media_type="text/event-stream",
@@ -187,13 +187,7 @@ class _ListStream:
                 if None in items:  # the hub may have missed announcements
                     async for text in self._catch_up():
                         yield text
-                fresh = [
-                    item
-                    for item in items
-                    if isinstance(item, Listed)
-                    and self._wanted(item.event)
-                    and item.event.event_id not in self._caught_up
-                ]
+                fresh = [item for item in items if isinstance(item, Listed) and self._fresh(item.event)]
                 self._last = max([self._last, *(item.event.event_id for item in fresh)])
                 if fresh:
                     yield "".join(item.text for item in fresh)

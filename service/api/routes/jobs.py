@@ -90,7 +90,7 @@ async def list_job_page(request: Request) -> Response:
     state = AppState.of(request)
     principal = await require(request, Scope.READ)
     query = validate(ListQuery, query_of(request))
-    filters = principal.confine(ListFilter.model_validate(query.model_dump(include=set(ListFilter.model_fields))))
+    filters = principal.confine(ListFilter.within(query))
     if filters is None:
         return ModelResponse(JobPage(jobs=[], next_cursor=None))  # another team's jobs: as if there were none
     async with state.autocommit.connect() as conn:
